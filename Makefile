@@ -1,0 +1,36 @@
+# Two commands for a fresh machine with Python 3.11:
+#   make demo   -- install, then run the whole pipeline on the embedded default
+#   make test   -- install, then run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench cuda-build clean
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja setuptools wheel
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python -m vars_fast.train
+
+test: install
+	$(BIN)/python -m pytest -q -ra tests
+
+bench: install
+	$(BIN)/python -m pytest -q benchmarks --benchmark-json=benchmarks/results/cpu.json
+	$(BIN)/python benchmarks/report.py benchmarks/results/cpu.json
+
+# Compile the CUDA sources with nvcc (sm_80, sm_90) so they stay buildable without a GPU.
+cuda-build: install
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} VARS_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" \
+		$(BIN)/python setup.py build_ext --build-temp build/cuda-temp --build-lib build/cuda-lib
+
+clean:
+	rm -rf build *.egg-info vars_fast/_C*.so

@@ -1,0 +1,418 @@
+"""Dataclass configuration, presets, YAML files and ``--set a.b=v`` overrides.
+
+One ``Config`` holds everything a run needs; it is saved resolved as ``config.yaml`` in the
+run folder so that any stage can be re-run alone. Presets:
+
+* ``quick``   -- the whole pipeline in a few minutes on 2 CPU cores (CI uses it).
+* ``default`` -- what ``python -m vars_fast.train`` runs with no arguments: about 15 minutes
+  on 2 cores, large enough for meaningful numbers.
+* ``paper``   -- ResNet50 at 224 px with the paper's schedule; meant for GPUs.
+
+Values the paper leaves blank are ours; each field documents its choice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key, value or path."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | generic | amazon | dvbpr_npy
+    seed: int = 0
+    # synthetic catalogue
+    n_users: int = 600
+    n_items: int = 800
+    n_categories: int = 8
+    interactions_per_user: float = 12.0  # mean; Poisson around it, >= min_interactions
+    popularity_weight: float = 0.5  # share of a user's taste driven by item popularity
+    # real data
+    interactions: Optional[str] = None  # CSV/TSV/Parquet (generic), reviews JSON(.gz) (amazon), .npy (dvbpr_npy)
+    metadata: Optional[str] = None  # amazon metadata JSON lines (for image paths / categories)
+    images_root: Optional[str] = None
+    path_template: str = "{item_id}.jpg"
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    rating_col: Optional[str] = None
+    sep: Optional[str] = None  # None: from the file suffix
+    min_rating: float = 0.0  # ratings > min_rating count as positive feedback
+    # preprocessing (paper: binarise, drop users with < 5 interactions, leave-one-out)
+    min_interactions: int = 5
+    n_negatives: int = 100
+    image_size: int = 64
+    cache_dir: Optional[str] = None  # decoded uint8 image cache; None: <run>/cache
+
+
+@dataclass
+class BackboneConfig:
+    # resnet50 | resnet18 | efficientnet_lite0
+    name: str = "efficientnet_lite0"
+    # "pretrained": the packaged / cached ImageNet weights; a path: a local state dict;
+    # "none": random init (tests).
+    weights: str = "pretrained"
+    input_size: int = 0  # 0: the data image size; else images are resized to this first
+
+
+@dataclass
+class RecommenderConfig:
+    models: list = field(default_factory=lambda: ["VBPR", "AMR", "DVBPR", "BPR", "Pop"])
+    k: int = 64  # latent factors (paper K = 64)
+    visual_k: int = 64  # width of E f_i when separate (VBPR's theta_i); paper ties it to k
+    biases: bool = True  # VBPR's beta_i and beta'^T f_i
+    epochs: int = 40
+    lr: float = 5e-3
+    lr_low: float = 5e-4  # paper: higher lr for 80% of epochs then lower
+    lr_drop_frac: float = 0.8
+    weight_decay: float = 1e-4  # lambda_Theta
+    batch_size: int = 1024
+    # AMR (Tang et al. 2020): feature-space adversarial fine-tuning of a trained VBPR
+    amr_eps: float = 0.5
+    amr_lambda: float = 1.0
+    amr_epochs: int = 5
+    amr_lr: float = 1e-3
+    # DVBPR (Kang et al. 2017): the CNN is trained end to end with the recommender
+    dvbpr_epochs: int = 10
+    dvbpr_lr: float = 1e-3
+    dvbpr_cnn_width: int = 32
+
+
+@dataclass
+class AttackConfig:
+    untargeted: list = field(default_factory=lambda: ["fgsm", "pgd"])
+    eps: list = field(default_factory=lambda: [4, 8, 16, 32, 64])  # /255 pixel units
+    pgd_steps: int = 10
+    pgd_alpha: float = 0.0  # /255; 0: 2.5 * eps / steps (Madry et al.)
+    random_start: bool = True
+    triples_per_item: int = 8  # training triples sampled per item for its perturbation
+    batch_size: int = 64
+    targets: list = field(default_factory=lambda: ["aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"])
+    target_eps: list = field(default_factory=lambda: [4, 8, 16, 32])
+    n_targets: int = 50
+    models: list = field(default_factory=lambda: ["VBPR", "AMR", "DVBPR"])
+    save_images: bool = True
+
+
+@dataclass
+class DefenseConfig:
+    # denoiser (Fig. 4): 9x9 in -> residual blocks -> global transformer -> 3x3 -> 9x9 out
+    width: int = 32
+    n_res_blocks: int = 9
+    norm: str = "instance"  # instance | batch
+    patch_size: int = 8
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    # Eq. 12 weights (the paper's values are lost): L_VBPR + l1 L_c + l2 L_p + l3 L_con
+    lambda_content: float = 1.0
+    lambda_perceptual: float = 0.1
+    lambda_contrastive: float = 0.1
+    lambda_rec: float = 0.01
+    use_perceptual: bool = True
+    use_detector: bool = True
+    # schedule: phase 1 clean + FGSM, phase 2 clean/FGSM/PGD ~1:1:1 (seeded RNG per iteration)
+    epochs_phase1: int = 10
+    epochs_phase2: int = 3
+    detector_epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 32
+    train_eps: list = field(default_factory=lambda: [4, 8, 16, 32])  # /255, drawn per batch
+    train_pgd_steps: int = 5
+    # detector
+    proj_hidden: int = 512
+    proj_dim: int = 128  # paper: 128-d embedding
+    temperature: float = 0.1
+    detector_eps: int = 16  # paper: FGSM at one eps for detector training
+    threshold_rule: str = "youden"  # youden | fpr@0.05 | balanced
+    # random resize-pad at inference (OURS-rand)
+    rand_min_frac: float = 0.85  # r' drawn uniformly in [rand_min_frac * r, r)
+    # ADDITION baseline
+    addition_sigma: float = 0.05
+    addition_change: float = 0.2
+    # evaluation sizes
+    n_detect_items: int = 1000  # per class, as the paper (capped by the catalogue)
+    eval_eps: list = field(default_factory=lambda: [8, 16, 32, 64])
+    noise_sigmas: list = field(default_factory=lambda: [0.02, 0.05, 0.1])
+    adaptive: bool = True
+    adaptive_eot: int = 4
+
+
+@dataclass
+class EvalConfig:
+    topk: list = field(default_factory=lambda: [5, 10, 20])
+    tsne_points: int = 300
+    figures: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # "" -> <preset>-<timestamp>
+    out: str = "runs"
+    device: str = "cpu"  # cpu | cuda | auto
+    seed: int = 0
+    stages: list = field(default_factory=lambda: ["recommender", "attack", "defense", "evaluate"])
+    compile: bool = False
+    amp: bool = False  # bf16 autocast where the hardware has it
+    channels_last: bool = False
+    backend: str = "auto"  # ops backend: auto | reference | cpp | cuda | triton
+    workers: int = 0
+    threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    preset: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Presets are overrides on top of the dataclass defaults (which are the "default" preset).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "quick": {
+        "data.n_users": 200,
+        "data.n_items": 240,
+        "data.image_size": 32,
+        "recommender.epochs": 15,
+        "recommender.amr_epochs": 2,
+        "recommender.dvbpr_epochs": 3,
+        "recommender.dvbpr_cnn_width": 16,
+        "attack.eps": [8, 16],
+        "attack.pgd_steps": 3,
+        "attack.triples_per_item": 4,
+        "attack.target_eps": [8, 16],
+        "attack.n_targets": 8,
+        "defense.width": 16,
+        "defense.n_res_blocks": 2,
+        "defense.patch_size": 8,
+        "defense.heads": 2,
+        "defense.epochs_phase1": 2,
+        "defense.epochs_phase2": 1,
+        "defense.detector_epochs": 1,
+        "defense.train_pgd_steps": 2,
+        "defense.n_detect_items": 120,
+        "defense.eval_eps": [8, 16],
+        "defense.noise_sigmas": [0.05, 0.1],
+        "defense.adaptive_eot": 2,
+        "eval.tsne_points": 90,
+    },
+    "paper": {
+        "data.image_size": 224,
+        "backbone.name": "resnet50",
+        "recommender.epochs": 100,
+        "recommender.batch_size": 512,
+        "defense.width": 64,
+        "defense.patch_size": 16,
+        "defense.heads": 8,
+        "defense.batch_size": 32,
+        "attack.batch_size": 64,
+        "run.device": "auto",
+        "run.amp": True,
+        "run.channels_last": True,
+    },
+}
+
+
+def _hint(tp: Any) -> Any:
+    """Strip Optional[...] and return the core type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+    core = _hint(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed (expected {getattr(core, '__name__', core)})")
+    try:
+        if core is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if core is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if core is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if core is str:
+            return str(value)
+        if core is list or typing.get_origin(core) is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [
+                    yaml.safe_load(v) for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return list(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{key}: bad value {value!r} (expected {getattr(core, '__name__', core)})")
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set ``section.key`` on ``cfg`` with type checking; unknown keys raise ConfigError."""
+    parts = dotted.split(".")
+    obj: Any = cfg
+    for i, p in enumerate(parts):
+        if not is_dataclass(obj):
+            raise ConfigError(f"unknown config key {dotted!r}")
+        hints = typing.get_type_hints(type(obj))
+        names = {f.name for f in fields(obj)}
+        if p not in names:
+            choices = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key {dotted!r} ({'.'.join(parts[:i]) or 'top level'} has: {choices})")
+        if i == len(parts) - 1:
+            cur = getattr(obj, p)
+            if is_dataclass(cur):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{dotted}: expected a mapping of keys")
+                for k, v in value.items():
+                    set_value(cfg, f"{dotted}.{k}", v)
+                return
+            setattr(obj, p, _coerce(dotted, value, hints[p]))
+        else:
+            obj = getattr(obj, p)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    for k, v in overrides.items():
+        set_value(cfg, k, v)
+    return cfg
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["a.b=1", "c.d=[1,2]"]`` -> ``{"a.b": 1, "c.d": [1, 2]}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+        except yaml.YAMLError:
+            out[k.strip()] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping")
+    return data
+
+
+def make_config(preset: str | None = None, config_file: str | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Resolve preset -> YAML file -> overrides, in that order (later wins)."""
+    file_data = load_yaml(config_file) if config_file else {}
+    preset = preset or file_data.pop("preset", None) or "default"
+    file_data.pop("preset", None)
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    cfg = Config(preset=preset)
+    apply_overrides(cfg, PRESETS[preset])
+    apply_overrides(cfg, _flatten(file_data))
+    apply_overrides(cfg, overrides or {})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def check(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {msg} (got {eval_key(cfg, key)!r})")
+
+    check(cfg.data.source in ("synthetic", "generic", "amazon", "dvbpr_npy"), "data.source",
+          "must be synthetic, generic, amazon or dvbpr_npy")
+    check(cfg.data.image_size >= 16, "data.image_size", "must be >= 16")
+    check(cfg.data.min_interactions >= 2, "data.min_interactions", "must be >= 2 (leave-one-out needs a train item)")
+    check(cfg.data.n_negatives >= 1, "data.n_negatives", "must be >= 1")
+    check(cfg.backbone.name in ("resnet50", "resnet18", "efficientnet_lite0"), "backbone.name",
+          "must be resnet50, resnet18 or efficientnet_lite0")
+    known = {"VBPR", "AMR", "DVBPR", "BPR", "Pop"}
+    check(set(cfg.recommender.models) <= known, "recommender.models", f"entries must be in {sorted(known)}")
+    check(all(0 < float(e) <= 255 for e in cfg.attack.eps), "attack.eps", "entries must be in (0, 255] (/255 units)")
+    check(cfg.attack.pgd_steps >= 1, "attack.pgd_steps", "must be >= 1")
+    check(set(cfg.attack.untargeted) <= {"fgsm", "pgd"}, "attack.untargeted", "entries must be fgsm or pgd")
+    check(set(cfg.attack.targets) <= {"aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"}, "attack.targets",
+          "entries must be aip-insa, aip-expa, taamr-fgsm or taamr-pgd")
+    check(cfg.defense.norm in ("instance", "batch"), "defense.norm", "must be instance or batch")
+    check(cfg.defense.threshold_rule in ("youden", "fpr@0.05", "balanced"), "defense.threshold_rule",
+          "must be youden, fpr@0.05 or balanced")
+    check(0.0 < cfg.defense.rand_min_frac < 1.0, "defense.rand_min_frac", "must be in (0, 1)")
+    check(cfg.defense.temperature > 0, "defense.temperature", "must be > 0")
+    check(cfg.run.device in ("cpu", "cuda", "auto"), "run.device", "must be cpu, cuda or auto")
+    check(cfg.run.backend in ("auto", "reference", "cpp", "cuda", "triton"), "run.backend",
+          "must be auto, reference, cpp, cuda or triton")
+    stages = {"recommender", "attack", "defense", "evaluate"}
+    check(set(cfg.run.stages) <= stages, "run.stages", f"entries must be in {sorted(stages)}")
+
+
+def eval_key(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for p in dotted.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict()`` output (e.g. a run folder's config.yaml)."""
+    d = dict(d)
+    preset = d.pop("preset", "default")
+    cfg = Config(preset=preset)
+    apply_overrides(cfg, _flatten(d))
+    validate(cfg)
+    return cfg
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,76 @@
+"""The run folder: one place that knows its layout and the metrics.json contract.
+
+runs/<name>/
+  config.yaml  metrics.json  report.md  log.txt
+  figures/*.png  checkpoints/*.pt  attacks/*.npy  cache/
+
+metrics.json = {"meta": {...}, "ranking": [...], "detection": [...], "targeted": [...]}
+Rows are replaced, not duplicated, when a stage is re-run: a row's identity is its
+non-metric fields (see ``_KEYS``).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from vars_fast.io import atomic_write_json
+
+_KEYS = {
+    "ranking": ("model", "defense", "attack", "eps", "variant"),
+    "detection": ("detector", "attack", "eps", "variant", "model"),
+    "targeted": ("attack", "eps", "defense", "model", "variant"),
+}
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        for sub in ("figures", "checkpoints", "attacks", "cache"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    # layout
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.json"
+
+    def checkpoint(self, name: str) -> Path:
+        return self.path / "checkpoints" / f"{name}.pt"
+
+    def figure(self, name: str) -> Path:
+        return self.path / "figures" / f"{name}.png"
+
+    def attack_file(self, model: str, attack: str, eps: int | float) -> Path:
+        return self.path / "attacks" / f"{model}_{attack}_eps{int(eps)}.npy"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.path / "cache"
+
+    # metrics
+    def load_metrics(self) -> dict[str, Any]:
+        if self.metrics_path.is_file():
+            return json.loads(self.metrics_path.read_text())
+        return {"meta": {}, "ranking": [], "detection": [], "targeted": []}
+
+    def add_rows(self, kind: str, rows: list[dict[str, Any]]) -> None:
+        if kind not in _KEYS:
+            raise ValueError(f"unknown metrics section {kind!r}")
+        with self._lock:
+            m = self.load_metrics()
+            keys = _KEYS[kind]
+            ident = lambda r: tuple(r.get(k) for k in keys)  # noqa: E731
+            new = {ident(r) for r in rows}
+            m[kind] = [r for r in m.get(kind, []) if ident(r) not in new] + list(rows)
+            atomic_write_json(self.metrics_path, m)
+
+    def update_meta(self, **kv: Any) -> None:
+        with self._lock:
+            m = self.load_metrics()
+            m.setdefault("meta", {}).update(kv)
+            atomic_write_json(self.metrics_path, m)
+
+    def rows(self, kind: str, **match: Any) -> list[dict[str, Any]]:
+        return [r for r in self.load_metrics().get(kind, []) if all(r.get(k) == v for k, v in match.items())]
