@@ -1,0 +1,78 @@
+"""Data parallelism for the training loops, under ``torchrun`` (gloo on CPU, NCCL on GPU).
+
+The training loops call these helpers unconditionally; in a single process they are no-ops,
+so one code path serves both. Each rank takes a strided shard of every *global* batch and
+gradients are averaged across ranks before the optimiser step, so N ranks on a global batch
+B compute the same update as one process on B (up to float summation order).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device: torch.device | None = None) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); returns True when joined."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        return is_distributed()
+    use_nccl = device is not None and device.type == "cuda"
+    if use_nccl:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    return True
+
+
+def shard(x: Tensor) -> Tensor:
+    """This rank's strided share of a global batch (dim 0)."""
+    return x[rank()::world_size()] if is_distributed() else x
+
+
+def sync_grads(module: nn.Module) -> None:
+    """Average parameter gradients across ranks (weighted equally; shards differ by at most one row)."""
+    if not is_distributed():
+        return
+    ws = world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(ws)
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Make every rank start from rank ``src``'s parameters and buffers."""
+    if not is_distributed():
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src)
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    if not is_distributed():
+        return x
+    y = x.clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / world_size()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
