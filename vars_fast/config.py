@@ -36,6 +36,8 @@ class DataConfig:
     n_categories: int = 8
     interactions_per_user: float = 12.0  # mean; Poisson around it, >= min_interactions
     popularity_weight: float = 0.5  # share of a user's taste driven by item popularity
+    taste_strength: float = 4.0  # beta in P(i|u) ∝ exp(beta·visual affinity) × popularity^(2w·sigma)
+    popularity_sigma: float = 0.7  # item popularity is lognormal(0, sigma): the length of the tail
     # real data
     interactions: Optional[str] = None  # CSV/TSV/Parquet (generic), reviews JSON(.gz) (amazon), .npy (dvbpr_npy)
     metadata: Optional[str] = None  # amazon metadata JSON lines (for image paths / categories)
@@ -75,6 +77,14 @@ class RecommenderConfig:
     lr_drop_frac: float = 0.8
     weight_decay: float = 1e-4  # lambda_Theta
     batch_size: int = 1024
+    tied: bool = True  # paper form p_u^T (q_i + E f_i); False: original VBPR gamma_u/theta_u split (visual_k)
+    reg_visual: float = 0.0  # lambda on E and beta' (per batch); 0: same as weight_decay
+    init_std: float = 0.01  # N(0, init_std) init of user / item factors
+    # VBPR/AMR feature transform, fitted on the clean catalogue and stored in the model:
+    # center_scale: f~ = (f - mean) / mean||f - mean|| (so ||f~|| ~ 1); none: raw features
+    feature_norm: str = "center_scale"
+    feature_batch: int = 128  # images per batch when extracting catalogue features
+    threads: int = 1  # torch CPU threads while training VBPR/AMR/BPR (tiny ops; 0: leave torch's setting)
     # AMR (Tang et al. 2020): feature-space adversarial fine-tuning of a trained VBPR
     amr_eps: float = 0.5
     amr_lambda: float = 1.0
@@ -98,7 +108,11 @@ class AttackConfig:
     targets: list = field(default_factory=lambda: ["aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"])
     target_eps: list = field(default_factory=lambda: [4, 8, 16, 32])
     n_targets: int = 50
+    insa_users: int = 256  # AIP-INSA averages the score over at most this many users (seeded sample; 0: all)
     models: list = field(default_factory=lambda: ["VBPR", "AMR", "DVBPR"])
+    # False: models outside eval.curve_models are attacked at eval.table_eps only (the rows the
+    # evaluation reads for them); True: every model at every attack.eps
+    all_models_all_eps: bool = False
     save_images: bool = True
 
 
@@ -111,6 +125,7 @@ class DefenseConfig:
     patch_size: int = 8
     heads: int = 4
     mlp_ratio: float = 2.0
+    embed_dim: int = 128  # token width of the global transformer block (patch -> embed_dim)
     # Eq. 12 weights (the paper's values are lost): L_VBPR + l1 L_c + l2 L_p + l3 L_con
     lambda_content: float = 1.0
     lambda_perceptual: float = 0.1
@@ -126,10 +141,18 @@ class DefenseConfig:
     batch_size: int = 32
     train_eps: list = field(default_factory=lambda: [4, 8, 16, 32])  # /255, drawn per batch
     train_pgd_steps: int = 5
+    triples_per_item: int = 4  # training triples per item for the on-the-fly attacks and L_VBPR
+    clean_noise_sigma: float = 0.1  # half the clean views get N(0, s^2), s ~ U[0, this]; 0: off
+    encoder_lr_mult: float = 0.1  # detector encoder (pretrained) lr = lr * this
+    train_item_frac: float = 0.5  # seeded item split: train / val (threshold) / test (the rest)
+    val_item_frac: float = 0.2
+    ablations: list = field(default_factory=lambda: ["no-detector", "no-perceptual"])  # Table 5
     # detector
     proj_hidden: int = 512
     proj_dim: int = 128  # paper: 128-d embedding
     temperature: float = 0.1
+    contrastive_items: int = 16  # items per batch in L_con (4 encoder views each); 0: the whole batch
+    share_negatives: bool = True  # every item's x_adv is a negative for every anchor (else own item's)
     detector_eps: int = 16  # paper: FGSM at one eps for detector training
     threshold_rule: str = "youden"  # youden | fpr@0.05 | balanced
     # random resize-pad at inference (OURS-rand)
@@ -148,8 +171,19 @@ class DefenseConfig:
 @dataclass
 class EvalConfig:
     topk: list = field(default_factory=lambda: [5, 10, 20])
-    tsne_points: int = 300
+    tsne_points: int = 300  # detector embeddings in the t-SNE figure, split over 4 groups
     figures: bool = True
+    batch_size: int = 64  # purification / encoding / detection batches
+    # Tables 2/3/5 and the adaptive rows use one eps (the paper's value is lost; the issue's
+    # targets are stated at eps 8). curve_models get defended rows at every attack eps (Fig. 6).
+    table_eps: int = 8
+    curve_models: list = field(default_factory=lambda: ["VBPR"])
+    addition_users: int = 256  # users whose score change ADDITION measures (seeded subset)
+    # adaptive attacker (defense.adaptive switches it on; defense.adaptive_eot draws per step)
+    adaptive_eps: int = 0  # /255; 0: table_eps
+    adaptive_steps: int = 0  # 0: attack.pgd_steps
+    adaptive_items: int = 0  # items attacked adaptively (seeded subset); 0: all; the rest keep PGD
+    adaptive_detect_weight: float = 1.0  # weight of the detector hinge in the attacker's loss
 
 
 @dataclass
