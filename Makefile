@@ -23,9 +23,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -ra tests
 
+# Benchmark suite (conventions: benchmarks/conftest.py); report.py saves
+# benchmarks/results/<device>.md + .json. BENCH_ARGS narrows it, e.g. BENCH_ARGS=-k pgd_step.
+BENCH_JSON ?= benchmarks/results/run.json
 bench: install
-	$(BIN)/python -m pytest -q benchmarks --benchmark-json=benchmarks/results/cpu.json
-	$(BIN)/python benchmarks/report.py benchmarks/results/cpu.json
+	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks --benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
+	$(BIN)/python benchmarks/report.py $(BENCH_JSON)
 
 # Compile the CUDA sources with nvcc (sm_80, sm_90) so they stay buildable without a GPU.
 cuda-build: install

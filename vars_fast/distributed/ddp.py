@@ -46,15 +46,39 @@ def shard(x: Tensor) -> Tensor:
     return x[rank()::world_size()] if is_distributed() else x
 
 
-def sync_grads(module: nn.Module) -> None:
-    """Average parameter gradients across ranks (weighted equally; shards differ by at most one row)."""
+def sync_grads(module: nn.Module, n_local: int | None = None) -> None:
+    """Average parameter gradients across ranks.
+
+    Default: every rank weighs the same (exact when the shards are equal; ``shard`` makes them
+    differ by at most one row). ``n_local`` (this rank's rows in the global batch) weighs each
+    rank by its share instead, so the mean of per-rank mean losses becomes exactly the global
+    mean for any batch size (one extra scalar all-reduce per step).
+    """
     if not is_distributed():
         return
-    ws = world_size()
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(ws)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if n_local is None:
+        scale = 1.0 / world_size()
+    else:
+        total = torch.tensor([float(n_local)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        for g in grads:
+            g.mul_(float(n_local))
+        scale = 1.0 / float(total.item())
+    for g in grads:
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        g.mul_(scale)
+
+
+def global_batch_size(n_local: int) -> int:
+    """Rows of the global batch (sum of ``n_local`` over ranks); ``n_local`` in one process.
+    For per-batch terms (e.g. a penalty on dense weights "once per batch") that a rank must
+    divide by the global, not its local, batch size."""
+    if not is_distributed():
+        return int(n_local)
+    t = torch.tensor([float(n_local)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
 
 
 def broadcast_module(module: nn.Module, src: int = 0) -> None:

@@ -1,0 +1,84 @@
+"""End-to-end row: catalogue screening throughput (images/s), package vs a naive loop.
+
+Providers:
+* ``eager``    -- the loop a first implementation writes: PIL decode + resize in the main
+  process, one batch at a time, then ``Defense.detect(x)`` and ``backbone.features(
+  Defense.purify(x))`` (the denoiser runs twice), autograd left on, no workers.
+* ``package``  -- ``vars_fast.screen.screen``: DataLoader workers decode in parallel with the
+  model, one denoiser pass per image, inference mode, Parquet shards + summary written.
+* ``package-t1`` -- the same with one torch thread in the model process (the decode workers
+  take the other core; on a busy shared machine this was the faster setting).
+
+Checkpoint: an untrained defence with the default widths (``DefenseConfig``) at 64 px and the
+packaged EfficientNet-Lite0 (throughput does not depend on the weights' values).
+``VARS_FAST_BENCH_SCREEN_ITEMS`` (default 64) sets the catalogue size.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("VARS_FAST_PROGRESS", "0")
+
+from vars_fast.data.synthetic import write_image_folder  # noqa: E402
+from vars_fast.screen import screen  # noqa: E402
+from vars_fast.screening.fixtures import make_checkpoint  # noqa: E402
+from vars_fast.screening.model import Screener  # noqa: E402
+
+N_ITEMS = int(os.environ.get("VARS_FAST_BENCH_SCREEN_ITEMS", "64"))
+SIZE, BATCH = 64, 32
+_runs = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("screen")
+    paths = write_image_folder(base / "imgs", N_ITEMS, size=96, fmt="jpg")  # decode includes a real resize
+    ck = make_checkpoint(base / "defense.pt", image_size=SIZE, calibrate=8)
+    return base, sorted(paths), ck
+
+
+def naive_loop(screener: Screener, paths: list[Path]) -> int:
+    from PIL import Image
+
+    d, bb, n = screener.defense, screener.backbone, 0
+    for s in range(0, len(paths), BATCH):
+        imgs = []
+        for p in paths[s:s + BATCH]:
+            im = Image.open(p).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+            imgs.append(np.asarray(im).transpose(2, 0, 1))
+        x = torch.from_numpy(np.stack(imgs)).float() / 255
+        dist, flagged = d.detect(x)
+        feat = bb.features(d.purify(x))
+        n += int(flagged.sum()) + feat.shape[0] * 0
+    return n
+
+
+@pytest.mark.parametrize("provider", ["eager", "package", "package-t1"])
+def test_screen_throughput(bench, setup, provider):
+    base, paths, ck = setup
+    threads = torch.get_num_threads()
+    screener = Screener.from_checkpoint(ck, "cpu")
+    if provider == "eager":
+        for m in (screener.defense.denoiser, screener.defense.detector, screener.backbone):
+            m.requires_grad_(True)  # what a first loop leaves on
+        fn = lambda: naive_loop(screener, paths)  # noqa: E731
+    else:
+        t = 1 if provider == "package-t1" else 0
+
+        def fn():
+            out = base / f"out{next(_runs)}"  # a fresh folder: a re-run would skip finished shards
+            screen(str(base / "imgs"), str(ck), str(out), batch_size=BATCH, shard_size=256, workers=2,
+                   screener=screener, threads=t, progress=False)
+    try:
+        res = bench.run(fn, rounds=1)
+    finally:
+        torch.set_num_threads(threads)
+    bench.record(op="screen", shape=f"{N_ITEMS}x3x{SIZE}x{SIZE}", provider=provider,
+                 items_per_s=N_ITEMS / bench.benchmark.stats.stats.min)
+    del res

@@ -1,0 +1,318 @@
+// residual_epilogue CPU kernels: out = act(w * (y - mean) * rstd + b) + residual, and its backward.
+//
+// Two passes each way over [N, C, HW] data in NCHW or channels_last (NHWC) memory:
+//   forward:  per-(n,c) sums of y and y^2 (fp64 accumulators: one pass, no cancellation
+//             worries), then one fused apply pass (norm + affine + ReLU + residual add);
+//   backward: per-(n,c) sums of g' and g'*(y - mean) (g' = grad masked by the recomputed ReLU),
+//             then one pass dy = k1*g' + k2*y + k3 with per-(n,c) constants.
+// Batch norm reuses the per-(n,c) sums and folds them over n. The eager reference needs about
+// 14 passes for forward + backward (instance_norm, relu, add and their backwards); this is 4.
+// Inner loops run over contiguous memory (HW in NCHW, C in NHWC) with `omp simd`.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace vars_fast {
+namespace {
+
+// Work per parallel_for task: ~32K elements, so small tensors (and gradcheck's) stay on one
+// thread instead of paying an OpenMP fork per call.
+constexpr int64_t kGrainElems = 32768;
+
+struct Geo {
+  int64_t N, C, HW;
+  bool cl;  // channels_last: element (n, c, i) lives at (n*HW + i)*C + c, else (n*C + c)*HW + i
+};
+
+bool parse_norm(c10::string_view norm) {
+  TORCH_CHECK(norm == "instance" || norm == "batch",
+              "vars_fast::residual_epilogue: norm must be 'instance' or 'batch', got '", std::string(norm), "'");
+  return norm == "batch";
+}
+
+// y in the layout the kernels handle: NCHW-contiguous or (4-D) channels_last; anything else
+// is copied to NCHW once.
+at::Tensor canonical(const at::Tensor& y) {
+  if (y.dim() == 4 && y.is_contiguous(at::MemoryFormat::ChannelsLast) && !y.is_contiguous()) return y;
+  return y.contiguous();
+}
+
+Geo geo_of(const at::Tensor& y) {
+  TORCH_CHECK(y.dim() >= 2, "vars_fast::residual_epilogue: y must be [N, C, ...], got ", y.sizes());
+  const int64_t N = y.size(0), C = y.size(1);
+  const int64_t HW = (N * C) ? y.numel() / (N * C) : 0;
+  return {N, C, HW, !y.is_contiguous()};
+}
+
+// `t` in the same memory layout as the canonical y (grad_out / residual may come in another).
+at::Tensor like(const at::Tensor& t, const at::Tensor& y, const Geo& g, const char* name) {
+  TORCH_CHECK(t.sizes() == y.sizes(), "vars_fast::residual_epilogue: ", name, " ", t.sizes(),
+              " must match y ", y.sizes());
+  TORCH_CHECK(t.scalar_type() == y.scalar_type(), "vars_fast::residual_epilogue: ", name, " dtype ",
+              t.scalar_type(), " must match y dtype ", y.scalar_type());
+  return g.cl ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous();
+}
+
+// Per-(n,c) fp64 sums of f(n*C+c, x[...], z[...]) -> (s1, s2), for all N*C pairs.
+// f returns the two addends as a pair of doubles; z may be null (forward statistics).
+template <typename T, typename F>
+void nc_sums(const Geo& g, const T* x, const T* z, double* s1, double* s2, const F& f) {
+  if (!g.cl) {
+    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(g.HW, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t nc = b; nc < e; ++nc) {
+        const T* xp = x + nc * g.HW;
+        const T* zp = z ? z + nc * g.HW : nullptr;
+        double a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a1, a2)
+        for (int64_t i = 0; i < g.HW; ++i) {
+          auto r = f(nc, xp[i], zp ? zp[i] : T(0));
+          a1 += r.first;
+          a2 += r.second;
+        }
+        s1[nc] = a1;
+        s2[nc] = a2;
+      }
+    });
+  } else {
+    // One task per sample: rows of C channels, accumulated into C-wide fp64 vectors.
+    at::parallel_for(0, g.N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(g.HW * g.C, 1)), [&](int64_t b, int64_t e) {
+      std::vector<double> a1(g.C), a2(g.C);
+      for (int64_t n = b; n < e; ++n) {
+        std::fill(a1.begin(), a1.end(), 0.0);
+        std::fill(a2.begin(), a2.end(), 0.0);
+        double* p1 = a1.data();
+        double* p2 = a2.data();
+        for (int64_t i = 0; i < g.HW; ++i) {
+          const T* xp = x + (n * g.HW + i) * g.C;
+          const T* zp = z ? z + (n * g.HW + i) * g.C : nullptr;
+#pragma omp simd
+          for (int64_t c = 0; c < g.C; ++c) {
+            auto r = f(n * g.C + c, xp[c], zp ? zp[c] : T(0));
+            p1[c] += r.first;
+            p2[c] += r.second;
+          }
+        }
+        for (int64_t c = 0; c < g.C; ++c) {
+          s1[n * g.C + c] = p1[c];
+          s2[n * g.C + c] = p2[c];
+        }
+      }
+    });
+  }
+}
+
+// out[...] = f(n*C+c, x[...], z[...]) for every element (z may be null).
+template <typename T, typename F>
+void nc_map(const Geo& g, T* out, const T* x, const T* z, const F& f) {
+  if (!g.cl) {
+    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(g.HW, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t nc = b; nc < e; ++nc) {
+        const int64_t o = nc * g.HW;
+#pragma omp simd
+        for (int64_t i = 0; i < g.HW; ++i) out[o + i] = f(nc, x[o + i], z ? z[o + i] : T(0));
+      }
+    });
+  } else {
+    at::parallel_for(0, g.N * g.HW, std::max<int64_t>(64, kGrainElems / std::max<int64_t>(g.C, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = r / g.HW, o = r * g.C;
+#pragma omp simd
+        for (int64_t c = 0; c < g.C; ++c) out[o + c] = f(n * g.C + c, x[o + c], z ? z[o + c] : T(0));
+      }
+    });
+  }
+}
+
+template <typename acc_t>
+std::pair<std::vector<acc_t>, std::vector<acc_t>> affine(const std::optional<at::Tensor>& weight,
+                                                         const std::optional<at::Tensor>& bias, int64_t C) {
+  std::vector<acc_t> w(C, acc_t(1)), b(C, acc_t(0));
+  for (auto [src, dst] : {std::pair{&weight, &w}, std::pair{&bias, &b}}) {
+    if (src->has_value() && (*src)->defined()) {
+      TORCH_CHECK((*src)->numel() == C, "vars_fast::residual_epilogue: weight/bias must have C = ", C,
+                  " elements, got ", (*src)->sizes());
+      auto t = (*src)->detach().to(at::kCPU, c10::CppTypeToScalarType<acc_t>::value).contiguous();
+      std::copy(t.template data_ptr<acc_t>(), t.template data_ptr<acc_t>() + C, dst->begin());
+    }
+  }
+  return {w, b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_epilogue_fwd_cpu(
+    const at::Tensor& y_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, c10::string_view norm, bool relu, bool use_input_stats,
+    double eps) {
+  const bool batch = parse_norm(norm);
+  TORCH_CHECK(batch || use_input_stats, "vars_fast::residual_epilogue: instance norm always uses input stats");
+  const at::Tensor y = canonical(y_in);
+  const Geo g = geo_of(y);
+  at::Tensor r;
+  if (residual.has_value() && residual->defined()) r = like(*residual, y, g, "residual");
+  const auto stat_type = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t S = batch ? g.C : g.N * g.C;  // number of statistics groups
+  at::Tensor mean = batch ? at::empty({g.C}, y.options().dtype(stat_type))
+                          : at::empty({g.N, g.C}, y.options().dtype(stat_type));
+  at::Tensor rstd = at::empty_like(mean);
+  at::Tensor out = at::empty_like(y);  // keeps y's memory format
+  if (y.numel() == 0) return {out, mean.zero_(), rstd.fill_(1)};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "residual_epilogue_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* mp = mean.data_ptr<acc_t>();
+    acc_t* rp = rstd.data_ptr<acc_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    if (use_input_stats) {
+      std::vector<double> s1(g.N * g.C), s2(g.N * g.C);
+      nc_sums<scalar_t>(g, yp, nullptr, s1.data(), s2.data(), [](int64_t, scalar_t v, scalar_t) {
+        const double d = static_cast<double>(v);
+        return std::pair<double, double>{d, d * d};
+      });
+      const double cnt = static_cast<double>(batch ? g.N * g.HW : g.HW);
+      for (int64_t k = 0; k < S; ++k) {
+        double a = 0, b = 0;
+        if (batch) {
+          for (int64_t n = 0; n < g.N; ++n) a += s1[n * g.C + k], b += s2[n * g.C + k];
+        } else {
+          a = s1[k], b = s2[k];
+        }
+        const double m = a / cnt, var = std::max(b / cnt - m * m, 0.0);
+        mp[k] = static_cast<acc_t>(m);
+        rp[k] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+      }
+    } else {
+      TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
+                  "vars_fast::residual_epilogue: batch-norm eval needs running_mean and running_var");
+      auto rm = running_mean->detach().to(at::kCPU, stat_type).contiguous();
+      auto rv = running_var->detach().to(at::kCPU, stat_type).contiguous();
+      TORCH_CHECK(rm.numel() == g.C && rv.numel() == g.C, "vars_fast::residual_epilogue: running stats need C = ",
+                  g.C, " elements");
+      for (int64_t k = 0; k < g.C; ++k) {
+        mp[k] = rm.data_ptr<acc_t>()[k];
+        rp[k] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(rv.data_ptr<acc_t>()[k]) + eps));
+      }
+    }
+    // Per-(n,c) scale/shift: h = A*y + B.
+    auto [w, b] = affine<acc_t>(weight, bias, g.C);
+    std::vector<acc_t> A(g.N * g.C), B(g.N * g.C);
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t c = 0; c < g.C; ++c) {
+        const int64_t k = batch ? c : n * g.C + c;
+        A[n * g.C + c] = w[c] * rp[k];
+        B[n * g.C + c] = b[c] - mp[k] * w[c] * rp[k];
+      }
+    }
+    const acc_t* Ap = A.data();
+    const acc_t* Bp = B.data();
+    const scalar_t* rsp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const bool has_r = rsp != nullptr;
+    nc_map<scalar_t>(g, op, yp, rsp, [=](int64_t nc, scalar_t v, scalar_t res) {
+      acc_t h = Ap[nc] * static_cast<acc_t>(v) + Bp[nc];
+      if (relu) h = h > acc_t(0) ? h : acc_t(0);
+      // Round h to the output type before the add, as the eager reference does.
+      if (has_r) return static_cast<scalar_t>(static_cast<scalar_t>(h) + res);
+      return static_cast<scalar_t>(h);
+    });
+  });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_epilogue_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& y_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd, c10::string_view norm,
+    bool relu, bool use_input_stats) {
+  const bool batch = parse_norm(norm);
+  const at::Tensor y = canonical(y_in);
+  const Geo g = geo_of(y);
+  const at::Tensor go = like(grad_out, y, g, "grad_out");
+  const auto stat_type = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dy = at::empty_like(y);
+  at::Tensor dw = at::zeros({g.C}, y.options().dtype(stat_type));
+  at::Tensor db = at::zeros({g.C}, y.options().dtype(stat_type));
+  if (y.numel() == 0) return {dy, dw, db};
+  const at::Tensor m_c = mean.to(stat_type).contiguous(), r_c = rstd.to(stat_type).contiguous();
+  TORCH_CHECK(m_c.numel() == (batch ? g.C : g.N * g.C), "vars_fast::residual_epilogue_bwd: mean has ",
+              m_c.numel(), " elements, expected ", (batch ? g.C : g.N * g.C));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "residual_epilogue_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* mp = m_c.const_data_ptr<acc_t>();
+    const acc_t* rp = r_c.const_data_ptr<acc_t>();
+    auto [w, b] = affine<acc_t>(weight, bias, g.C);
+    const int64_t NC = g.N * g.C;
+    std::vector<acc_t> A(NC), B(NC), M(NC);  // h = A*y + B (for the ReLU mask), M = mean of (n,c)
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t c = 0; c < g.C; ++c) {
+        const int64_t k = batch ? c : n * g.C + c;
+        A[n * g.C + c] = w[c] * rp[k];
+        B[n * g.C + c] = b[c] - mp[k] * w[c] * rp[k];
+        M[n * g.C + c] = mp[k];
+      }
+    }
+    const acc_t *Ap = A.data(), *Bp = B.data(), *Mp = M.data();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* gp = go.const_data_ptr<scalar_t>();
+    // Pass 1: S1 = sum g', S2 = sum g' * (y - mean) per (n, c).
+    std::vector<double> s1(NC), s2(NC);
+    nc_sums<scalar_t>(g, yp, gp, s1.data(), s2.data(), [=](int64_t nc, scalar_t v, scalar_t gv) {
+      const acc_t x = static_cast<acc_t>(v);
+      acc_t gg = static_cast<acc_t>(gv);
+      if (relu && !(Ap[nc] * x + Bp[nc] > acc_t(0))) gg = acc_t(0);
+      return std::pair<double, double>{static_cast<double>(gg), static_cast<double>(gg) * static_cast<double>(x - Mp[nc])};
+    });
+    // Fold to the statistics groups; dw = sum g' * xhat, db = sum g'.
+    const int64_t S = batch ? g.C : NC;
+    std::vector<double> T1(S, 0.0), T2(S, 0.0);
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t c = 0; c < g.C; ++c) {
+        const int64_t k = batch ? c : n * g.C + c;
+        T1[k] += s1[n * g.C + c];
+        T2[k] += s2[n * g.C + c];
+      }
+    }
+    acc_t* dwp = dw.data_ptr<acc_t>();
+    acc_t* dbp = db.data_ptr<acc_t>();
+    for (int64_t k = 0; k < S; ++k) {
+      const int64_t c = batch ? k : k % g.C;
+      dwp[c] += static_cast<acc_t>(T2[k] * rp[k]);
+      dbp[c] += static_cast<acc_t>(T1[k]);
+    }
+    // Pass 2: dy = w*rstd * (g' - T1/cnt - xhat * T2*rstd/cnt) = k1*g' + k2*y + k3.
+    const double cnt = static_cast<double>(batch ? g.N * g.HW : g.HW);
+    std::vector<acc_t> K1(NC), K2(NC), K3(NC);
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t c = 0; c < g.C; ++c) {
+        const int64_t nc = n * g.C + c, k = batch ? c : nc;
+        const double wr = static_cast<double>(w[c]) * rp[k];
+        const double t1 = use_input_stats ? T1[k] / cnt : 0.0;
+        const double t2 = use_input_stats ? T2[k] * rp[k] * rp[k] / cnt : 0.0;  // per unit of (y - mean)
+        K1[nc] = static_cast<acc_t>(wr);
+        K2[nc] = static_cast<acc_t>(-wr * t2);
+        K3[nc] = static_cast<acc_t>(wr * (mp[k] * t2 - t1));
+      }
+    }
+    const acc_t *K1p = K1.data(), *K2p = K2.data(), *K3p = K3.data();
+    nc_map<scalar_t>(g, dy.data_ptr<scalar_t>(), yp, gp, [=](int64_t nc, scalar_t v, scalar_t gv) {
+      const acc_t x = static_cast<acc_t>(v);
+      acc_t gg = static_cast<acc_t>(gv);
+      if (relu && !(Ap[nc] * x + Bp[nc] > acc_t(0))) gg = acc_t(0);
+      return static_cast<scalar_t>(K1p[nc] * gg + K2p[nc] * x + K3p[nc]);
+    });
+  });
+  return {dy, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vars_fast, CPU, m) {
+  m.impl("residual_epilogue", &residual_epilogue_fwd_cpu);
+  m.impl("residual_epilogue_backward", &residual_epilogue_bwd_cpu);
+}
+
+}  // namespace vars_fast

@@ -1,0 +1,132 @@
+// pgd_step CUDA kernel: grid-stride loop over packs of 16 bytes (float4 / 8 halves) when the
+// three inputs and the output are 16-byte aligned, scalar otherwise; fp32 math; current stream.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace vars_fast {
+namespace {
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+__device__ __forceinline__ float step1(float x, float x0, float g, float a, float e) {
+  const float s = (g > 0.f) ? 1.f : ((g < 0.f) ? -1.f : 0.f);
+  float y = x + a * s;
+  y = fminf(fmaxf(y, x0 - e), x0 + e);
+  return fminf(fmaxf(y, 0.f), 1.f);
+}
+
+// out may alias xa (in-place): every element is read before it is written by the same thread.
+template <typename T, int N>
+__global__ void pgd_step_kernel(T* out, const T* xa, const T* x0, const T* g, const float* ap, const float* ep,
+                                float alpha, float eps, int64_t n, int64_t per) {
+  const int64_t packs = n / N;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += stride) {
+    const int64_t i = p * N;
+    const auto vx = *reinterpret_cast<const Pack<T, N>*>(xa + i);
+    const auto vo = *reinterpret_cast<const Pack<T, N>*>(x0 + i);
+    const auto vg = *reinterpret_cast<const Pack<T, N>*>(g + i);
+    Pack<T, N> r;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      // Per-sample lookups only when needed; a pack may straddle two samples.
+      const int64_t b = (ap || ep) ? (i + k) / per : 0;
+      const float a = ap ? ap[b] : alpha, e = ep ? ep[b] : eps;
+      r.v[k] = static_cast<T>(step1(static_cast<float>(vx.v[k]), static_cast<float>(vo.v[k]), static_cast<float>(vg.v[k]), a, e));
+    }
+    *reinterpret_cast<Pack<T, N>*>(out + i) = r;
+  }
+  // Tail (fewer than N elements), handled by the first threads.
+  const int64_t t = packs * N + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t < n) {
+    const int64_t b = (ap || ep) ? t / per : 0;
+    out[t] = static_cast<T>(step1(static_cast<float>(xa[t]), static_cast<float>(x0[t]), static_cast<float>(g[t]),
+                                  ap ? ap[b] : alpha, ep ? ep[b] : eps));
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+void check_inputs(const at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad,
+                  const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t) {
+  TORCH_CHECK(x_orig.sizes() == x_adv.sizes() && grad.sizes() == x_adv.sizes(),
+              "vars_fast::pgd_step: x_adv, x_orig and grad must have the same shape");
+  TORCH_CHECK(x_orig.scalar_type() == x_adv.scalar_type() && grad.scalar_type() == x_adv.scalar_type(),
+              "vars_fast::pgd_step: x_adv, x_orig and grad must share one dtype");
+  TORCH_CHECK(x_orig.device() == x_adv.device() && grad.device() == x_adv.device(),
+              "vars_fast::pgd_step: x_adv, x_orig and grad must be on one device");
+  TORCH_CHECK(x_adv.dim() >= 1, "vars_fast::pgd_step: inputs need a leading batch dimension");
+  for (const auto* t : {&alpha_t, &eps_t}) {
+    if (t->has_value()) {
+      TORCH_CHECK((*t)->scalar_type() == at::kFloat && (*t)->dim() == 1 && (*t)->numel() == x_adv.size(0) &&
+                      (*t)->device() == x_adv.device(),
+                  "vars_fast::pgd_step: per-sample alpha/eps must be float32 [B] on x's device, B = ", x_adv.size(0));
+    }
+  }
+}
+
+void launch(at::Tensor& out, const at::Tensor& xa, const at::Tensor& x0, const at::Tensor& g,
+            const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t, double alpha, double eps) {
+  const int64_t n = xa.numel();
+  if (n == 0) return;
+  const int64_t per = n / xa.size(0);
+  const at::cuda::OptionalCUDAGuard guard(xa.device());
+  auto a_c = alpha_t.has_value() ? alpha_t->contiguous() : at::Tensor();
+  auto e_c = eps_t.has_value() ? eps_t->contiguous() : at::Tensor();
+  const float* ap = a_c.defined() ? a_c.const_data_ptr<float>() : nullptr;
+  const float* ep = e_c.defined() ? e_c.const_data_ptr<float>() : nullptr;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int threads = 256;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xa.scalar_type(), "vars_fast_pgd_step_cuda", [&] {
+    constexpr int N = 16 / sizeof(scalar_t);
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* pa = xa.const_data_ptr<scalar_t>();
+    const scalar_t* p0 = x0.const_data_ptr<scalar_t>();
+    const scalar_t* pg = g.const_data_ptr<scalar_t>();
+    const bool vec = aligned16(o) && aligned16(pa) && aligned16(p0) && aligned16(pg);
+    const int64_t work = vec ? n / N : n;
+    const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, sms * 8)));
+    if (vec) {
+      pgd_step_kernel<scalar_t, N><<<blocks, threads, 0, stream>>>(o, pa, p0, pg, ap, ep, alpha, eps, n, per);
+    } else {
+      pgd_step_kernel<scalar_t, 1><<<blocks, threads, 0, stream>>>(o, pa, p0, pg, ap, ep, alpha, eps, n, per);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad,
+                         const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t,
+                         double alpha, double eps) {
+  check_inputs(x_adv, x_orig, grad, alpha_t, eps_t);
+  auto xa = x_adv.contiguous(), x0 = x_orig.contiguous(), g = grad.contiguous();
+  auto out = at::empty_like(xa, at::MemoryFormat::Contiguous);
+  launch(out, xa, x0, g, alpha_t, eps_t, alpha, eps);
+  return out;
+}
+
+void pgd_step_inplace_cuda(at::Tensor x_adv, const at::Tensor& x_orig, const at::Tensor& grad,
+                           const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t,
+                           double alpha, double eps) {
+  check_inputs(x_adv, x_orig, grad, alpha_t, eps_t);
+  TORCH_CHECK(x_adv.is_contiguous(), "vars_fast::pgd_step_: in-place update needs a contiguous x_adv");
+  auto x0 = x_orig.contiguous(), g = grad.contiguous();
+  launch(x_adv, x_adv, x0, g, alpha_t, eps_t, alpha, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vars_fast, CUDA, m) {
+  m.impl("pgd_step", &pgd_step_cuda);
+  m.impl("pgd_step_", &pgd_step_inplace_cuda);
+}
+
+}  // namespace vars_fast

@@ -1,0 +1,140 @@
+"""Denoiser (Fig. 4) shapes, no downsampling, identity init; the losses on known inputs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vars_fast.defense.denoiser import Denoiser
+from vars_fast.defense.losses import (ADV, DADV, DX, X, content_loss, contrastive_loss, contrastive_pairs,
+                                      perceptual_loss)
+
+
+def tiny(**kw):
+    base = dict(width=8, n_res_blocks=2, norm="instance", patch_size=4, heads=2, embed_dim=16, mlp_ratio=2.0,
+                image_size=32)
+    base.update(kw)
+    return Denoiser(**base)
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("hw", [(32, 32), (37, 41), (20, 28)])
+def test_shape_and_range_any_size(norm, hw):
+    torch.manual_seed(0)
+    d = tiny(norm=norm)
+    with torch.no_grad():  # perturb the zero init so the output is not trivially x
+        for p in d.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(2, 3, *hw)
+    y = d(x)
+    assert y.shape == x.shape
+    assert 0.0 <= float(y.detach().min()) and float(y.detach().max()) <= 1.0
+    y.sum().backward()  # gradients flow through every part (pos-embedding interpolation too)
+    assert d.glob.pos.grad is not None and d.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_no_downsampling_in_conv_path():
+    d = tiny()
+    seen = []
+
+    def hook(mod, inp, out):
+        seen.append((mod, tuple(out.shape[-2:])))
+
+    hs = [m.register_forward_hook(hook) for m in d.modules() if isinstance(m, nn.Conv2d)]
+    d(torch.rand(1, 3, 37, 41))
+    for h in hs:
+        h.remove()
+    assert len(seen) == sum(isinstance(m, nn.Conv2d) for m in d.modules()) == 2 + 2 * 2 + 2 * 2
+    assert all(shape == (37, 41) for _, shape in seen)
+    assert all(m.stride == (1, 1) for m, _ in seen)
+
+
+def test_identity_at_init_and_after_small_step():
+    torch.manual_seed(0)
+    d = tiny()
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(d(x), x)
+    # one optimiser step on the content loss keeps D close to the identity
+    opt = torch.optim.Adam(d.parameters(), lr=1e-4)
+    content_loss(x, d(x + 0.05 * torch.randn_like(x))).backward()
+    opt.step()
+    assert float((d(x) - x).abs().mean()) < 0.01
+
+
+def test_kwargs_rebuild():
+    d = tiny()
+    d2 = Denoiser(**d.kwargs())
+    d2.load_state_dict(d.state_dict())
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(d(x), d2(x))
+
+
+# ---- losses -------------------------------------------------------------------------------
+
+def test_content_loss_value():
+    x = torch.zeros(1, 3, 2, 2)
+    y = torch.full((1, 3, 2, 2), 0.5)
+    assert float(content_loss(x, y)) == pytest.approx(0.25)
+
+
+class _Stages(nn.Module):
+    """A frozen two-map 'backbone' with known maps: identity and 2x2 average pooling."""
+
+    def stages(self, x):
+        return [x, F.avg_pool2d(x, 2)]
+
+
+def test_perceptual_loss_values():
+    bb = _Stages()
+    x = torch.rand(2, 3, 4, 4)
+    assert float(perceptual_loss(bb, x, x.clone())) == 0.0
+    y = x + 0.1  # both maps shift by 0.1 everywhere: each term is 0.01 per element
+    assert float(perceptual_loss(bb, x, y)) == pytest.approx(0.02, rel=1e-5)
+    assert float(perceptual_loss(bb, x, torch.rand_like(x))) > 0
+
+
+def test_contrastive_pairs():
+    n = 3
+    rows, pos, ag, cg = contrastive_pairs(n, share_negatives=False, symmetric=False)
+    # item k's views: x at k, x_adv at n+k, D(x) at 2n+k, D(x_adv) at 3n+k
+    got = {(int(a), int(p)) for a, p in zip(rows, pos)}
+    want = {(X * n + k, DX * n + k) for k in range(n)} | {(X * n + k, DADV * n + k) for k in range(n)} \
+        | {(DX * n + k, DADV * n + k) for k in range(n)}
+    assert got == want
+    assert torch.equal(ag, rows % n)  # anchor's group = its item
+    assert torch.equal(cg[ADV * n:(ADV + 1) * n], torch.arange(n))  # negatives: own item's x_adv
+    assert (cg[:n] == -2).all() and (cg[2 * n:] == -2).all()  # clean/denoised: never negatives
+    rows_s, pos_s, _, cg_s = contrastive_pairs(n)  # default: symmetric, shared negatives
+    assert rows_s.numel() == 6 * n and (cg_s[n:2 * n] == -1).all()
+    assert {(int(a), int(p)) for a, p in zip(rows_s, pos_s)} == want | {(p, a) for a, p in want}
+    # x_adv is never an anchor nor a positive
+    assert not ((rows_s >= n) & (rows_s < 2 * n)).any() and not ((pos_s >= n) & (pos_s < 2 * n)).any()
+
+
+def test_contrastive_loss_hand_computed():
+    tau = 0.5
+    e = lambda *v: torch.tensor([list(v)], dtype=torch.float32)  # noqa: E731
+    z_x, z_adv, z_dx, z_dadv = e(1.0, 0.0), e(0.0, 1.0), e(1.0, 1.0), e(1.0, -1.0)
+    c = 1 / math.sqrt(2)
+    cos = {("x", "dx"): c, ("x", "dadv"): c, ("dx", "dadv"): 0.0,
+           ("x", "adv"): 0.0, ("dx", "adv"): c, ("dadv", "adv"): -c}
+
+    def ell(a, b):  # Eq. 9 with the single negative x_adv
+        s = cos.get((a, b), cos.get((b, a)))
+        return -math.log(math.exp(s / tau) / (math.exp(s / tau) + math.exp(cos[(a, "adv")] / tau)))
+
+    want_one_way = ell("x", "dx") + ell("x", "dadv") + ell("dx", "dadv")
+    want = want_one_way + ell("dx", "x") + ell("dadv", "x") + ell("dadv", "dx")
+    got = contrastive_loss(z_x, z_adv, z_dx, z_dadv, tau, share_negatives=False)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    got1 = contrastive_loss(z_x, z_adv, z_dx, z_dadv, tau, share_negatives=False, symmetric=False)
+    assert float(got1) == pytest.approx(want_one_way, rel=1e-5)
+
+
+def test_shared_negatives_add_other_items_adv():
+    torch.manual_seed(0)
+    z = [torch.randn(4, 8) for _ in range(4)]
+    own = contrastive_loss(*z, 0.1, share_negatives=False)
+    shared = contrastive_loss(*z, 0.1, share_negatives=True)
+    assert float(shared) > float(own)  # more negatives in every denominator

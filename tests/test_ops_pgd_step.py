@@ -1,0 +1,188 @@
+"""pgd_step: every backend available here against the reference (the spec).
+
+Tolerances: fp32/fp64 bit-exact (all backends do the same fp32 ops in the same order);
+fp16/bf16 within one ulp of the dtype at 1.0 (atol = finfo.eps, rtol = 0): the Triton
+interpreter rounds fp32 -> bf16 differently from ATen's round-to-nearest-even.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from vars_fast.ops import _dispatch
+from vars_fast.ops.pgd_step import pgd_random_start, pgd_step, pgd_step_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SHAPES = [(5, 3, 37, 41), (1, 3, 8, 8), (3, 7)]
+HAS_EXT = "ext" in _dispatch.available("pgd_step")
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="compiled extension without pgd_step")
+
+
+def _tol(dtype):
+    return dict(atol=0.0, rtol=0.0) if dtype in (torch.float32, torch.float64) else dict(atol=torch.finfo(dtype).eps, rtol=0.0)
+
+
+def _inputs(shape, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(shape, generator=g)
+    x = (x0 + 0.05 * torch.randn(shape, generator=g)).clamp(0, 1)
+    grad = torch.randn(shape, generator=g)
+    grad.view(-1)[::7] = 0.0  # sign(0) = 0 must be honoured
+    return [t.to(device=device, dtype=dtype) for t in (x, x0, grad)]
+
+
+def _alpha_eps(kind, batch, device="cpu"):
+    if kind == "scalar":
+        return 2 / 255, 8 / 255
+    if kind == "0d":
+        return torch.tensor(2 / 255), torch.tensor(8 / 255)
+    g = torch.Generator().manual_seed(1)
+    return (torch.rand(batch, generator=g) * 0.02).to(device), (torch.rand(batch, generator=g) * 0.05).to(device)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["scalar", "0d", "per_sample"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_ext_matches_reference(dtype, shape, kind, inplace):
+    x, x0, g = _inputs(shape, dtype)
+    a, e = _alpha_eps(kind, shape[0])
+    want = pgd_step_reference(x, x0, g, a, e)
+    xi = x.clone()
+    got = pgd_step(xi, x0, g, a, e, inplace=inplace, backend="ext")
+    torch.testing.assert_close(got, want, **_tol(dtype))
+    if inplace:
+        assert got is xi
+    else:
+        torch.testing.assert_close(xi, x, atol=0, rtol=0)  # input untouched
+
+
+def test_invariants_and_no_grad():
+    x, x0, g = _inputs((4, 3, 9, 9), torch.float32)
+    x.requires_grad_(True)
+    y = pgd_step(x, x0, g, 0.5, 0.03)  # a huge step: projection must bound it
+    assert not y.requires_grad
+    assert ((y - x0).abs() <= 0.03 + 1e-7).all() and (y >= 0).all() and (y <= 1).all()
+
+
+def test_random_start_in_ball():
+    x0 = torch.rand(4, 3, 5, 5)
+    eps = torch.tensor([0.0, 0.01, 0.05, 0.1])
+    r = pgd_random_start(x0, eps, torch.Generator().manual_seed(0))
+    assert ((r - x0).abs() <= eps.view(-1, 1, 1, 1) + 1e-7).all() and r.min() >= 0 and r.max() <= 1
+    assert torch.equal(r[0], x0[0])
+
+
+@needs_ext
+def test_non_contiguous():
+    x, x0, g = _inputs((4, 3, 9, 9), torch.float32)
+    xt, x0t, gt = (t.transpose(2, 3) for t in (x, x0, g))
+    want = pgd_step_reference(xt, x0t, gt, 0.01, 0.03)
+    torch.testing.assert_close(pgd_step(xt, x0t, gt, 0.01, 0.03, backend="ext"), want, atol=0, rtol=0)
+    # In place on a non-contiguous x_adv: the kernels refuse, auto falls back to the reference...
+    xc = xt.clone().transpose(2, 3).contiguous().transpose(2, 3)
+    assert not xc.is_contiguous()
+    pgd_step(xc, x0t, gt, 0.01, 0.03, inplace=True)
+    torch.testing.assert_close(xc, want, atol=0, rtol=0)
+    # ...and a forced kernel backend says why.
+    with pytest.raises(_dispatch.BackendUnavailable, match="contiguous x_adv"):
+        pgd_step(xc, x0t, gt, 0.01, 0.03, inplace=True, backend="cpp")
+
+
+@needs_ext
+def test_opcheck():
+    x, x0, g = _inputs((3, 2, 5, 7), torch.float32)
+    a = torch.rand(3) * 0.01
+    torch.library.opcheck(torch.ops.vars_fast.pgd_step.default, (x, x0, g, a, None, 0.0, 0.03))
+    torch.library.opcheck(torch.ops.vars_fast.pgd_step_.default, (x.clone(), x0, g, None, None, 0.01, 0.03))
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+def test_compile_fullgraph(backend):
+    if backend not in _dispatch.available("pgd_step"):
+        pytest.skip(f"{backend} unavailable")
+    x, x0, g = _inputs((2, 3, 6, 5), torch.float32)
+    alpha = torch.tensor([0.01, 0.02])
+
+    def attack_step(xa, xo, gr):
+        pgd_step(xa, xo, gr, alpha, 0.03, inplace=True, backend=backend)
+        return pgd_step(xa, xo, gr, 0.01, 0.03, backend=backend)
+
+    torch._dynamo.reset()
+    f = torch.compile(attack_step, fullgraph=True, backend="aot_eager")
+    xa = x.clone()
+    got = f(xa, x0, g)
+    want1 = pgd_step_reference(x, x0, g, alpha, 0.03)
+    torch.testing.assert_close(xa, want1, atol=0, rtol=0)
+    torch.testing.assert_close(got, pgd_step_reference(want1, x0, g, 0.01, 0.03), atol=0, rtol=0)
+
+
+_TRITON_SCRIPT = textwrap.dedent("""
+    import torch
+    from vars_fast.ops.pgd_step import pgd_step, pgd_step_reference
+    from vars_fast.ops import _dispatch
+    assert _dispatch.choose("pgd_step", [torch.zeros(1)], "triton") == "triton"
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        tol = dict(atol=0.0, rtol=0.0) if dtype == torch.float32 else dict(atol=torch.finfo(dtype).eps, rtol=0.0)
+        g = torch.Generator().manual_seed(0)
+        x0 = torch.rand(3, 3, 7, 9, generator=g)
+        x = (x0 + 0.05 * torch.randn(x0.shape, generator=g)).clamp(0, 1).to(dtype)
+        x0, grad = x0.to(dtype), torch.randn(x0.shape, generator=g).to(dtype)
+        for a, e in ((0.01, 0.03), (torch.rand(3, generator=g) * 0.02, torch.rand(3, generator=g) * 0.05)):
+            want = pgd_step_reference(x, x0, grad, a, e)
+            torch.testing.assert_close(pgd_step(x, x0, grad, a, e, backend="triton"), want, **tol)
+            xi = x.clone()
+            pgd_step(xi, x0, grad, a, e, inplace=True, backend="triton")
+            torch.testing.assert_close(xi, want, **tol)
+    print("OK")
+""")
+
+
+def test_triton_interpreter():
+    """Triton kernels on CPU through TRITON_INTERPRET=1 (set before triton is imported, hence
+    a subprocess: triton.jit picks interpreter vs compiler when a kernel is decorated)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", VARS_FAST_NO_EXT="1")
+    env.pop("VARS_FAST_BACKEND", None)
+    r = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_matches_reference(backend, dtype):
+    if backend not in _dispatch.available("pgd_step", "cuda"):
+        pytest.skip(f"{backend} unavailable on CUDA: {_dispatch.reasons('pgd_step', [torch.empty(0, device='cuda')])}")
+    for shape in ((5, 3, 37, 41), (32, 3, 224, 224), (3, 7)):
+        x, x0, g = _inputs(shape, dtype, "cuda")
+        a, e = _alpha_eps("per_sample", shape[0], "cuda")
+        want = pgd_step_reference(x, x0, g, a, e)
+        torch.testing.assert_close(pgd_step(x, x0, g, a, e, backend=backend), want, **_tol(dtype))
+        xi = x.clone()
+        pgd_step(xi, x0, g, 0.01, 0.03, inplace=True, backend=backend)
+        torch.testing.assert_close(xi, pgd_step_reference(x, x0, g, 0.01, 0.03), **_tol(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+def test_gpu_compile_fullgraph(backend):
+    if backend not in _dispatch.available("pgd_step", "cuda"):
+        pytest.skip(f"{backend} unavailable on CUDA")
+    x, x0, g = _inputs((4, 3, 16, 16), torch.float32, "cuda")
+
+    def step(xa):
+        pgd_step(xa, x0, g, 0.01, 0.03, inplace=True, backend=backend)
+        return xa
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True)(x.clone())
+    torch.testing.assert_close(got, pgd_step_reference(x, x0, g, 0.01, 0.03), atol=0, rtol=0)

@@ -1,0 +1,173 @@
+"""random_resize_pad: every backend available here against the per-sample reference loop.
+
+Tolerances (forward and backward): fp32 atol=rtol=1e-5 (the kernels blend in a different
+order than ATen's upsample), fp64 1e-12, fp16/bf16 one ulp at 1.0 (atol=finfo.eps, rtol=0;
+forward only). Nearest is exact.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from vars_fast.ops import _dispatch
+from vars_fast.ops.random_resize_pad import (draw_resize_pad, random_resize_pad, random_resize_pad_grid_sample,
+                                             random_resize_pad_reference)
+
+HAS_EXT = "ext" in _dispatch.available("random_resize_pad")
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="compiled extension without random_resize_pad")
+# (B, C, H, W, out_size, min_size): odd, non-square, up- and down-sampling, size == H.
+CASES = [(5, 3, 37, 41, 48, 20), (2, 1, 8, 8, 20, 4), (3, 2, 30, 30, 31, 29), (4, 3, 64, 60, 40, 10)]
+
+
+def _tol(dtype):
+    return {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}.get(
+        dtype, dict(atol=torch.finfo(dtype).eps, rtol=0.0))
+
+
+def _case(B, C, H, W, O, m, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, C, H, W, generator=g).to(device=device, dtype=dtype)
+    sizes, offsets = draw_resize_pad(B, O, m, g, device)
+    return x, sizes, offsets
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_ext_forward_matches_reference(case, mode, dtype):
+    x, s, o = _case(*case, dtype=dtype)
+    O = case[4]
+    want = random_resize_pad_reference(x, s, o, O, mode)
+    got, s2, o2 = random_resize_pad(x, O, case[5], mode=mode, sizes=s, offsets=o, backend="ext")
+    tol = dict(atol=0.0, rtol=0.0) if mode == "nearest" else _tol(dtype)
+    torch.testing.assert_close(got, want, **tol)
+    assert torch.equal(s2, s) and torch.equal(o2, o)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_ext_backward_matches_reference(case, mode):
+    x, s, o = _case(*case)
+    O = case[4]
+    gout = torch.randn(case[0], case[1], O, O, generator=torch.Generator().manual_seed(3))
+    xr = x.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(random_resize_pad_reference(xr, s, o, O, mode), xr, gout)
+    xk = x.clone().requires_grad_(True)
+    (got,) = torch.autograd.grad(random_resize_pad(xk, O, 1, mode=mode, sizes=s, offsets=o, backend="ext")[0], xk, gout)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_draws_reproducible_and_in_range():
+    x = torch.rand(16, 3, 10, 10)
+    out1, s1, o1 = random_resize_pad(x, 24, 12, torch.Generator().manual_seed(5))
+    out2, s2, o2 = random_resize_pad(x, 24, 12, torch.Generator().manual_seed(5))
+    assert torch.equal(out1, out2) and torch.equal(s1, s2) and torch.equal(o1, o2)
+    assert s1.dtype == torch.long and s1.shape == (16,) and o1.shape == (16, 2)
+    assert (s1 >= 12).all() and (s1 <= 23).all() and (o1 >= 0).all() and (o1 + s1[:, None] <= 24).all()
+    with pytest.raises(ValueError, match="min_size"):
+        random_resize_pad(x, 24, 24)
+
+
+def test_grid_sample_baseline_matches_reference():
+    x, s, o = _case(*CASES[0])
+    torch.testing.assert_close(random_resize_pad_grid_sample(x, s, o, 48), random_resize_pad_reference(x, s, o, 48),
+                               atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+def test_bad_draws_rejected():
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        random_resize_pad(x, 10, 2, sizes=torch.tensor([5, 6]), offsets=torch.tensor([[0, 0], [5, 0]]), backend="ext")
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_gradcheck_float64(mode):
+    x, s, o = _case(2, 2, 6, 5, 9, 3, dtype=torch.float64)
+    x.requires_grad_(True)
+    f = lambda t: random_resize_pad(t, 9, 3, mode=mode, sizes=s, offsets=o, backend="ext")[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradgradcheck(f, (x,), eps=1e-6, atol=1e-7)
+
+
+@needs_ext
+def test_opcheck():
+    x, s, o = _case(2, 3, 7, 9, 12, 4)
+    torch.library.opcheck(torch.ops.vars_fast.random_resize_pad.default, (x.requires_grad_(True), s, o, 12, "bilinear"))
+    g = torch.randn(2, 3, 12, 12)
+    torch.library.opcheck(torch.ops.vars_fast.random_resize_pad_backward.default, (g, s, o, 7, 9, "nearest"))
+
+
+@pytest.mark.parametrize("backend", ["ext"])
+def test_compile_fullgraph(backend):
+    if backend not in _dispatch.available("random_resize_pad"):
+        pytest.skip(f"{backend} unavailable")
+    x, s, o = _case(3, 2, 11, 13, 16, 8)
+
+    def loss(t):
+        return random_resize_pad(t, 16, 8, sizes=s, offsets=o, backend=backend)[0].square().sum()
+
+    torch._dynamo.reset()
+    f = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    xr, xk = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want = random_resize_pad_reference(xr, s, o, 16).square().sum()
+    got = f(xk)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(xk.grad, xr.grad, atol=1e-5, rtol=1e-5)
+
+
+_TRITON_SCRIPT = textwrap.dedent("""
+    import torch
+    from vars_fast.ops.random_resize_pad import draw_resize_pad, random_resize_pad, random_resize_pad_reference
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 13, 11, generator=g)
+    s, o = draw_resize_pad(2, 16, 5, g)
+    gout = torch.randn(2, 3, 16, 16, generator=g)
+    for mode in ("bilinear", "nearest"):
+        xr, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        want = random_resize_pad_reference(xr, s, o, 16, mode)
+        got = random_resize_pad(xt, 16, 5, mode=mode, sizes=s, offsets=o, backend="triton")[0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        want.backward(gout); got.backward(gout)
+        torch.testing.assert_close(xt.grad, xr.grad, atol=1e-5, rtol=1e-5)
+    print("OK")
+""")
+
+
+def test_triton_interpreter():
+    """Triton kernels on CPU under TRITON_INTERPRET=1 (subprocess: set before triton is imported)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", VARS_FAST_NO_EXT="1")
+    env.pop("VARS_FAST_BACKEND", None)
+    r = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_gpu_matches_reference(backend, mode):
+    if backend not in _dispatch.available("random_resize_pad", "cuda"):
+        pytest.skip(f"{backend} unavailable on CUDA")
+    for case in CASES + [(64, 3, 224, 224, 224, 180)]:
+        x, s, o = _case(*case, device="cuda")
+        O = case[4]
+        xr, xk = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        want = random_resize_pad_reference(xr, s, o, O, mode)
+        got = random_resize_pad(xk, O, case[5], mode=mode, sizes=s, offsets=o, backend=backend)[0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        gout = torch.randn_like(want)
+        want.backward(gout)
+        got.backward(gout)
+        torch.testing.assert_close(xk.grad, xr.grad, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,218 @@
+"""residual_epilogue: every backend available here against the reference (the spec).
+
+Tolerances: fp32 forward/backward atol=rtol=1e-4 (the kernels sum in fp64 and apply one fused
+scale/shift, the reference runs instance_norm/batch_norm + relu + add: ~1e-6 apart in
+practice, gradients of normalised outputs amplify by 1/std); fp16/bf16 forward within a few
+ulps of the output dtype at |out| ~ 3 (both round the same fp32 value, the residual add
+rounds once more); fp64 gradcheck at the default tolerances.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from vars_fast.ops import _dispatch
+from vars_fast.ops.residual_epilogue import residual_epilogue, residual_epilogue_reference
+
+HAS_EXT = "ext" in _dispatch.available("residual_epilogue")
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="compiled extension without residual_epilogue")
+SHAPE = (5, 3, 37, 41)
+
+
+def _inputs(shape=SHAPE, dtype=torch.float32, residual=True, layout="nchw", device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    y = (torch.randn(shape, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
+    w = (1 + 0.3 * torch.randn(C, generator=g)).to(device=device, dtype=dtype)
+    b = (0.2 * torch.randn(C, generator=g)).to(device=device, dtype=dtype)
+    r = torch.randn(shape, generator=g).to(device=device, dtype=dtype) if residual else None
+    if layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last)
+        if r is not None:
+            r = r.contiguous(memory_format=torch.channels_last)
+    return y, w, b, r
+
+
+def _fwd_bwd(fn, y, w, b, r, **kw):
+    """Forward + backward with a fixed upstream gradient; returns (out, [grads of y, w, b, r])."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (y, w, b, r)]
+    # clone() keeps the memory format, so channels_last inputs stay channels_last
+    out = fn(*leaves, **kw)
+    gout = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape).to(out.device)
+    out.backward(gout)
+    return out.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+@needs_ext
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_ext_matches_reference_fp32(norm, act, residual, layout):
+    y, w, b, r = _inputs(residual=residual, layout=layout)
+    want, gwant = _fwd_bwd(residual_epilogue_reference, y, w, b, r, norm=norm, act=act)
+    got, ggot = _fwd_bwd(residual_epilogue, y, w, b, r, norm=norm, act=act, backend="ext")
+    if layout == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for name, gg, gw in zip("ywbr", ggot, gwant):
+        if gw is not None:
+            torch.testing.assert_close(gg, gw, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
+@needs_ext
+def test_batch_norm_running_stats_and_eval():
+    y, w, b, r = _inputs(residual=True)
+    rm0, rv0 = torch.randn(3), torch.rand(3) + 0.5
+    rm_ref, rv_ref, rm, rv = rm0.clone(), rv0.clone(), rm0.clone(), rv0.clone()
+    want = residual_epilogue_reference(y, w, b, r, "batch", "relu", 1e-5, rm_ref, rv_ref, True, 0.2)
+    got = residual_epilogue(y, w, b, r, "batch", "relu", 1e-5, rm, rv, True, 0.2, backend="ext")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rm, rm_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rv, rv_ref, atol=1e-5, rtol=1e-5)
+    # eval: the running statistics normalise; gradients flow through y, w, b only
+    want, gwant = _fwd_bwd(residual_epilogue_reference, y, w, b, r, norm="batch", running_mean=rm, running_var=rv,
+                           training=False)
+    got, ggot = _fwd_bwd(residual_epilogue, y, w, b, r, norm="batch", running_mean=rm, running_var=rv,
+                         training=False, backend="ext")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for gg, gw in zip(ggot, gwant):
+        torch.testing.assert_close(gg, gw, atol=1e-4, rtol=1e-4)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_ext_reduced_precision_forward(dtype, layout):
+    y, w, b, r = _inputs(dtype=dtype, layout=layout)
+    for norm in ("instance", "batch"):
+        want = residual_epilogue_reference(y.float(), w.float(), b.float(), r.float(), norm).to(dtype)
+        got = residual_epilogue(y, w, b, r, norm, backend="ext")
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), atol=4 * torch.finfo(dtype).eps * 4, rtol=0)
+
+
+@needs_ext
+def test_no_affine_and_odd_layouts():
+    y, _, _, r = _inputs((2, 4, 6, 5))
+    yt = y.transpose(2, 3)  # neither NCHW nor channels_last: the kernel copies it once
+    want = residual_epilogue_reference(yt, None, None, r.transpose(2, 3))
+    torch.testing.assert_close(residual_epilogue(yt, None, None, r.transpose(2, 3), backend="ext"), want,
+                               atol=1e-4, rtol=1e-4)
+    # residual in another layout than y
+    ycl = y.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(residual_epilogue(ycl, None, None, r, backend="ext"),
+                               residual_epilogue_reference(y, None, None, r), atol=1e-4, rtol=1e-4)
+
+
+@needs_ext
+def test_forced_backend_refusal_says_why():
+    y, w, b, r = _inputs((2, 3, 4, 4))
+    with pytest.raises(_dispatch.BackendUnavailable, match="residual"):
+        residual_epilogue(y, w, b, r.double(), backend="cpp")
+    with pytest.raises(ValueError, match="norm must be"):
+        residual_epilogue(y, w, b, r, norm="layer")
+
+
+@needs_ext
+@pytest.mark.parametrize("norm,layout", [("instance", "nchw"), ("batch", "channels_last")])
+def test_opcheck(norm, layout):
+    y, w, b, r = _inputs((2, 3, 5, 4), layout=layout)
+    y.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True), r.requires_grad_(True)
+    torch.library.opcheck(torch.ops.vars_fast.residual_epilogue.default,
+                          (y, w, b, r, None, None, norm, True, True, 1e-5))
+    rm, rv = torch.zeros(3), torch.ones(3)
+    torch.library.opcheck(torch.ops.vars_fast.residual_epilogue.default,
+                          (y, w, b, None, rm, rv, "batch", False, False, 1e-5))
+
+
+@needs_ext
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gradcheck_fp64(norm, layout):
+    y, w, b, r = _inputs((2, 3, 4, 5), dtype=torch.float64, layout=layout)
+    y = y + 0.3  # keep ReLU inputs away from the kink for finite differences
+    args = [t.detach().requires_grad_(True) for t in (y, w, b, r)]
+    assert torch.autograd.gradcheck(lambda *a: residual_epilogue(*a, norm=norm, backend="ext"), args)
+    assert torch.autograd.gradcheck(lambda yy, ww, bb: residual_epilogue(yy, ww, bb, None, norm, "none", backend="ext"),
+                                    args[:3])
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+def test_compile_fullgraph(backend):
+    if backend not in _dispatch.available("residual_epilogue"):
+        pytest.skip(f"{backend} unavailable")
+    y, w, b, r = _inputs((2, 3, 6, 5), layout="channels_last")
+    rm, rv = torch.zeros(3), torch.ones(3)
+
+    def block(yy, ww, bb, rr):
+        h = residual_epilogue(yy, ww, bb, norm="instance", act="relu", backend=backend)
+        return residual_epilogue(h, ww, bb, rr, norm="batch", act="none", running_mean=rm, running_var=rv,
+                                 backend=backend)
+
+    torch._dynamo.reset()
+    f = torch.compile(block, fullgraph=True, backend="aot_eager")
+    got, ggot = _fwd_bwd(f, y, w, b, r)
+    rm.zero_(), rv.fill_(1)
+    want, gwant = _fwd_bwd(block, y, w, b, r)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for gg, gw in zip(ggot, gwant):
+        torch.testing.assert_close(gg, gw, atol=1e-4, rtol=1e-4)
+
+
+_TRITON_SCRIPT = textwrap.dedent("""
+    import torch
+    from vars_fast.ops import _dispatch
+    from vars_fast.ops.residual_epilogue import residual_epilogue, residual_epilogue_reference
+    assert _dispatch.choose("residual_epilogue", [torch.zeros(1)], "triton") == "triton"
+    g = torch.Generator().manual_seed(0)
+    cases = [("nchw", "instance", "relu", False), ("channels_last", "batch", "none", True),
+             ("nchw", "batch", "relu", True), ("channels_last", "instance", "none", False)]
+    for layout, norm, act, res in cases:
+        y = torch.randn(3, 5, 7, 6, generator=g) + 0.3
+        w, b = 1 + 0.3 * torch.randn(5, generator=g), 0.1 * torch.randn(5, generator=g)
+        r = torch.randn(3, 5, 7, 6, generator=g) if res else None
+        if layout == "channels_last":
+            y = y.contiguous(memory_format=torch.channels_last)
+        outs = []
+        for fn, kw in ((residual_epilogue, dict(backend="triton")), (residual_epilogue_reference, {})):
+            leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (y, w, b, r)]
+            out = fn(*leaves, norm=norm, act=act, **kw)
+            out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+            outs.append([out.detach()] + [t.grad for t in leaves if t is not None])
+        for got, want in zip(*outs):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    print("OK")
+""")
+
+
+def test_triton_interpreter():
+    """Triton kernels on CPU through TRITON_INTERPRET=1 (set before triton is imported, hence a
+    subprocess: triton.jit picks interpreter vs compiler when a kernel is decorated)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", VARS_FAST_NO_EXT="1")
+    env.pop("VARS_FAST_BACKEND", None)
+    r = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gpu_matches_reference(backend, layout):
+    if backend not in _dispatch.available("residual_epilogue", "cuda"):
+        pytest.skip(f"{backend} unavailable on CUDA")
+    for shape in (SHAPE, (8, 64, 128, 128)):
+        for norm in ("instance", "batch"):
+            y, w, b, r = _inputs(shape, layout=layout, device="cuda")
+            want, gwant = _fwd_bwd(residual_epilogue_reference, y, w, b, r, norm=norm)
+            got, ggot = _fwd_bwd(residual_epilogue, y, w, b, r, norm=norm, backend=backend)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            for gg, gw in zip(ggot, gwant):
+                torch.testing.assert_close(gg, gw, atol=2e-3, rtol=1e-3)

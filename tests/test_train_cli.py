@@ -1,0 +1,63 @@
+"""The train CLI: clear errors for bad input, and the quick preset end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vars_fast.train import main
+
+ENV = {**os.environ, "VARS_FAST_PROGRESS": "0"}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--set", "data.bogus=1"], "data.bogus"),
+    (["--set", "recommender.epochs=many"], "recommender.epochs"),
+    (["--config", "/nonexistent/cfg.yaml"], "/nonexistent/cfg.yaml"),
+    (["--preset", "huge"], "huge"),
+    (["--stages", "recommender,fly"], "fly"),
+])
+def test_bad_arguments_give_one_clear_error(argv, needle, capsys, tmp_path):
+    rc = main(argv + ["--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert needle in err and err.startswith("error:")
+
+
+def test_missing_earlier_stage_is_reported(tmp_path, capsys):
+    rc = main(["--preset", "quick", "--out", str(tmp_path / "r"), "--stages", "evaluate", "--no-progress"])
+    assert rc == 1
+
+
+@pytest.mark.slow
+def test_quick_preset_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "vars_fast.train", "--preset", "quick", "--out", str(out),
+                        "--no-progress"], env=ENV, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for f in ("config.yaml", "metrics.json", "report.md", "log.txt"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) >= {"meta", "ranking", "detection", "targeted"}
+    models = {r["model"] for r in m["ranking"] if r["attack"] == "clean" and r["defense"] == "none"}
+    assert models == {"VBPR", "AMR", "DVBPR", "BPR", "Pop"}
+    attacks = {(r["attack"], r["defense"]) for r in m["ranking"] if r["model"] == "VBPR"}
+    for a in ("fgsm", "pgd"):
+        for d in ("none", "denoise", "denoise+rand"):
+            assert (a, d) in attacks, (a, d)
+    assert any(r["detector"] == "ours" for r in m["detection"])
+    assert any(r["detector"] == "addition" for r in m["detection"])
+    assert {r["attack"] for r in m["targeted"]} >= {"aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"}
+    for r in m["ranking"]:
+        for k in ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"):
+            assert 0.0 <= r[k] <= 1.0
+    report = (out / "report.md").read_text()
+    assert "Table 2" in report and "Table 4" in report
+    assert list((out / "figures").glob("*.png"))
+    # A stage re-runs alone in the same folder, from the saved config.
+    r2 = subprocess.run([sys.executable, "-m", "vars_fast.train", "--out", str(out), "--stages", "evaluate",
+                         "--no-progress"], env=ENV, capture_output=True, text=True, timeout=1200)
+    assert r2.returncode == 0, r2.stderr[-4000:]
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert len(m2["ranking"]) == len(m["ranking"])  # rows replaced, not duplicated

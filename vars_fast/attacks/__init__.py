@@ -1,0 +1,16 @@
+"""Attacks on item images: FGSM, PGD (untargeted, on the BPR loss), AIP-INSA / AIP-EXPA and
+TAaMR (targeted), plus the catalogue-wide driver and the "attack" stage (``stage.py``).
+
+Every attack maximises a ``loss_fn(x) -> [B]`` in [0,1] pixel space (see ``base.Attack``).
+"""
+from vars_fast.attacks.aip import expa_loss, insa_loss
+from vars_fast.attacks.base import Attack, frozen, quantize_within
+from vars_fast.attacks.catalogue import (ItemTriples, attack_catalogue, bpr_image_loss, item_loss_fn,
+                                         sample_item_triples)
+from vars_fast.attacks.fgsm import FGSM
+from vars_fast.attacks.pgd import PGD, default_alpha
+from vars_fast.attacks.taamr import popular_class, taamr_loss
+
+__all__ = ["Attack", "FGSM", "PGD", "frozen", "quantize_within", "default_alpha", "bpr_image_loss",
+           "attack_catalogue", "sample_item_triples", "ItemTriples", "item_loss_fn", "insa_loss",
+           "expa_loss", "taamr_loss", "popular_class"]

@@ -1,0 +1,123 @@
+"""The adaptive attacker: PGD that knows the defence (beyond the paper; Athalye et al., 2018,
+"Obfuscated Gradients Give a False Sense of Security").
+
+The attacker maximises, within the eps-ball,
+
+    L(x) = 1/K sum_k L_rec(T_k(D(x)))  -  w * relu(d(x) - m * tau) / tau
+
+* ``D`` the denoiser and ``T_k`` the random resize-pad of OURS-rand with draw k; the first
+  term is the expectation over transformations (EOT): K draws per step, fresh each step,
+  replayed explicitly into ``vars_fast.ops.random_resize_pad`` (``sizes``/``offsets``) so
+  that the gradient goes through the very transformation that was applied. The denoiser
+  runs once per step and is shared by the K draws (the randomness comes after it), so EOT
+  costs K cheap recommender passes, not K denoiser passes.
+* ``d(x) = ||z(x) - z(D(x))||`` the detector distance and ``tau`` its threshold: the hinge
+  keeps the adversarial image under the threshold (times a margin m < 1), so that it is
+  not flagged. The hard decision ``d > tau`` has no gradient; the hinge is its surrogate.
+* Straight-through (BPDA): where a backend of the resize-pad has no autograd, its backward
+  is taken as the identity (``y = u + (T(u) - u).detach()``).
+
+``L_rec`` is any per-sample loss ``x -> [B]`` on the purified images, e.g. the item BPR loss
+of the catalogue attack (``vars_fast.evaluate`` builds it).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vars_fast.attacks.base import LossFn
+from vars_fast.attacks.pgd import PGD
+from vars_fast.ops import random_resize_pad
+
+
+def rand_min_size(defense) -> int:
+    """Smallest side r' of the random resize, ``ceil(rand_min_frac * r)`` (r' in [that, r));
+    the same rule as ``Defense.rand_min_size``."""
+    if hasattr(defense, "rand_min_size"):
+        return int(defense.rand_min_size())
+    r = int(defense.image_size)
+    return max(1, min(r - 1, int(math.ceil(float(defense.rand_min_frac) * r))))
+
+
+def draw_transforms(batch: int, out_size: int, min_size: int, generator: Optional[torch.Generator],
+                    device) -> tuple[Tensor, Tensor]:
+    """One resize-pad draw per sample: sizes [B] in [min_size, out_size), offsets [B, 2] (top, left)."""
+    sizes = torch.randint(min_size, out_size, (batch,), generator=generator)
+    u = torch.rand(batch, 2, generator=generator)
+    offsets = torch.floor(u * (out_size - sizes + 1).unsqueeze(1).float()).long()
+    return sizes.to(device), offsets.to(device)
+
+
+def resize_pad_st(u: Tensor, out_size: int, min_size: int, sizes: Tensor, offsets: Tensor) -> Tensor:
+    """Resize-pad u [B,3,S,S] with the given draws; straight-through when the op has no gradient."""
+    y = random_resize_pad(u, out_size, min_size, sizes=sizes, offsets=offsets)[0]
+    if u.requires_grad and not y.requires_grad:
+        y = u + (y - u).detach()
+    return y
+
+
+class DefendedLoss:
+    """``x -> [B]``: EOT-averaged recommender loss through the defence minus the detector hinge.
+
+    Args:
+        rec_loss: ``x_purified [B,3,S,S] -> [B]`` to maximise.
+        defense: a ``Defense`` (``denoiser``, ``detector.embed``, ``threshold``,
+            ``rand_min_frac``, ``image_size``).
+        rand: attack OURS-rand (EOT over the resize-pad) instead of plain OURS.
+        eot: draws per step (ignored without ``rand``).
+        detect_weight: w; 0 drops the detector term (or when the defence has no detector).
+        margin: m, target distance as a fraction of the threshold.
+    """
+
+    def __init__(self, rec_loss: LossFn, defense, rand: bool = True, eot: int = 4, detect_weight: float = 1.0,
+                 margin: float = 0.9, generator: Optional[torch.Generator] = None):
+        self.rec_loss, self.defense = rec_loss, defense
+        self.rand, self.eot = bool(rand), max(1, int(eot)) if rand else 1
+        self.detect_weight, self.margin = float(detect_weight), float(margin)
+        self.generator = generator
+        det = getattr(defense, "detector", None)
+        self.use_detector = det is not None and self.detect_weight > 0 and math.isfinite(float(defense.threshold))
+
+    def detector_penalty(self, x: Tensor, den: Tensor) -> Tensor:
+        """relu(d(x) - m tau) / tau, [B]; d from the detector embeddings of x and D(x)."""
+        det = self.defense.detector
+        if hasattr(det, "distance"):  # the defence's own definition (unit-norm embeddings)
+            d = det.distance(x, den).float()
+        else:
+            d = (det.embed(x) - det.embed(den)).float().norm(dim=1)
+        tau = max(float(self.defense.threshold), 1e-8)
+        return torch.relu(d - self.margin * tau) / tau
+
+    def __call__(self, x: Tensor) -> Tensor:
+        den = self.defense.denoiser(x)
+        if self.rand:
+            S, lo = x.shape[-1], rand_min_size(self.defense)
+            loss = 0.0
+            for _ in range(self.eot):
+                sizes, offsets = draw_transforms(x.shape[0], S, lo, self.generator, x.device)
+                loss = loss + self.rec_loss(resize_pad_st(den, S, lo, sizes, offsets)).float()
+            loss = loss / self.eot
+        else:
+            loss = self.rec_loss(den).float()
+        if self.use_detector:
+            loss = loss - self.detect_weight * self.detector_penalty(x, den)
+        return loss
+
+
+class AdaptivePGD(PGD):
+    """PGD on ``DefendedLoss``: ``AdaptivePGD(rec_loss, defense, eps, alpha=None, steps=10,
+    eot=4, rand=True, detect_weight=1.0, margin=0.9, random_start=True, generator=None)(x)``.
+
+    eps, alpha in pixel units; the result satisfies ||x_adv - x||_inf <= eps and lies in [0,1]
+    (the projection is ``vars_fast.ops.pgd_step``, as for plain PGD).
+    """
+
+    def __init__(self, rec_loss: LossFn, defense, eps: float, alpha: float | None = None, steps: int = 10,
+                 eot: int = 4, rand: bool = True, detect_weight: float = 1.0, margin: float = 0.9,
+                 random_start: bool = True, generator: Optional[torch.Generator] = None):
+        loss = DefendedLoss(rec_loss, defense, rand=rand, eot=eot, detect_weight=detect_weight,
+                            margin=margin, generator=generator)
+        super().__init__(loss, eps, alpha=alpha, steps=steps, random_start=random_start, generator=generator)

@@ -1,0 +1,320 @@
+"""Joint training of the denoiser and the detector (Eq. 12), with the recommender frozen:
+
+    L = lambda_rec L_VBPR(D(x')) + lambda_1 L_c + lambda_2 L_p + lambda_3 L_con
+
+Schedule (METHOD.md "Denoiser"/"Detector"; the epoch counts are config fields):
+
+* phase 1 (``epochs_phase1``): each iteration's input x' is clean or FGSM, 1:1, drawn per
+  iteration by the seeded RNG; the detector is idle.
+* phase 2 (``epochs_phase2``): clean / FGSM / PGD, 1:1:1 per iteration. The detector and the
+  contrastive term join: in an adversarial iteration the batch carries both the clean view x
+  and x_adv, so that the four views x, x_adv, D(x), D(x_adv) of Eq. 8 exist (clean:adv = 1:1).
+* detector phase (``detector_epochs``): FGSM at ``detector_eps`` every iteration, the whole
+  objective still on (the paper trains its detector on FGSM at one eps).
+
+Attacks are generated on the fly against the frozen recommender with the same per-item BPR
+objective as the catalogue attack (``vars_fast.attacks.catalogue.item_loss``: each item's
+own training triples, the other item of a triple clean), eps drawn per batch from
+``train_eps``, and rounded to the uint8 grid the evaluated catalogue lives on. L_VBPR is that
+same per-item BPR loss evaluated on the denoised image, *minimised*. The random resize-pad is
+a test-time operation and is not used here.
+
+Our additions, each a config field: half of the clean views get Gaussian noise with sigma
+uniform in [0, ``clean_noise_sigma``] (content target: the clean image), so that the denoiser
+learns to remove it and the detector learns to call noisy clean images clean (issue 4 asks
+for sigma up to 0.1 to pass); the detector encoder (pretrained) trains at
+``encoder_lr_mult`` x the learning rate.
+
+Resumable: after every epoch an atomic checkpoint holds the weights, the optimiser, the
+epoch, the RNG state and the loss history; a killed run restarts from the last finished epoch
+and reproduces the uninterrupted run (one seeded generator drives every random choice).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from vars_fast.config import DefenseConfig
+from vars_fast.defense import Defense
+from vars_fast.defense.denoiser import Denoiser
+from vars_fast.defense.detector import Detector
+from vars_fast.defense.losses import content_loss, contrastive_loss, perceptual_loss
+from vars_fast.distributed import ddp
+
+LOSS_KEYS = ("total", "rec", "content", "perceptual", "contrastive")
+
+
+# ---------------------------------------------------------------------------- configuration
+
+def variant_config(dcfg: DefenseConfig, variant: str) -> DefenseConfig:
+    """The Table 5 ablations as configs: "full", "no-detector" (lambda_3 = 0, no detector),
+    "no-perceptual" (lambda_2 = 0)."""
+    if variant == "full":
+        return dcfg
+    if variant == "no-detector":
+        return dataclasses.replace(dcfg, use_detector=False, lambda_contrastive=0.0)
+    if variant == "no-perceptual":
+        return dataclasses.replace(dcfg, use_perceptual=False, lambda_perceptual=0.0)
+    raise ValueError(f"defense.ablations: unknown variant {variant!r} (no-detector, no-perceptual)")
+
+
+def epoch_plan(dcfg: DefenseConfig) -> list[dict]:
+    """One entry per epoch: phase name, the input kinds drawn per iteration, detector on/off, eps list."""
+    det = bool(dcfg.use_detector)
+    plan = [dict(phase="clean+fgsm", kinds=["clean", "fgsm"], detector=False, eps=list(dcfg.train_eps))
+            for _ in range(dcfg.epochs_phase1)]
+    plan += [dict(phase="clean/fgsm/pgd", kinds=["clean", "fgsm", "pgd"], detector=det, eps=list(dcfg.train_eps))
+             for _ in range(dcfg.epochs_phase2)]
+    if det:
+        plan += [dict(phase="detector", kinds=["fgsm"], detector=True, eps=[dcfg.detector_eps])
+                 for _ in range(dcfg.detector_epochs)]
+    return plan
+
+
+def split_items(cat, generator: torch.Generator, train_frac: float = 0.5, val_frac: float = 0.2) -> dict:
+    """Seeded item split for the defence: {"train", "val", "test"} lists of item indices.
+
+    Only items whose image decoded (status "ok") take part. The denoiser/detector train on
+    "train", the threshold is chosen on "val", and the evaluation's detection table uses "test"
+    (items the detector never saw)."""
+    status = getattr(cat, "status", None) or ["ok"] * cat.n_items
+    ok = torch.tensor([k for k, s in enumerate(status) if s == "ok"], dtype=torch.long)
+    if ok.numel() < 3:
+        raise ValueError(f"defence split: only {ok.numel()} items have an image (need >= 3)")
+    perm = ok[torch.randperm(ok.numel(), generator=generator)]
+    n_tr = max(1, int(round(train_frac * perm.numel())))
+    n_va = max(1, int(round(val_frac * perm.numel())))
+    return {"train": sorted(perm[:n_tr].tolist()), "val": sorted(perm[n_tr:n_tr + n_va].tolist()),
+            "test": sorted(perm[n_tr + n_va:].tolist())}
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- attacks / checks
+
+def _item_loss_fn(rec, triples, idx: Tensor, device):
+    from vars_fast.attacks.catalogue import item_loss_fn
+
+    d = lambda t: t[idx.cpu()].to(device)  # noqa: E731
+    return item_loss_fn(rec, idx.to(device), d(triples.users), d(triples.others), d(triples.sign))
+
+
+def make_adversarial(kind: str, loss_fn, x: Tensor, eps255: float, pgd_steps: int,
+                     generator: Optional[torch.Generator]) -> Tensor:
+    """x [B,3,S,S] -> FGSM / PGD (random start) image against ``loss_fn``, on the uint8 grid."""
+    from vars_fast.attacks import FGSM, PGD
+
+    eps = float(eps255) / 255.0
+    if kind == "fgsm":
+        x_adv = FGSM(loss_fn, eps)(x)
+    elif kind == "pgd":
+        x_adv = PGD(loss_fn, eps, steps=pgd_steps, random_start=True, generator=generator)(x)
+    else:
+        raise ValueError(f"unknown attack kind {kind!r}")
+    # the evaluated catalogue is uint8: train on what the denoiser will see
+    return torch.minimum(torch.maximum(torch.round(x_adv * 255) / 255, x - eps), x + eps).clamp_(0, 1)
+
+
+def _batches(items: list[int], batch_size: int):
+    for s in range(0, len(items), batch_size):
+        yield torch.tensor(items[s:s + batch_size], dtype=torch.long)
+
+
+@torch.no_grad()
+def calibrate_threshold(defense: Defense, rec, cat, items: list[int], dcfg: DefenseConfig,
+                        generator: torch.Generator, device, batch_size: int = 64) -> tuple[float, dict]:
+    """Choose the detector threshold on held-out items: distances of the clean images vs their
+    FGSM images at ``detector_eps`` (the detector's training attack), rule ``threshold_rule``
+    (``vars_fast.metrics.choose_threshold``; default Youden's J = max TPR - FPR, the ROC point
+    farthest above the chance diagonal). Returns (threshold, detection metrics on those items)."""
+    from vars_fast.attacks.catalogue import sample_item_triples
+    from vars_fast.metrics import choose_threshold, detection_metrics
+
+    triples = sample_item_triples(cat, dcfg.triples_per_item, generator)
+    d_clean, d_adv = [], []
+    for idx in _batches(items, batch_size):
+        x = cat.item_batch(idx, device)
+        x_adv = make_adversarial("fgsm", _item_loss_fn(rec, triples, idx, device), x, dcfg.detector_eps, 1, None)
+        d_clean.append(defense.distance(x).float().cpu())
+        d_adv.append(defense.distance(x_adv).float().cpu())
+    dc, da = torch.cat(d_clean), torch.cat(d_adv)
+    thr = float(choose_threshold(dc, da, rule=dcfg.threshold_rule))
+    m = detection_metrics(dc, da, thr)
+    return thr, {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in m.items()}
+
+
+@torch.no_grad()
+def restoration_check(defense: Defense, rec, cat, items: list[int], dcfg: DefenseConfig,
+                      generator: torch.Generator, device, eps255: float = 8.0, batch_size: int = 64) -> dict:
+    """Does D undo the attack for the recommender? Mean per-item BPR loss (the attack's
+    objective) on held-out items for clean, D(clean), FGSM, D(FGSM), PGD, D(PGD) at ``eps255``."""
+    from vars_fast.attacks.catalogue import sample_item_triples
+
+    triples = sample_item_triples(cat, dcfg.triples_per_item, generator)
+    sums = dict.fromkeys(["clean", "denoised_clean", "fgsm", "denoised_fgsm", "pgd", "denoised_pgd"], 0.0)
+    n = 0
+    for idx in _batches(items, batch_size):
+        x = cat.item_batch(idx, device)
+        fn = _item_loss_fn(rec, triples, idx, device)
+        views = {"clean": x, "fgsm": make_adversarial("fgsm", fn, x, eps255, 1, None),
+                 "pgd": make_adversarial("pgd", fn, x, eps255, dcfg.train_pgd_steps, generator)}
+        for k, v in views.items():
+            sums[k] += float(fn(v).sum())
+            sums[f"denoised_{k}"] += float(fn(defense.purify(v)).sum())
+        n += idx.numel()
+    return {k: v / max(n, 1) for k, v in sums.items()} | {"eps": eps255, "items": n}
+
+
+# ---------------------------------------------------------------------------- training
+
+def build_models(dcfg: DefenseConfig, image_size: int, backbone, backbone_cfg: dict, device):
+    """Fresh denoiser (+ detector whose encoder is a trainable copy of ``backbone``)."""
+    den = Denoiser(width=dcfg.width, n_res_blocks=dcfg.n_res_blocks, norm=dcfg.norm, patch_size=dcfg.patch_size,
+                   heads=dcfg.heads, embed_dim=dcfg.embed_dim, mlp_ratio=dcfg.mlp_ratio, image_size=image_size)
+    det = None
+    if dcfg.use_detector:
+        enc = backbone.trainable_copy() if hasattr(backbone, "trainable_copy") else None
+        det = Detector(backbone_cfg, dcfg.proj_hidden, dcfg.proj_dim, encoder=enc)
+    return den.to(device), (det.to(device) if det is not None else None)
+
+
+def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backbone_cfg: dict, device,
+                  seed: int = 0, state_path: Optional[str | Path] = None, amp: bool = False, compile: bool = False,
+                  progress: bool = True, log=None, desc: str = "defense",
+                  on_epoch_end: Optional[Callable[[int, dict], None]] = None) -> tuple[Defense, list[dict]]:
+    """Train per Eq. 12 and the schedule above; returns (Defense without threshold, history).
+
+    ``state_path``: the resumable per-epoch checkpoint (resumed when it exists and was made by
+    the same configuration; a finished one skips training). ``backbone``: the frozen backbone
+    of the recommender, used by the perceptual loss and copied for the detector encoder.
+    ``on_epoch_end(epoch, record)`` runs after each epoch's checkpoint (tests kill there).
+    """
+    from vars_fast.attacks.base import frozen
+    from vars_fast.attacks.catalogue import sample_item_triples
+    from vars_fast.io import load_checkpoint, save_checkpoint
+    from vars_fast.utils import progress as progress_bar
+
+    device = torch.device(device)
+    image_size = int(cat.images.shape[-1])
+    plan = epoch_plan(dcfg)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global stream
+        torch.manual_seed(seed)
+        den, det = build_models(dcfg, image_size, backbone, backbone_cfg, device)
+    groups = [{"params": list(den.parameters()), "lr": dcfg.lr}]
+    if det is not None:
+        groups += [{"params": list(det.head.parameters()), "lr": dcfg.lr},
+                   {"params": list(det.encoder.parameters()), "lr": dcfg.lr * dcfg.encoder_lr_mult}]
+    opt = torch.optim.Adam(groups)
+    gen = torch.Generator().manual_seed(seed)
+    history: list[dict] = []
+    start = 0
+    fp = _fingerprint(dataclasses.asdict(dcfg), image_size, backbone_cfg, seed, split["train"])
+    if state_path is not None and Path(state_path).is_file():
+        st = load_checkpoint(state_path)
+        if st.get("fingerprint") == fp:
+            den.load_state_dict(st["denoiser"])
+            if det is not None:
+                det.load_state_dict(st["detector"])
+            opt.load_state_dict(st["optimizer"])
+            gen.set_state(st["rng"])
+            history, start = list(st["history"]), int(st["epoch"])
+            if log and start < len(plan):
+                log.info(f"{desc}: resuming from {state_path} after epoch {start}/{len(plan)}")
+        elif log:
+            log.info(f"{desc}: {state_path} was made by another configuration; training from scratch")
+
+    use_amp = amp and device.type == "cuda"  # bf16 autocast on GPUs; fp32 on CPU
+    den_fwd = torch.compile(den, dynamic=False) if compile else den
+    det_fwd = (torch.compile(det.project, dynamic=False) if compile else det.project) if det is not None else None
+    train_items = list(split["train"])
+    B = min(int(dcfg.batch_size), len(train_items))
+    lam_p = dcfg.lambda_perceptual if dcfg.use_perceptual else 0.0
+    rec.eval()
+
+    for epoch in range(start, len(plan)):
+        ep = plan[epoch]
+        den.train()
+        if det is not None:
+            det.train()
+        triples = sample_item_triples(cat, dcfg.triples_per_item, gen)
+        order = torch.tensor(train_items)[torch.randperm(len(train_items), generator=gen)]
+        n_iter = len(train_items) // B  # drop the last partial batch: fixed shapes, no recompiles
+        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        bar = progress_bar(range(n_iter), desc=f"{desc} {epoch + 1}/{len(plan)} {ep['phase']}", enabled=progress)
+        for it in bar:
+            idx = ddp.shard(order[it * B:(it + 1) * B])
+            kind = ep["kinds"][int(torch.randint(len(ep["kinds"]), (1,), generator=gen))]
+            eps255 = ep["eps"][int(torch.randint(len(ep["eps"]), (1,), generator=gen))]
+            x = cat.item_batch(idx, device)
+            fn = _item_loss_fn(rec, triples, idx, device)
+            with frozen(rec):
+                x_adv = None if kind == "clean" else make_adversarial(kind, fn, x, eps255, dcfg.train_pgd_steps, gen)
+            # clean view: half the items get Gaussian noise (see the module docstring)
+            sig = torch.rand(x.shape[0], generator=gen) * dcfg.clean_noise_sigma
+            sig = torch.where(torch.rand(x.shape[0], generator=gen) < 0.5, sig, torch.zeros_like(sig))
+            x_c = (x + sig.view(-1, 1, 1, 1).to(device) * torch.randn(x.shape, generator=gen).to(device)).clamp(0, 1)
+            contrast = ep["detector"] and x_adv is not None and det is not None and dcfg.lambda_contrastive > 0
+            views = [x_c] if x_adv is None else ([x_c, x_adv] if contrast else [x_adv])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = den_fwd(torch.cat(views))
+                target = x.repeat(len(views), 1, 1, 1)
+                parts = {"content": content_loss(target, out)}
+                parts["rec"] = sum(fn(o).float().mean() for o in out.chunk(len(views))) / len(views)
+                if lam_p > 0:
+                    with torch.no_grad():  # the clean maps once, shared by every view
+                        x_maps = [m.repeat(len(views), 1, 1, 1) for m in backbone.stages(x)]
+                    parts["perceptual"] = perceptual_loss(backbone, target, out, x_maps=x_maps)
+                else:
+                    parts["perceptual"] = out.new_zeros(())
+                if contrast:  # on the first n_con items only: the trainable encoder is the costliest part
+                    n_con = min(int(dcfg.contrastive_items) or x.shape[0], x.shape[0])
+                    o_c, o_a = out.chunk(2)
+                    z = det_fwd(torch.cat([x_c[:n_con], x_adv[:n_con], o_c[:n_con], o_a[:n_con]])).float().chunk(4)
+                    parts["contrastive"] = contrastive_loss(*z, dcfg.temperature, share_negatives=dcfg.share_negatives)
+                else:
+                    parts["contrastive"] = out.new_zeros(())
+            total = (dcfg.lambda_rec * parts["rec"] + dcfg.lambda_content * parts["content"]
+                     + lam_p * parts["perceptual"] + dcfg.lambda_contrastive * parts["contrastive"])
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            ddp.sync_grads(den)
+            if det is not None:
+                ddp.sync_grads(det)
+            opt.step()
+            parts["total"] = total
+            vals = {k: float(parts[k].detach()) for k in LOSS_KEYS}
+            for k in LOSS_KEYS:
+                sums[k] += vals[k]
+            bar.set_postfix({k[:4]: f"{v:.4f}" for k, v in vals.items()})
+        bar.close()
+        secs = time.perf_counter() - t0
+        # cpu_s (process CPU time) is what the epoch costs on an idle machine; wall time on a shared one is noise
+        rec_ = {"epoch": epoch + 1, "phase": ep["phase"], "seconds": secs, "cpu_s": time.process_time() - c0,
+                "it_per_s": n_iter / max(secs, 1e-9),
+                **{k: sums[k] / max(n_iter, 1) for k in LOSS_KEYS}}
+        history.append(rec_)
+        if log:
+            log.info(f"{desc} epoch {epoch + 1}/{len(plan)} [{ep['phase']}] "
+                     + " ".join(f"{k}={rec_[k]:.4f}" for k in LOSS_KEYS)
+                     + f" ({secs:.1f}s wall, {rec_['cpu_s']:.1f}s cpu, {rec_['it_per_s']:.2f} it/s)")
+        if state_path is not None and ddp.is_main():
+            save_checkpoint({"fingerprint": fp, "epoch": epoch + 1, "denoiser": den.state_dict(),
+                             "detector": det.state_dict() if det is not None else None,
+                             "optimizer": opt.state_dict(), "rng": gen.get_state(), "history": history},
+                            state_path)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, rec_)
+
+    defense = Defense(den, det, rand_min_frac=dcfg.rand_min_frac, image_size=image_size, backbone=backbone_cfg,
+                      extra={"split": split, "history": history})
+    return defense, history

@@ -1,0 +1,415 @@
+"""report.md and the figures of a run folder, from metrics.json (+ figures/eval_arrays.npz).
+
+    python -m vars_fast.report RUN_DIR
+
+Needs no model: it can be re-run at any time. Tables mirror the paper's Tables 2-6 (4
+decimals); a section whose rows are missing says so instead of failing. Figures (matplotlib
+Agg, PNG in RUN_DIR/figures): Fig. 6 HR@10 vs eps, Fig. 7 denoised examples, Fig. 8 distance
+histograms with the threshold, Fig. 9 ROC with the chosen point, Fig. 10 confusion matrix,
+Fig. 11 t-SNE of detector embeddings (sklearn).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+ARRAYS = "eval_arrays.npz"
+METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
+DEF_NAME = {"none": None, "denoise": "OURS", "denoise+rand": "OURS-rand"}
+
+
+# ------------------------------------------------------------------ small helpers
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "NaN"
+    if isinstance(v, float):
+        return "NaN" if v != v else f"{v:.4f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _find(rows: list[dict], **match) -> Optional[dict]:
+    """First row matching; ``variant`` absent in ``match`` means the row has no variant."""
+    match.setdefault("variant", None)
+    for r in rows:
+        if all(_eq(r.get(k), v) for k, v in match.items()):
+            return r
+    return None
+
+
+def _eq(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def _missing(what: str) -> str:
+    return f"_Not available: {what}._"
+
+
+def _table_eps(m: dict) -> float:
+    ev = m.get("meta", {}).get("evaluate", {})
+    if "table_eps" in ev:
+        return float(ev["table_eps"])
+    eps = sorted({float(r["eps"]) for r in m.get("ranking", []) if r.get("attack") in ("fgsm", "pgd")})
+    return 8.0 if 8.0 in eps or not eps else eps[0]
+
+
+# ------------------------------------------------------------------ tables
+def ranking_table(m: dict, model: str, eps: float) -> str:
+    """Tables 2/3: {Clean, FGSM, PGD} x {model, AMR, OURS, OURS-rand}."""
+    R = m.get("ranking", [])
+    out = []
+    for attack in ("clean", "fgsm", "pgd"):
+        e = 0 if attack == "clean" else eps
+        for label, mod, d in ((model, model, "none"), ("AMR", "AMR", "none"),
+                              ("OURS", model, "denoise"), ("OURS-rand", model, "denoise+rand")):
+            r = _find(R, model=mod, defense=d, attack=attack, eps=e)
+            if r is not None:
+                out.append([attack.upper() if attack != "clean" else "Clean", label] + [r.get(k) for k in METRICS])
+    if not out:
+        return _missing(f"no ranking rows for {model}")
+    return _table(["attack", "method"] + list(METRICS), out)
+
+
+def curve_table(m: dict) -> str:
+    """HR@10 per eps (the numbers behind Fig. 6)."""
+    R = [r for r in m.get("ranking", []) if r.get("variant") is None and r.get("attack") in ("clean", "fgsm", "pgd")]
+    eps = sorted({float(r["eps"]) for r in R if r["attack"] != "clean"})
+    keys = sorted({(r["model"], r["defense"]) for r in R})
+    rows = []
+    for attack in ("fgsm", "pgd"):
+        for model, d in keys:
+            c = _find(R, model=model, defense=d, attack="clean", eps=0)
+            vals = [(_find(R, model=model, defense=d, attack=attack, eps=e) or {}).get("HR@10") for e in eps]
+            if any(v is not None for v in vals):
+                rows.append([attack.upper(), model, d, (c or {}).get("HR@10")] + vals)
+    if not rows:
+        return _missing("no attacked ranking rows")
+    return _table(["attack", "model", "defense", "clean"] + [f"eps={e:g}" for e in eps], rows)
+
+
+def detection_table(m: dict) -> str:
+    """Table 4: accuracy per eps, ADDITION vs OURS (FGSM on held-out items)."""
+    D = [r for r in m.get("detection", []) if r.get("attack") == "fgsm" and r.get("variant") is None]
+    eps = sorted({float(r["eps"]) for r in D})
+    if not D:
+        return _missing("no detection rows")
+    rows = [[name.upper() if name == "addition" else "OURS"] +
+            [(_find(D, detector=name, attack="fgsm", eps=e) or {}).get("accuracy") for e in eps]
+            for name in ("addition", "ours")]
+    detail = [[r["detector"], r["eps"], r.get("accuracy"), r.get("auc"), r.get("tpr"), r.get("fpr"), r.get("threshold"),
+               r.get("n_clean"), r.get("n_adv")] for r in sorted(D, key=lambda r: (r["detector"], float(r["eps"])))]
+    return (_table(["detector"] + [f"eps={e:g}" for e in eps], rows) + "\n\nDetails:\n\n" +
+            _table(["detector", "eps", "accuracy", "AUC", "TPR", "FPR", "threshold", "n clean", "n adv"], detail))
+
+
+def gaussian_table(m: dict) -> str:
+    G = [r for r in m.get("detection", []) if r.get("attack") == "gaussian"]
+    if not G:
+        return _missing("no Gaussian-noise rows")
+    sig = sorted({float(r["eps"]) for r in G})
+    rows = [[d] + [(_find(G, detector=d, attack="gaussian", eps=s) or {}).get("clean_rate") for s in sig]
+            for d in sorted({r["detector"] for r in G})]
+    return _table(["detector (share judged clean)"] + [f"sigma={s:g}" for s in sig], rows)
+
+
+def ablation_table(m: dict, eps: float) -> str:
+    """Table 5: PGD at eps on VBPR: accuracy, NDCG@10, HR@10 per variant."""
+    R, D = m.get("ranking", []), m.get("detection", [])
+    rows = []
+    for v, label in (("full", "unmodified architecture"), ("no-detector", "remove detection & contrastive loss"),
+                     ("no-perceptual", "remove perceptual loss")):
+        rv = None if v == "full" else v
+        rr = _find(R, model="VBPR", defense="denoise+rand", attack="pgd", eps=eps, variant=rv)
+        rd = _find(R, model="VBPR", defense="denoise", attack="pgd", eps=eps, variant=rv)
+        det = _find(D, detector="ours", attack="pgd", eps=eps, variant=v)
+        if rr is None and rd is None and det is None:
+            continue
+        rows.append([label, (det or {}).get("accuracy"), (rr or {}).get("NDCG@10"), (rr or {}).get("HR@10"),
+                     (rd or {}).get("NDCG@10"), (rd or {}).get("HR@10")])
+    if not rows:
+        return _missing("no ablation rows")
+    return _table(["variant", "accuracy", "NDCG@10 (rand)", "HR@10 (rand)", "NDCG@10", "HR@10"], rows)
+
+
+def targeted_table(m: dict) -> str:
+    """Table 6: mean average prediction shift per eps, without and with the defence."""
+    T = m.get("targeted", [])
+    if not T:
+        return _missing("no targeted rows")
+    eps = sorted({float(r["eps"]) for r in T})
+    rows = []
+    for attack in ("aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"):
+        for d in ("none", "denoise", "denoise+rand"):
+            vals = [(_find(T, attack=attack, defense=d, eps=e) or {}).get("prediction_shift") for e in eps]
+            if any(v is not None for v in vals):
+                label = attack.upper() + ("" if d == "none" else f" ({DEF_NAME[d]})")
+                rows.append([label] + vals)
+    return _table(["attack/defense"] + [f"eps={e:g}" for e in eps], rows)
+
+
+def adaptive_table(m: dict) -> str:
+    R, D = m.get("ranking", []), m.get("detection", [])
+    A = [r for r in R if r.get("attack") == "adaptive-pgd"]
+    if not A:
+        return _missing("no adaptive-attack rows (defense.adaptive off or not run)")
+    rows = []
+    for r in A:
+        e = r["eps"]
+        clean = _find(R, model=r["model"], defense=r["defense"], attack="clean", eps=0) or {}
+        plain = _find(R, model=r["model"], defense=r["defense"], attack="pgd", eps=e) or {}
+        det = _find(D, detector="ours", attack="adaptive-pgd", eps=e, variant=r["defense"]) or {}
+        rows.append([r["model"], DEF_NAME.get(r["defense"], r["defense"]), e, clean.get("HR@10"), plain.get("HR@10"),
+                     r.get("HR@10"), r.get("NDCG@10"), det.get("tpr"), r.get("n_adaptive_items"), r.get("eot")])
+    return _table(["model", "defence", "eps", "HR@10 clean", "HR@10 PGD (non-adaptive)", "HR@10 adaptive-PGD",
+                   "NDCG@10 adaptive", "detected share", "items attacked", "EOT draws"], rows)
+
+
+def targets_summary(m: dict, eps: float) -> str:
+    """The issue's acceptance targets, computed from the rows."""
+    R, D = m.get("ranking", []), m.get("detection", [])
+    hr = lambda **k: (_find(R, **k) or {}).get("HR@10")  # noqa: E731
+    base = hr(model="VBPR", defense="none", attack="clean", eps=0)
+    out = []
+
+    def ratio(v, ref):
+        return None if v is None or not ref else v / ref
+
+    for label, d, attack, e, need in (("clean HR@10 with the defence (within 2%)", "denoise", "clean", 0, 0.98),
+                                      ("FGSM eps=8, OURS (>= 80% of clean)", "denoise", "fgsm", 8, 0.8),
+                                      (f"PGD eps={eps:g}, OURS-rand (>= 50% of clean)", "denoise+rand", "pgd", eps, 0.5)):
+        r = ratio(hr(model="VBPR", defense=d, attack=attack, eps=e), base)
+        out.append([label, r, need, None if r is None else ("met" if r >= need else f"missed by {need - r:.4f}")])
+    for r in sorted((r for r in D if r.get("detector") == "ours" and r.get("attack") == "fgsm"
+                     and r.get("variant") is None and float(r["eps"]) >= 16), key=lambda r: float(r["eps"])):
+        a = r.get("accuracy")
+        out.append([f"detection accuracy, FGSM eps={r['eps']}", a, 0.9,
+                    None if a is None else ("met" if a >= 0.9 else f"missed by {0.9 - a:.4f}")])
+    if base is None:
+        return _missing("no clean undefended VBPR row")
+    return _table(["target (VBPR)", "value (share of clean HR@10 / accuracy)", "needed", "status"], out)
+
+
+def meta_section(m: dict) -> str:
+    meta = m.get("meta", {})
+    if not meta:
+        return _missing("no meta")
+    rows = []
+    for k, v in meta.items():
+        if k in ("config", "versions"):
+            continue
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                rows.append([f"{k}.{k2}", json.dumps(v2) if isinstance(v2, (dict, list)) else v2])
+        else:
+            rows.append([k, json.dumps(v) if isinstance(v, list) else v])
+    return _table(["key", "value"], rows)
+
+
+# ------------------------------------------------------------------ figures
+def _npz(run: Path) -> dict:
+    p = run / "figures" / ARRAYS
+    if not p.is_file():
+        return {}
+    with np.load(p) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _eps_keys(a: dict, prefix: str) -> list[tuple[float, str]]:
+    return sorted((float(k[len(prefix):]), k) for k in a if k.startswith(prefix))
+
+
+def _roc(d_clean: np.ndarray, d_adv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FPR, TPR over all thresholds (adversarial = score above the threshold)."""
+    t = np.unique(np.concatenate([d_clean, d_adv]))[::-1]
+    fpr = np.concatenate([[0.0], [(d_clean >= x).mean() for x in t]])
+    tpr = np.concatenate([[0.0], [(d_adv >= x).mean() for x in t]])
+    return fpr, tpr
+
+
+def make_figures(run: Path, m: dict, a: dict) -> dict[str, str]:
+    """Draw every figure whose data exists; returns {figure name: note or relative path}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir = run / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    done: dict[str, str] = {}
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(fig_dir / f"{name}.png", dpi=110)
+        plt.close(fig)
+        done[name] = f"figures/{name}.png"
+
+    # Fig. 6: HR@10 vs eps, a line per model x defence, one panel per attack
+    R = [r for r in m.get("ranking", []) if r.get("variant") is None]
+    if any(r.get("attack") in ("fgsm", "pgd") for r in R):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for ax, attack in zip(axes, ("fgsm", "pgd")):
+            for model, d in sorted({(r["model"], r["defense"]) for r in R if r["attack"] == attack}):
+                pts = sorted((float(r["eps"]), r["HR@10"]) for r in R
+                             if r["model"] == model and r["defense"] == d and r["attack"] in (attack, "clean"))
+                if len(pts) > 1:
+                    ax.plot(*zip(*pts), marker="o", label=f"{model} {DEF_NAME.get(d) or 'undefended'}")
+            ax.set_title(f"{attack.upper()}: HR@10 vs eps")
+            ax.set_xlabel("eps (/255)")
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("HR@10")
+        save(fig, "fig6_hr_vs_eps")
+
+    # Fig. 7: denoised examples
+    cols = [(k, t) for k, t in (("ex_clean", "clean"), ("ex_clean_denoised", "D(clean)"), ("ex_fgsm", "FGSM"),
+                                ("ex_fgsm_denoised", "D(FGSM)"), ("ex_pgd", "PGD"), ("ex_pgd_denoised", "D(PGD)"),
+                                ("ex_pgd_rand", "D+rand(PGD)")) if k in a]
+    if cols:
+        n = a[cols[0][0]].shape[0]
+        fig, axes = plt.subplots(n, len(cols), figsize=(1.6 * len(cols), 1.6 * n), squeeze=False)
+        for j, (k, title) in enumerate(cols):
+            for i in range(n):
+                axes[i, j].imshow(np.transpose(a[k][i], (1, 2, 0)))
+                axes[i, j].axis("off")
+            axes[0, j].set_title(title, fontsize=8)
+        fig.suptitle(f"eps = {float(a.get('ex_eps', np.nan)):g}/255", fontsize=9)
+        save(fig, "fig7_denoised_examples")
+
+    adv = _eps_keys(a, "d_fgsm_")
+    thr = float(a["threshold"]) if "threshold" in a else None
+    if "d_clean" in a and adv:
+        dc = a["d_clean"]
+        # Fig. 8: histograms
+        fig, axes = plt.subplots(1, len(adv), figsize=(3.2 * len(adv), 3), squeeze=False)
+        for ax, (e, k) in zip(axes[0], adv):
+            bins = np.linspace(min(dc.min(), a[k].min()), max(dc.max(), a[k].max()), 40)
+            ax.hist(dc, bins=bins, alpha=0.6, label="clean")
+            ax.hist(a[k], bins=bins, alpha=0.6, label="FGSM")
+            if thr is not None:
+                ax.axvline(thr, color="k", ls="--", label="threshold")
+            ax.set_title(f"eps={e:g}")
+            ax.set_xlabel("distance")
+            ax.legend(fontsize=7)
+        save(fig, "fig8_distance_hist")
+        # Fig. 9: ROC with the chosen point
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        for e, k in adv:
+            fpr, tpr = _roc(dc, a[k])
+            line, = ax.plot(fpr, tpr, label=f"eps={e:g}")
+            if thr is not None:
+                ax.plot([(dc > thr).mean()], [(a[k] > thr).mean()], "o", color=line.get_color())
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set_xlabel("FPR")
+        ax.set_ylabel("TPR")
+        ax.set_title("ROC (dot: the stored threshold)")
+        ax.legend(fontsize=7)
+        save(fig, "fig9_roc")
+        # Fig. 10: confusion matrix at the threshold (all eps pooled)
+        if thr is not None:
+            da = np.concatenate([a[k] for _, k in adv])
+            cm = np.array([[(dc <= thr).sum(), (dc > thr).sum()], [(da <= thr).sum(), (da > thr).sum()]])
+            fig, ax = plt.subplots(figsize=(3.6, 3.2))
+            ax.imshow(cm, cmap="Blues")
+            for i in range(2):
+                for j in range(2):
+                    ax.text(j, i, str(int(cm[i, j])), ha="center", va="center")
+            ax.set_xticks([0, 1], ["pred clean", "pred adv"])
+            ax.set_yticks([0, 1], ["clean", "adversarial"])
+            ax.set_title("confusion (FGSM, all eps)")
+            save(fig, "fig10_confusion")
+
+    # Fig. 11: t-SNE of detector embeddings
+    groups = [(k[2:], a[k]) for k in ("z_clean", "z_denoised", "z_fgsm", "z_pgd") if k in a]
+    if len(groups) >= 2:
+        from sklearn.manifold import TSNE
+
+        Z = np.concatenate([z for _, z in groups])
+        perp = float(max(2, min(30, (Z.shape[0] - 1) // 3)))
+        from threadpoolctl import threadpool_limits
+
+        # NOTE one thread: Barnes-Hut's OpenMP loop took 70 ms per iteration on 48 points on a
+        # loaded 2-core machine (oversubscription); single-threaded, 300 points take ~5 s
+        with threadpool_limits(1):
+            Y = TSNE(n_components=2, perplexity=perp, init="pca", random_state=0, max_iter=500).fit_transform(Z)
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        s = 0
+        for name, z in groups:
+            ax.scatter(Y[s:s + len(z), 0], Y[s:s + len(z), 1], s=8, label=name)
+            s += len(z)
+        ax.legend()
+        ax.set_title("t-SNE of detector embeddings")
+        save(fig, "fig11_tsne")
+    return done
+
+
+# ------------------------------------------------------------------ the report
+def write_report(run_folder: str | Path, figures: bool = True) -> Path:
+    """Write RUN/report.md (and the figures unless ``figures=False``); returns its path."""
+    run = Path(run_folder)
+    mp = run / "metrics.json"
+    m = json.loads(mp.read_text()) if mp.is_file() else {"meta": {}, "ranking": [], "detection": [], "targeted": []}
+    eps = _table_eps(m)
+    figs: dict[str, str] = {}
+    fig_note = ""
+    if figures:
+        try:
+            figs = make_figures(run, m, _npz(run))
+        except Exception as e:  # noqa: BLE001 - a broken figure must not lose the tables
+            fig_note = f"\n_Figures failed: {type(e).__name__}: {e}_\n"
+    models = sorted({r["model"] for r in m.get("ranking", [])} & {"VBPR", "DVBPR"}, reverse=True) or ["VBPR"]
+    parts = [f"# vars_fast run report: {run.name}", "",
+             f"Generated from `metrics.json` (re-run: `python -m vars_fast.report {run}`). "
+             f"Tables 2/3/5 and the adaptive rows use eps = {eps:g}/255.", "",
+             "## Targets", "", targets_summary(m, eps), ""]
+    for n, model in enumerate(models):
+        parts += [f"## Table {2 + n}: recommendation under attack ({model}, eps = {eps:g})", "",
+                  ranking_table(m, model, eps), ""]
+    parts += ["## HR@10 versus eps (Fig. 6)", "", curve_table(m), "",
+              "## Table 4: detection accuracy (FGSM, held-out test items)", "", detection_table(m), "",
+              "### Gaussian noise must be judged clean", "", gaussian_table(m), "",
+              f"## Table 5: ablation (PGD, VBPR, eps = {eps:g})", "", ablation_table(m, eps), "",
+              "## Table 6: targeted attacks, mean average prediction shift (VBPR)", "", targeted_table(m), "",
+              "## Adaptive attacker (beyond the paper)", "",
+              "PGD through the denoiser (and, for OURS-rand, expectation over the random resize-pad) with a "
+              "hinge keeping the detector distance under its threshold; see `vars_fast/attacks/adaptive.py`.", "",
+              adaptive_table(m), "",
+              "## Data and run", "", meta_section(m), "", "## Figures", fig_note]
+    names = {"fig6_hr_vs_eps": "Fig. 6: HR@10 vs eps", "fig7_denoised_examples": "Fig. 7: denoised examples",
+             "fig8_distance_hist": "Fig. 8: detector distances, clean vs adversarial",
+             "fig9_roc": "Fig. 9: ROC with the chosen threshold", "fig10_confusion": "Fig. 10: confusion matrix",
+             "fig11_tsne": "Fig. 11: t-SNE of detector embeddings"}
+    for key, title in names.items():
+        if key in figs:
+            parts += [f"![{title}]({figs[key]})", ""]
+        else:
+            parts += [f"- {title}: " + _missing("its data is not in this run"), ""]
+    out = run / "report.md"
+    out.write_text("\n".join(parts) + "\n")
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vars_fast.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a run folder holding metrics.json")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+    args = p.parse_args(argv)
+    if not (Path(args.run_dir) / "metrics.json").is_file():
+        print(f"error: {Path(args.run_dir) / 'metrics.json'} not found", file=sys.stderr)
+        return 2
+    print(write_report(args.run_dir, figures=not args.no_figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The models a screening worker holds once: defence (denoiser + detector + threshold) and the
+backbone that extracts the clean visual features of the denoised image.
+
+One batch: uint8 [B,3,S,S] -> x in [0,1] -> x' = D(x) -> ``detector.distance(x, x')`` (both
+views in one encoder pass) -> flagged = distance > threshold -> backbone features of x'. The
+denoiser runs once per image (``Defense.detect`` would run it a second time for the features);
+tests/test_screen.py checks the result equals ``Defense.detect`` to float tolerance.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder (``checkpoints/defense.pt``) or a checkpoint file."""
+    p = Path(path)
+    if p.is_dir():
+        for cand in (p / "checkpoints" / "defense.pt", p / "defense.pt"):
+            if cand.is_file():
+                return cand
+        raise FileNotFoundError(f"--checkpoint {p}: no checkpoints/defense.pt in this run folder "
+                                "(run the defense stage first)")
+    if not p.is_file():
+        raise FileNotFoundError(f"--checkpoint {p}: no such file")
+    return p
+
+
+class Screener:
+    """Holds the models; ``__call__(uint8 [B,3,S,S])`` -> (distance [B] f32, flagged [B] bool,
+    feature [B,F] f32, denoised uint8 [B,3,S,S] | None) as numpy arrays."""
+
+    def __init__(self, defense: Any, backbone: torch.nn.Module, device: torch.device, amp: bool = False,
+                 channels_last: bool = False, compile: bool = False, keep_denoised: bool = False):
+        if getattr(defense, "detector", None) is None:
+            raise ValueError("this defence checkpoint has no detector (the no-detector ablation): it cannot screen")
+        self.defense, self.backbone, self.device = defense, backbone, device
+        self.threshold = float(defense.threshold)
+        self.image_size = int(defense.image_size)
+        self.channels_last, self.keep_denoised = channels_last, keep_denoised
+        # bf16 autocast only where it pays: CUDA with bf16 support (on CPU it is slower here)
+        self.amp = bool(amp) and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        for m in (defense.denoiser, defense.detector, backbone):
+            m.eval().requires_grad_(False)
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
+        self._step = torch.compile(self._forward, dynamic=True) if compile else self._forward
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, device: str | torch.device = "cpu", **kw) -> "Screener":
+        from vars_fast.backbones import build_backbone
+        from vars_fast.config import BackboneConfig
+        from vars_fast.defense import load_defense
+        from vars_fast.utils import get_device
+
+        device = get_device(device) if isinstance(device, str) else device
+        ckpt = resolve_checkpoint(checkpoint)
+        defense = load_defense(ckpt, device)
+        bcfg = defense.backbone  # cfg.backbone as saved by the defense stage
+        if not bcfg:
+            raise KeyError(f"checkpoint {ckpt}: no 'backbone' config stored; cannot rebuild the feature extractor")
+        known = {f for f in BackboneConfig.__dataclass_fields__}
+        backbone = build_backbone(BackboneConfig(**{k: v for k, v in bcfg.items() if k in known})).to(device)
+        return cls(defense, backbone, device, **kw)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        xd = self.defense.purify(x)
+        dist = self.defense.detector.distance(x, xd)
+        feat = self.backbone.features(xd)
+        return dist, feat, xd
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        x = torch.as_tensor(images)
+        if x.shape[0] == 0:
+            return (np.zeros(0, np.float32), np.zeros(0, bool), np.zeros((0, 0), np.float32), None)
+        x = x.to(self.device, non_blocking=True).float().div_(255.0)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        with ctx:
+            dist, feat, xd = self._step(x)
+        dist = dist.float()
+        flagged = dist > self.threshold
+        den = None
+        if self.keep_denoised:
+            den = (xd.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+        return (dist.cpu().numpy().astype(np.float32), flagged.cpu().numpy(),
+                feat.float().cpu().numpy().astype(np.float32), den)
