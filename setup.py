@@ -35,6 +35,17 @@ def _cpu_isa_flags():
     return []
 
 
+def _wheel_cuda_includes():
+    """Header dirs of the nvidia-* wheels that a CUDA torch wheel depends on (cuBLAS, cuSPARSE,
+    ...). A minimal toolkit in CUDA_HOME may lack them while ATen/cuda/CUDAContext.h includes
+    them; -isystem puts them after the toolkit's own -I, so the toolkit wins where both exist."""
+    import site
+    dirs = []
+    for sp in site.getsitepackages() + [site.getusersitepackages()]:
+        dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include")))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
 def _extensions():
     if os.environ.get("VARS_FAST_NO_EXT") == "1":
         return [], {}
@@ -53,7 +64,7 @@ def _extensions():
             raise RuntimeError("VARS_FAST_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME=/usr/local/cuda")
         # No --use_fast_math: approximate division would move floor(dst * in/out) across integer
         # boundaries and break exact agreement with F.interpolate's source indices.
-        extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo"] + [f"-isystem={d}" for d in _wheel_cuda_includes()]
         define_macros.append(("VARS_FAST_WITH_CUDA", None))
         ext = CUDAExtension("vars_fast._C", sources + cuda_sources, extra_compile_args=extra,
                             define_macros=define_macros, extra_link_args=["-fopenmp"])

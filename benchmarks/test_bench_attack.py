@@ -4,20 +4,22 @@ Providers:
 * ``eager``   -- the reference loop a first implementation writes: parameters left with
   ``requires_grad`` (so backward also computes every weight gradient), ``loss.backward()``
   and ``x.grad``, the update in plain torch ops (sign, add, min/max projection, clamp).
-* ``package`` -- ``vars_fast.attacks.attack_catalogue``: frozen models (input gradient only),
-  ``torch.autograd.grad`` w.r.t. the images, the fused in-place ``ops.pgd_step``.
-* ``package-cl`` -- the same with channels_last inputs and backbone.
-* ``package-compile`` -- the same with the image->loss function under ``torch.compile``
-  (fixed shapes; compilation is warmed up outside the timed round).
+* ``package-plain`` -- ``vars_fast.attacks.attack_catalogue`` with ``fast=False``: frozen
+  models (input gradient only), ``torch.autograd.grad`` w.r.t. the images, the fused
+  in-place ``ops.pgd_step``.
+* ``package`` -- the default path: the same on a BN-folded channels_last copy of the model
+  (``attacks/fast.py``).
+* ``package-compile`` -- the default path with the image->loss function under
+  ``torch.compile`` (fixed shapes; compilation is warmed up outside the timed round).
 
 Both attack the same items with the same triples (VBPR, EfficientNet-Lite0 at the quick
 preset's image size, untrained scorer: the throughput does not depend on the weights).
-``VARS_FAST_BENCH_ITEMS`` (default 64) sets how many catalogue items are attacked.
+``VARS_FAST_BENCH_ITEMS`` sets how many catalogue items are attacked (default: 32 on CPU,
+the whole catalogue on CUDA). Follows the conventions in ``benchmarks/conftest.py``.
 """
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import replace
 
 import pytest
@@ -26,28 +28,33 @@ import torch
 os.environ.setdefault("VARS_FAST_PROGRESS", "0")
 
 from vars_fast.attacks import attack_catalogue, sample_item_triples  # noqa: E402
-from vars_fast.attacks.base import frozen  # noqa: E402
 from vars_fast.attacks.catalogue import item_loss_fn  # noqa: E402
 from vars_fast.attacks.pgd import default_alpha  # noqa: E402
 from vars_fast.config import make_config  # noqa: E402
 
-N_ITEMS = int(os.environ.get("VARS_FAST_BENCH_ITEMS", "64"))
+N_ITEMS = int(os.environ.get("VARS_FAST_BENCH_ITEMS", "0"))  # 0: 32 on CPU, the whole catalogue on CUDA
 STEPS = 10
 EPS255 = 8
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def bench_dev():
+    d = os.environ.get("VARS_FAST_BENCH_DEVICE")
+    return d or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, bench_dev):
     from vars_fast.backbones import build_backbone
     from vars_fast.data import load_catalogue
     from vars_fast.recommenders import build_recommender, encode_catalogue
 
     cfg = make_config("quick")
     cat = load_catalogue(cfg.data, tmp_path_factory.mktemp("cache"), progress=False)
-    n = min(N_ITEMS, cat.n_items)
-    bb = build_backbone(cfg.backbone).eval()
-    rec = build_recommender("VBPR", cat.n_users, cat.n_items, cfg.recommender, backbone=bb)
-    feats = encode_catalogue(rec, cat.images, 64, "cpu", progress=False)
+    n = min(N_ITEMS or (32 if bench_dev == "cpu" else cat.n_items), cat.n_items)
+    bb = build_backbone(cfg.backbone).eval().to(bench_dev)
+    rec = build_recommender("VBPR", cat.n_users, cat.n_items, cfg.recommender, backbone=bb).to(bench_dev)
+    feats = encode_catalogue(rec, cat.images, 64, bench_dev, progress=False)
     rec.set_item_visual(feats)
     rec.fit_feature_norm(feats)
     acfg = replace(cfg.attack, pgd_steps=STEPS, random_start=False)
@@ -58,7 +65,7 @@ def setup(tmp_path_factory):
     return rec, bb, sub, acfg, sub_triples
 
 
-def eager_reference(rec, cat, acfg, triples) -> torch.Tensor:
+def eager_reference(rec, cat, acfg, triples, device="cpu") -> torch.Tensor:
     """The naive loop (see the module docstring); returns uint8 like the package."""
     eps = EPS255 / 255
     alpha = default_alpha(eps, acfg.pgd_steps)
@@ -67,8 +74,9 @@ def eager_reference(rec, cat, acfg, triples) -> torch.Tensor:
     rec.backbone.requires_grad_(True)
     for s in range(0, cat.n_items, acfg.batch_size):
         idx = torch.arange(s, min(s + acfg.batch_size, cat.n_items))
-        fn = item_loss_fn(rec, idx, triples.users[idx], triples.others[idx], triples.sign[idx])
-        x0 = cat.item_batch(idx)
+        fn = item_loss_fn(rec, idx.to(device), triples.users[idx].to(device), triples.others[idx].to(device),
+                          triples.sign[idx].to(device))
+        x0 = cat.item_batch(idx, device)
         x = x0.clone()
         for _ in range(acfg.pgd_steps):
             x.requires_grad_(True)
@@ -77,36 +85,27 @@ def eager_reference(rec, cat, acfg, triples) -> torch.Tensor:
             with torch.no_grad():
                 x = x + alpha * x.grad.sign()
                 x = torch.min(torch.max(x, x0 - eps), x0 + eps).clamp(0, 1)
-        out[idx] = (x.detach() * 255).round().to(torch.uint8)
+        out[idx] = (x.detach() * 255).round().to(torch.uint8).cpu()
     rec.requires_grad_(False)
     rec.backbone.requires_grad_(False)
     return out
 
 
-@pytest.mark.parametrize("provider", ["eager", "package", "package-cl", "package-compile"])
-def test_pgd10_catalogue_attack(benchmark, setup, provider):
+@pytest.mark.parametrize("provider", ["eager", "package-plain", "package", "package-compile"])
+def test_pgd10_catalogue_attack(bench, setup, provider):
     rec, bb, cat, acfg, triples = setup
-    kw = {}
-    if provider == "package-cl":
-        bb.to(memory_format=torch.channels_last)
-        kw["channels_last"] = True
-    if provider == "package-compile":
-        kw["compile"] = True
+    kw = {"fast": provider != "package-plain", "compile": provider == "package-compile"}
+    dev = bench.device
 
     def run():
         if provider == "eager":
-            return eager_reference(rec, cat, acfg, triples)
-        return attack_catalogue(rec, cat, "pgd", EPS255, acfg, torch.Generator().manual_seed(0), "cpu",
+            return eager_reference(rec, cat, acfg, triples, dev)
+        return attack_catalogue(rec, cat, "pgd", EPS255, acfg, torch.Generator().manual_seed(0), dev,
                                 progress=False, triples=triples, **kw)
 
-    if provider == "package-compile":  # compile once, outside the timed round
-        t0 = time.perf_counter()
-        run()
-        benchmark.extra_info["compile_warmup_s"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    adv = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    dt = time.perf_counter() - t0
-    benchmark.extra_info.update(items=cat.n_items, steps=STEPS, items_per_s=round(cat.n_items / dt, 2),
-                                image_size=int(cat.images.shape[-1]), threads=torch.get_num_threads())
-    bb.to(memory_format=torch.contiguous_format)
+    adv = bench.run(run, rounds=1)  # + one warm-up round (compiles the compiled provider)
+    mean = bench.benchmark.stats.stats.mean
+    S = int(cat.images.shape[-1])
+    bench.record(op="pgd10_catalogue_attack", shape=(cat.n_items, 3, S, S), provider=provider,
+                 items_per_s=round(cat.n_items / mean, 2), steps=STEPS, threads=torch.get_num_threads())
     assert adv.shape == cat.images.shape and (adv.int() - cat.images.int()).abs().max() <= EPS255

@@ -233,3 +233,25 @@ def test_targeted_attacks_move_their_objective(setup, name):
     with torch.no_grad():
         before, after = fn(cat.item_batch(targets)), fn(adv.float() / 255)
     assert after.mean() > before.mean()
+
+
+def test_fast_copy_folds_batchnorm_and_keeps_the_function(setup):
+    from vars_fast.attacks.fast import fast_copy
+
+    _, cat = setup
+    rec = TinyRec(cat.n_users, cat.n_items, seed=1)
+    rec.cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Conv2d(8, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    for bn in (rec.cnn[1], rec.cnn[4]):  # non-trivial running statistics
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+    rec.eval()
+    x = cat.item_batch(torch.arange(6))
+    fast = fast_copy(rec, x[:2])
+    assert fast is not rec and not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in rec.modules())  # the original is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(fast.encode(x.contiguous(memory_format=torch.channels_last)), rec.encode(x),
+                                   rtol=1e-4, atol=1e-5)

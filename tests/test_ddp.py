@@ -112,12 +112,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path, kind):
         torch.testing.assert_close(two[0]["losses"], one["losses"], rtol=1e-5, atol=1e-6)
 
 
-# NOTE: VBPR.reg divides the dense-weight penalty (E, beta') by the *local* batch size, so with
-# W ranks it weighs W times more than in one process; the fix is to divide by the global batch
-# (triples.shape[0] * ddp.world_size()) in vbpr.py. Until then the regularised case is xfail.
+# NOTE: VBPR.reg divides the dense-weight penalty (E, beta') by the *global* batch size
+# (ddp.global_batch_size): with the local size, W ranks would weigh it W times more.
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["vbpr_noreg", pytest.param("vbpr", marks=pytest.mark.xfail(
-    reason="VBPR.reg: dense penalty / local batch size is not DDP-invariant (see NOTE)", strict=False))])
+@pytest.mark.parametrize("kind", ["vbpr_noreg", "vbpr"])
 def test_vbpr_train_bpr_two_ranks_match_one(tmp_path, kind):
     torch.set_num_threads(1)
     one = _train(kind)

@@ -112,3 +112,22 @@ def test_training_figure(tmp_path):
     plot_training({"full": hist, "no-detector": hist[:2]}, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert checkpoint_name("full") == "defense" and checkpoint_name("no-perceptual") == "defense_no-perceptual"
+
+
+def test_shared_backbone_pass_matches_separate_losses(setup):
+    import copy
+
+    from vars_fast.attacks.catalogue import sample_item_triples
+    from vars_fast.defense.training import _ItemObjective, _rec_and_perceptual
+
+    cat, rec, bb = setup
+    idx = torch.arange(4)
+    fn = _ItemObjective(rec, sample_item_triples(cat, 2, torch.Generator().manual_seed(0)), idx, "cpu")
+    x = cat.item_batch(idx)
+    out = (torch.cat([x, x]) + 0.05 * torch.randn(8, *x.shape[1:])).clamp(0, 1)
+    shared = _rec_and_perceptual(rec, bb, fn, x, out, 2, True)  # rec.backbone is bb: one trunk pass
+    separate = _rec_and_perceptual(rec, copy.deepcopy(bb), fn, x, out, 2, True)
+    for a, b in zip(shared, separate):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert float(shared[1]) > 0
+    torch.testing.assert_close(fn.from_visual(rec.encode(x)), fn(x))

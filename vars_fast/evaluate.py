@@ -5,7 +5,8 @@ Sections (each timed into ``meta["evaluate"]``):
 * ranking   (Tables 2/3, Fig. 6): clean and attacked catalogues (saved by the attack stage,
   attacked against the *undefended* model, as in the paper) are purified -- ``denoise`` =
   D(x), ``denoise+rand`` = D(x) then a seeded random resize-pad -- re-encoded and ranked.
-  Every attack eps for ``eval.curve_models``, ``eval.table_eps`` for the other models.
+  Models in ``eval.models``; ``eval.table_eps`` and, for ``eval.curve_models``, the
+  ``eval.curve_eps`` too (Fig. 6).
 * detection (Table 4): FGSM at each ``defense.eval_eps`` on the defence's held-out *test*
   items (``Defense.split["test"]``), ours (distance vs the stored threshold) vs ADDITION;
   Gaussian-noise rows (``attack: "gaussian", eps: sigma``) with the share judged clean.
@@ -135,7 +136,8 @@ class Evaluation:
     def eps_for(self, model: str) -> list:
         eps = [e for e in self.cfg.attack.eps]
         if model in self.cfg.eval.curve_models:
-            return eps
+            curve = {float(e) for e in self.cfg.eval.curve_eps} | {float(self.cfg.eval.table_eps)}
+            return eps if not self.cfg.eval.curve_eps else [e for e in eps if float(e) in curve]
         return [e for e in eps if float(e) == float(self.cfg.eval.table_eps)] or eps[:1]
 
     # ---------------------------------------------------------------- sections
@@ -143,7 +145,7 @@ class Evaluation:
         """Tables 2/3 and Fig. 6: Clean/FGSM/PGD x {denoise, denoise+rand} per model."""
         den_c, rnd_c = self.clean_purified()
         table_eps = float(self.cfg.eval.table_eps)
-        for name in self.models:
+        for name in [m for m in self.models if m in self.cfg.eval.models]:
             rec = self.ctx.recommender(name)
             rows = []
             if not self.run.rows("ranking", model=name, defense="none", attack="clean"):
@@ -227,7 +229,8 @@ class Evaluation:
         clean = self.cat.images[items]
         d_clean = self.distances(clean)
         add = self._addition(rec)
-        add.calibrate(_to_float(clean[: max(1, min(256, clean.shape[0]))], self.dev))
+        val = torch.as_tensor((self.defense.split or {}).get("val") or items.tolist(), dtype=torch.long)
+        add.calibrate(_to_float(self.cat.images[val[:256]], self.dev))  # reference energy from clean val items
         c_clean = self._addition_change(add, clean, items)
         self.arrays.update(d_clean=d_clean.numpy(), threshold=np.array(thr), addition_clean=c_clean.numpy())
         rows = []
@@ -334,9 +337,16 @@ class Evaluation:
         eps, steps = eps255 / 255.0, int(ecfg.adaptive_steps or self.cfg.attack.pgd_steps)
         N = self.cat.n_items
         # which items the adaptive attacker perturbs; the rest keep the non-adaptive PGD image
-        n_ad = int(ecfg.adaptive_items) or N
+        n_ad = min(int(ecfg.adaptive_items) or N, N)
+        # held-out test items first, so that the detection rate is measured on items the
+        # detector never saw; then a seeded draw of the others
         g = self.ctx.generator("evaluate:adaptive-items")
-        chosen = torch.sort(torch.randperm(N, generator=g)[:n_ad]).values
+        is_test = torch.zeros(N, dtype=torch.bool)
+        is_test[self.test_items] = True
+        rest = (~is_test).nonzero().squeeze(1)
+        pool = torch.cat([self.test_items, rest[torch.randperm(rest.numel(), generator=g)]])
+        chosen = torch.sort(pool[:n_ad]).values
+        det_items = chosen[is_test[chosen]]
         base = self.load_attack("VBPR", "pgd", int(eps255)) if n_ad < N else None
         base = base.clone() if base is not None else self.cat.images.clone()
         tr = sample_item_triples(self.cat, self.cfg.attack.triples_per_item, self.ctx.generator("evaluate:adaptive-triples"))
@@ -365,13 +375,12 @@ class Evaluation:
             extra = {"n_adaptive_items": int(chosen.numel()), "eot": dcfg.adaptive_eot if rand else 1, "steps": steps}
             rows.append({"model": "VBPR", "defense": dname, "attack": "adaptive-pgd", "eps": int(eps255),
                          **self.rank(rec, rnd if rand else den), **extra})
-            if has_det:
-                test_adv = out[self.test_items]
-                d_adv = self.distances(test_adv)
+            if has_det and det_items.numel():
+                d_adv = self.distances(out[det_items])
                 self.arrays[f"d_adaptive_{dname}"] = d_adv.numpy()
                 m = _det(detection_metrics(d_clean, d_adv, float(self.defense.threshold)))
                 det_rows.append({"detector": "ours", "attack": "adaptive-pgd", "eps": int(eps255), "variant": dname,
-                                 "detection_rate": m["tpr"], **m})
+                                 "detection_rate": m["tpr"], "n_adv": int(det_items.numel()), **m})
         self.run.add_rows("ranking", rows)
         self.run.add_rows("detection", det_rows)
 
@@ -398,10 +407,14 @@ class Evaluation:
             ("ranking", self.ranking), ("detection", self.detection), ("ablation", self.ablation),
             ("targeted", self.targeted), ("adaptive", self.adaptive), ("embeddings", self.embeddings)]
         for name, fn in sections:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
+            # CPU seconds beside wall seconds: on a shared machine the wall clock mostly measures
+            # the neighbours
             self.timings[f"{name}_s"] = round(time.perf_counter() - t0, 2)
-            self.log.info("evaluate %s: %.1f s", name, self.timings[f"{name}_s"])
+            self.timings[f"{name}_cpu_s"] = round(time.process_time() - c0, 2)
+            self.log.info("evaluate %s: %.1f s wall, %.1f s cpu", name, self.timings[f"{name}_s"],
+                          self.timings[f"{name}_cpu_s"])
         np.savez_compressed(self.run.path / "figures" / ARRAYS, **self.arrays)
         self.run.update_meta(evaluate={"timings": self.timings, "n_detect_items": int(self.test_items.numel()),
                                        "table_eps": self.cfg.eval.table_eps})

@@ -37,7 +37,7 @@ constexpr int64_t kBM = 256;  // candidates per tile: a 128 KB fp32 logit tile s
 
 // exp(x) for x <= ~0 (Cephes expf polynomial, ~2 ulp), branch-free so `omp simd` vectorises it.
 // Rounding of x*log2(e) uses truncation of (t - 0.5), exact for the t <= 0.5 we feed it.
-inline float exp_nonpos(float x) {
+__attribute__((always_inline)) inline float exp_nonpos(float x) {
   x = x < -87.0f ? -87.0f : x;
   const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f - 0.5f));
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -52,69 +52,52 @@ inline float exp_nonpos(float x) {
 }
 inline double exp_nonpos(double x) { return std::exp(x); }
 
-// One row of a tile in the forward: logits s[k] * inv_tau for candidates k0 + k, k < bm.
-// Updates the running max m and sum l (sum of exp(logit - m) over valid candidates).
-template <typename T>
-inline void fwd_row_impl(const T* s, int64_t bm, const int32_t* cg, int64_t k0, int32_t gq, int64_t pos, T inv_tau,
-                         T& m, T& l) {
-  const T ninf = -std::numeric_limits<T>::infinity();
-  T tmax = ninf;
-#pragma omp simd reduction(max : tmax)
-  for (int64_t k = 0; k < bm; ++k) {
-    const bool ok = (cg[k] == -1) | (cg[k] == gq) | (k0 + k == pos);
-    const T v = ok ? s[k] * inv_tau : ninf;
-    tmax = v > tmax ? v : tmax;
-  }
-  if (tmax == ninf) return;  // nothing valid in this tile
-  const T mn = tmax > m ? tmax : m;
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < bm; ++k) {
-    const bool ok = (cg[k] == -1) | (cg[k] == gq) | (k0 + k == pos);
-    const T e = exp_nonpos(s[k] * inv_tau - mn);
-    acc += ok ? e : T(0);
-  }
-  l = (m == ninf ? T(0) : l * std::exp(m - mn)) + acc;
+// Row kernels. k runs over one tile row of bm candidates; cg is the tile's candidate groups,
+// gq the anchor's group (-3: none), p the positive's column in this tile (-1 if elsewhere).
+// Valid: k == p || cg[k] == -1 || cg[k] == gq. The bodies are macros so that the fp32
+// versions are compiled inside the multi-versioned functions (a shared template would be
+// compiled once, for the baseline target).
+#define VF_FWD_ROW_BODY(T, EXP)                                                 \
+  const T ninf = -std::numeric_limits<T>::infinity();                          \
+  T tmax = ninf;                                                                \
+  _Pragma("omp simd reduction(max : tmax)") for (int k = 0; k < bm; ++k) {     \
+    const int c = cg[k];                                                        \
+    const T v = ((c == -1) | (c == gq) | (k == p)) ? s[k] : ninf;               \
+    tmax = v > tmax ? v : tmax;                                                 \
+  }                                                                             \
+  if (tmax == ninf) return; /* nothing valid in this tile */                    \
+  tmax *= inv_tau;          /* inv_tau > 0: scaling commutes with max */        \
+  const T mn = tmax > m ? tmax : m;                                             \
+  T acc = 0;                                                                    \
+  _Pragma("omp simd reduction(+ : acc)") for (int k = 0; k < bm; ++k) {        \
+    const int c = cg[k];                                                        \
+    const T e = EXP(s[k] * inv_tau - mn);                                       \
+    acc += ((c == -1) | (c == gq) | (k == p)) ? e : T(0);                       \
+  }                                                                             \
+  l = (m == ninf ? T(0) : l * std::exp(m - mn)) + acc;                          \
   m = mn;
-}
 
-// One row of a tile in the backward: s[k] (raw cosines) -> dS[k] = coef * (p_k - [k == pos]),
-// p_k = exp(s[k] * inv_tau - lse) on valid candidates, 0 elsewhere.
-template <typename T>
-inline void bwd_row_impl(T* s, int64_t bm, const int32_t* cg, int64_t k0, int32_t gq, int64_t pos, T inv_tau, T lse,
-                         T coef) {
-#pragma omp simd
-  for (int64_t k = 0; k < bm; ++k) {
-    const bool ok = (cg[k] == -1) | (cg[k] == gq) | (k0 + k == pos);
-    const T e = exp_nonpos(s[k] * inv_tau - lse);
-    s[k] = ok ? coef * e : T(0);
-  }
-  if (pos >= k0 && pos < k0 + bm) s[pos - k0] -= coef;
-}
+// dS[k] = coef * (p_k - [k == p]), p_k = exp(s[k] * inv_tau - lse) on valid candidates.
+#define VF_BWD_ROW_BODY(T, EXP)                                                 \
+  _Pragma("omp simd") for (int k = 0; k < bm; ++k) {                           \
+    const int c = cg[k];                                                        \
+    const T e = EXP(s[k] * inv_tau - lse);                                      \
+    s[k] = ((c == -1) | (c == gq) | (k == p)) ? coef * e : T(0);                \
+  }                                                                             \
+  if (p >= 0) s[p] -= coef;
 
-VF_CLONES void fwd_row_f(const float* s, int64_t bm, const int32_t* cg, int64_t k0, int32_t gq, int64_t pos,
-                         float inv_tau, float& m, float& l) {
-  fwd_row_impl<float>(s, bm, cg, k0, gq, pos, inv_tau, m, l);
+VF_CLONES void fwd_row(const float* s, int bm, const int32_t* cg, int32_t gq, int p, float inv_tau, float& m,
+                       float& l) {
+  VF_FWD_ROW_BODY(float, exp_nonpos)
 }
-VF_CLONES void bwd_row_f(float* s, int64_t bm, const int32_t* cg, int64_t k0, int32_t gq, int64_t pos, float inv_tau,
-                         float lse, float coef) {
-  bwd_row_impl<float>(s, bm, cg, k0, gq, pos, inv_tau, lse, coef);
+void fwd_row(const double* s, int bm, const int32_t* cg, int32_t gq, int p, double inv_tau, double& m, double& l) {
+  VF_FWD_ROW_BODY(double, std::exp)
 }
-inline void fwd_row(const float* s, int64_t bm, const int32_t* cg, int64_t k0, int32_t gq, int64_t pos, float it,
-                    float& m, float& l) {
-  fwd_row_f(s, bm, cg, k0, gq, pos, it, m, l);
+VF_CLONES void bwd_row(float* s, int bm, const int32_t* cg, int32_t gq, int p, float inv_tau, float lse, float coef) {
+  VF_BWD_ROW_BODY(float, exp_nonpos)
 }
-inline void fwd_row(const double* s, int64_t bm, const int32_t* cg, int64_t k0, int32_t gq, int64_t pos, double it,
-                    double& m, double& l) {
-  fwd_row_impl<double>(s, bm, cg, k0, gq, pos, it, m, l);
-}
-inline void bwd_row(float* s, int64_t bm, const int32_t* cg, int64_t k0, int32_t gq, int64_t pos, float it, float lse,
-                    float coef) {
-  bwd_row_f(s, bm, cg, k0, gq, pos, it, lse, coef);
-}
-inline void bwd_row(double* s, int64_t bm, const int32_t* cg, int64_t k0, int32_t gq, int64_t pos, double it,
-                    double lse, double coef) {
-  bwd_row_impl<double>(s, bm, cg, k0, gq, pos, it, lse, coef);
+void bwd_row(double* s, int bm, const int32_t* cg, int32_t gq, int p, double inv_tau, double lse, double coef) {
+  VF_BWD_ROW_BODY(double, std::exp)
 }
 
 struct Inputs {
@@ -194,8 +177,9 @@ std::tuple<at::Tensor, at::Tensor> info_nce_fwd_cpu(const at::Tensor& anchors, c
           for (int64_t r = 0; r < bn; ++r) {
             const int64_t a = i0 + r;
             const scalar_t* row = sp_t + r * kBM;
-            fwd_row(row, bm, in.cg.data() + k0, k0, in.gq[a], in.pos[a], inv_tau, m[r], l[r]);
-            if (in.pos[a] >= k0 && in.pos[a] < k0 + bm) sp[r] = row[in.pos[a] - k0] * inv_tau;
+            const int p = (in.pos[a] >= k0 && in.pos[a] < k0 + bm) ? static_cast<int>(in.pos[a] - k0) : -1;
+            fwd_row(row, static_cast<int>(bm), in.cg.data() + k0, in.gq[a], p, inv_tau, m[r], l[r]);
+            if (p >= 0) sp[r] = row[p] * inv_tau;
           }
         }
         for (int64_t r = 0; r < bn; ++r) {
@@ -242,7 +226,8 @@ std::tuple<at::Tensor, at::Tensor> info_nce_bwd_cpu(const at::Tensor& grad_loss,
           scalar_t* sp_t = S.data_ptr<scalar_t>();
           for (int64_t r = 0; r < bn; ++r) {
             const int64_t a = i0 + r;
-            bwd_row(sp_t + r * kBM, bm, in.cg.data() + k0, k0, in.gq[a], in.pos[a], inv_tau, lp[a],
+            const int p = (in.pos[a] >= k0 && in.pos[a] < k0 + bm) ? static_cast<int>(in.pos[a] - k0) : -1;
+            bwd_row(sp_t + r * kBM, static_cast<int>(bm), in.cg.data() + k0, in.gq[a], p, inv_tau, lp[a],
                     gp[a] * inv_tau);
           }
           dza_b.addmm_(St, zc_t);

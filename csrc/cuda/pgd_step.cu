@@ -2,13 +2,22 @@
 // three inputs and the output are 16-byte aligned, scalar otherwise; fp32 math; current stream.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 namespace vars_fast {
 namespace {
+
+// SMs of the current device, for grid sizing. (Not at::cuda::getCurrentDeviceProperties: its
+// header pulls cuBLAS/cuSPARSE headers that a minimal CUDA toolkit does not ship.)
+int sm_count() {
+  int dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -82,9 +91,9 @@ void launch(at::Tensor& out, const at::Tensor& xa, const at::Tensor& x0, const a
   auto e_c = eps_t.has_value() ? eps_t->contiguous() : at::Tensor();
   const float* ap = a_c.defined() ? a_c.const_data_ptr<float>() : nullptr;
   const float* ep = e_c.defined() ? e_c.const_data_ptr<float>() : nullptr;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const int threads = 256;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = sm_count();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xa.scalar_type(), "vars_fast_pgd_step_cuda", [&] {
     constexpr int N = 16 / sizeof(scalar_t);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();

@@ -5,13 +5,22 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 namespace vars_fast {
 namespace {
+
+// SMs of the current device, for grid sizing. (Not at::cuda::getCurrentDeviceProperties: its
+// header pulls cuBLAS/cuSPARSE headers that a minimal CUDA toolkit does not ship.)
+int sm_count() {
+  int dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
 
 template <typename acc_t>
 struct Src {
@@ -112,7 +121,7 @@ void check_draws(const at::Tensor& t, const at::Tensor& sizes, const at::Tensor&
 }
 
 int blocks_for(int64_t total, int threads) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = sm_count();
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + threads - 1) / threads, sms * 16)));
 }
 
@@ -128,7 +137,7 @@ at::Tensor rrp_cuda(const at::Tensor& x_in, const at::Tensor& sizes_in, const at
   const int64_t total = out.numel();
   if (total == 0) return out;
   const int threads = 256;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vars_fast_rrp_cuda", [&] {
     auto args = std::make_tuple(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                                 sizes.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), total, C, H, W, O);
@@ -153,7 +162,7 @@ at::Tensor rrp_backward_cuda(const at::Tensor& g_in, const at::Tensor& sizes_in,
   const int64_t total = g.numel();
   if (total == 0 || acc.numel() == 0) return acc.to(g.scalar_type());
   const int threads = 256;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "vars_fast_rrp_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto args = std::make_tuple(g.const_data_ptr<scalar_t>(), acc.mutable_data_ptr<acc_t>(),

@@ -122,7 +122,7 @@ def run_targeted(ctx, amp: bool, topk, timing: dict) -> None:
     """AIP-INSA / AIP-EXPA / TAaMR on VBPR's cold targets; targeted rows + targets.json."""
     from vars_fast.attacks.taamr import popular_class
 
-    cfg, acfg, run, cat, dev = ctx.cfg, ctx.cfg.attack, ctx.run, ctx.catalogue, ctx.device
+    acfg, run, cat, dev = ctx.cfg.attack, ctx.run, ctx.catalogue, ctx.device
     rec = ctx.recommender("VBPR")
     targets = choose_targets(cat, acfg.n_targets, ctx.generator("attack:targets"))
     hook = choose_hook(cat)

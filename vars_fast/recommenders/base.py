@@ -149,7 +149,7 @@ def _train_bpr(model, cat, loss_fn, epochs, lr, lr_low, lr_drop_frac, batch_size
             loss = loss_fn(local)
             opt.zero_grad(set_to_none=False)  # zeros, not None: every rank all-reduces every grad
             loss.backward()
-            ddp.sync_grads(model)
+            ddp.sync_grads(model, n_local=local.shape[0])
             opt.step()
             total += float(loss.detach()) * local.shape[0]
             count += local.shape[0]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vars_fast.distributed import ddp
 from vars_fast.recommenders.base import Recommender, sq, train_bpr
 
 
@@ -113,7 +114,8 @@ class VBPR(Recommender):
             dense = dense + self.beta_visual.pow(2).sum()
         # dense weights are touched by every triple: penalise them once per batch (Cornac's VBPR)
         lam_v = self.reg_visual or self.reg_lambda
-        return self.reg_lambda * rows.mean() + lam_v * dense / triples.shape[0]
+        # per-batch term: divide by the GLOBAL batch so N ranks match one process (DDP)
+        return self.reg_lambda * rows.mean() + lam_v * dense / ddp.global_batch_size(triples.shape[0])
 
     # ---- training
     def loss(self, triples: Tensor) -> Tensor:
