@@ -234,3 +234,12 @@ def test_stage_writes_rows_checkpoints_and_meta(tmp_path, cat, bb):
     # a re-run reuses the cached features and replaces (not duplicates) the rows
     run_stage(ctx)
     assert len(ctx.run.rows("ranking", attack="clean")) == len(rows)
+
+
+def test_checkpoint_refuses_another_data_split(tmp_path, cat, bb):
+    m = build_recommender("BPR", cat.n_users, cat.n_items, rcfg(), backbone=bb, seed=0)
+    path = tmp_path / "BPR.pt"
+    save_recommender(m, path, split_key="aaaa")
+    load_recommender(path, split_key="aaaa")  # same split: fine
+    with pytest.raises(ValueError, match="split"):
+        load_recommender(path, split_key="bbbb")

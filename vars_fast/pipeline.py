@@ -57,7 +57,8 @@ class Context:
             path = self.run.checkpoint(f"recommender_{name}")
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: run the 'recommender' stage first")
-            self._cache[key] = load_recommender(path, backbone=self.backbone, device=self.device)
+            self._cache[key] = load_recommender(path, backbone=self.backbone, device=self.device,
+                                                split_key=self.catalogue.meta.get("split_key"))
         return self._cache[key]
 
     def defense(self):

@@ -239,7 +239,7 @@ def load_catalogue(cfg: DataConfig, cache_dir, progress: bool = True, workers: i
     n_users = len(split["user_ids"])
     train = torch.from_numpy(split["train"].astype(np.int64))
     counts = status_counts(status)
-    meta = {"source": cfg.source, "n_users": n_users, "n_items": n_items, "n_train": int(len(train)),
+    meta = {"source": cfg.source, "split_key": _split_key(cfg), "n_users": n_users, "n_items": n_items, "n_train": int(len(train)),
             "n_interactions": int(len(train) + n_users), "density": (len(train) + n_users) / (n_users * n_items),
             "n_negatives": int(split["negatives"].shape[1]), "image_size": size, "status_counts": counts,
             "items_without_train": int(n_items - len(np.unique(split["train"][:, 1]))),

@@ -55,9 +55,13 @@ def build_recommender(name: str, n_users: int, n_items: int, cfg, backbone: Opti
         return Pop(n_users, n_items)
 
 
-def save_recommender(rec: Recommender, path: str | Path) -> None:
-    """Atomic checkpoint of constructor kwargs + weights + cached clean item representation."""
+def save_recommender(rec: Recommender, path: str | Path, split_key: Optional[str] = None) -> None:
+    """Atomic checkpoint of constructor kwargs + weights + cached clean item representation.
+
+    ``split_key`` names the data split the model was trained on (``Catalogue.meta["split_key"]``)
+    so that a checkpoint is never silently evaluated against another split."""
     save_checkpoint({
+        "split_key": split_key,
         "name": rec.name,
         "kwargs": dict(rec.kwargs),
         "state_dict": {k: v.detach().cpu() for k, v in rec.state_dict().items()},
@@ -66,9 +70,15 @@ def save_recommender(rec: Recommender, path: str | Path) -> None:
 
 
 def load_recommender(path: str | Path, backbone: Optional[nn.Module] = None,
-                     device: torch.device | str = "cpu") -> Recommender:
-    """Rebuild a saved model (eval mode, parameters frozen: it is evaluated or attacked, not trained)."""
+                     device: torch.device | str = "cpu", split_key: Optional[str] = None) -> Recommender:
+    """Rebuild a saved model (eval mode, parameters frozen: it is evaluated or attacked, not trained).
+
+    With ``split_key``, refuse a checkpoint trained on another data split."""
     ck = load_checkpoint(path)
+    saved = ck.get("split_key")
+    if split_key is not None and saved is not None and saved != split_key:
+        raise ValueError(f"{path} was trained on data split {saved} but the current data is split {split_key}: "
+                         "re-run the 'recommender' stage (or use the run folder's own config)")
     name = ck.get("name")
     if name not in REGISTRY:
         raise ValueError(f"{path}: unknown recommender {name!r} in checkpoint")

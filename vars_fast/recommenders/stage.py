@@ -87,7 +87,7 @@ def run_stage(ctx) -> None:
         ctx.log.info("recommender: %s in %.1fs%s | %s", name, timings[f"train_{name}_s"], loss_msg,
                      " ".join(f"{k} {v:.4f}" for k, v in m.items()))
         if ddp.is_main():
-            save_recommender(rec, ctx.run.checkpoint(f"recommender_{name}"))
+            save_recommender(rec, ctx.run.checkpoint(f"recommender_{name}"), split_key=cat.meta.get("split_key"))
         ctx.put(f"rec:{name}", rec)
         if name in wanted:
             rows.append({"model": name, "defense": "none", "attack": "clean", "eps": 0, **m})
