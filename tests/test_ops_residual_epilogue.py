@@ -171,8 +171,8 @@ _TRITON_SCRIPT = textwrap.dedent("""
     from vars_fast.ops.residual_epilogue import residual_epilogue, residual_epilogue_reference
     assert _dispatch.choose("residual_epilogue", [torch.zeros(1)], "triton") == "triton"
     g = torch.Generator().manual_seed(0)
-    cases = [("nchw", "instance", "relu", False), ("channels_last", "batch", "none", True),
-             ("nchw", "batch", "relu", True), ("channels_last", "instance", "none", False)]
+    # two cases cover both layouts, both norms, ReLU and the residual add (the interpreter is slow)
+    cases = [("nchw", "instance", "relu", False), ("channels_last", "batch", "none", True)]
     for layout, norm, act, res in cases:
         y = torch.randn(3, 5, 7, 6, generator=g) + 0.3
         w, b = 1 + 0.3 * torch.randn(5, generator=g), 0.1 * torch.randn(5, generator=g)

@@ -79,11 +79,12 @@ def plot_training(histories: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(LOSS_KEYS), figsize=(3.2 * len(LOSS_KEYS), 3.0))
+    colors = {v: f"C{i}" for i, v in enumerate(histories)}  # one colour per variant in every panel
     for ax, key in zip(axes, LOSS_KEYS):
         for variant, hist in histories.items():
             ys = [h[key] for h in hist]
             if any(y > 0 for y in ys):
-                ax.plot([h["epoch"] for h in hist], ys, marker="o", ms=3, label=variant)
+                ax.plot([h["epoch"] for h in hist], ys, marker="o", ms=3, label=variant, color=colors[variant])
         ax.set_title(key)
         ax.set_xlabel("epoch")
         if any(line.get_ydata().min() > 0 for line in ax.get_lines()):
