@@ -1,7 +1,7 @@
 """residual_epilogue: every backend available here against the reference (the spec).
 
-Tolerances: fp32 forward/backward atol=rtol=1e-4 (the kernels sum in fp64 and apply one fused
-scale/shift, the reference runs instance_norm/batch_norm + relu + add: ~1e-6 apart in
+Tolerances: fp32 forward/backward atol=rtol=1e-4, dw/db atol=5e-4 (the kernels sum in fp64
+(fp32 chunks of 256 in the backward) and apply one fused scale/shift, the reference runs instance_norm/batch_norm + relu + add: ~1e-6 apart in
 practice, gradients of normalised outputs amplify by 1/std); fp16/bf16 forward within a few
 ulps of the output dtype at |out| ~ 3 (both round the same fp32 value, the residual add
 rounds once more); fp64 gradcheck at the default tolerances.
@@ -62,7 +62,10 @@ def test_ext_matches_reference_fp32(norm, act, residual, layout):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for name, gg, gw in zip("ywbr", ggot, gwant):
         if gw is not None:
-            torch.testing.assert_close(gg, gw, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
+            # dw/db sum ~7.6k terms: fp32 rounding flips the ReLU mask of an element or two near
+            # h = 0 in either path (both are ~1e-4 from the fp64 truth there, measured)
+            tol = 5e-4 if name in "wb" else 1e-4
+            torch.testing.assert_close(gg, gw, atol=tol, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
 
 
 @needs_ext
