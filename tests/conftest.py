@@ -37,3 +37,23 @@ def tmp_run(tmp_path):
     from vars_fast.run import RunFolder
 
     return RunFolder(tmp_path / "run")
+
+
+@pytest.fixture
+def run_triton_interpreted():
+    """Run a script in a subprocess with TRITON_INTERPRET=1 (it must be set before triton is
+    imported: triton.jit picks interpreter vs compiler when a kernel is decorated); the
+    script prints OK on success. Skips when triton is not installed."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+
+    def run(script: str) -> None:
+        env = dict(os.environ, TRITON_INTERPRET="1", VARS_FAST_NO_EXT="1")
+        env.pop("VARS_FAST_BACKEND", None)
+        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+    return run

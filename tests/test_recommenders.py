@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from vars_fast.config import BackboneConfig, Config, RecommenderConfig
+from vars_fast.config import Config, RecommenderConfig
 from vars_fast.data import Catalogue
 from vars_fast.recommenders import (AMR, BPR, DVBPR, VBPR, Pop, bpr_loss, build_recommender, encode_catalogue,
                                     load_recommender, save_recommender)
