@@ -24,7 +24,7 @@ def ctx(tmp_path_factory):
         "recommender.k": 8, "recommender.dvbpr_cnn_width": 8,
         "attack.models": ["VBPR", "DVBPR", "AMR"], "attack.eps": [8], "attack.pgd_steps": 2,
         "attack.triples_per_item": 2, "attack.batch_size": 16, "attack.n_targets": 3,
-        "attack.target_eps": [4, 16], "attack.insa_users": 0,
+        "attack.target_eps": [4, 16], "attack.insa_users": 0, "attack.random_start": False,
         "run.progress": False})
     run = RunFolder(tmp_path_factory.mktemp("run"))
     c = Context(cfg=cfg, run=run, device=torch.device("cpu"), log=logging.getLogger("test_attack_stage"))

@@ -90,10 +90,7 @@ def targeted_attack(name: str, rec, backbone, cat, targets: Tensor, eps255: floa
             if name == "taamr-fgsm":
                 x_adv = FGSM(fn, eps)(x)
             else:
-                # NOTE: no random start for targeted ascent: on the default data a uniform start in
-                # the eps-ball made the prediction shift FALL with eps (INSA 1.05 at eps 4, 0.72
-                # at eps 32, PGD-5): the start noise grows with eps and 5 steps don't recover it.
-                x_adv = PGD(fn, eps, alpha=alpha, steps=steps, random_start=False, generator=generator)(x)
+                x_adv = PGD(fn, eps, alpha=alpha, steps=steps, random_start=cfg.random_start, generator=generator)(x)
             out[s: s + t.numel()] = quantize_within(x_adv.cpu(), cat.images[t], eps255)
     return out
 
