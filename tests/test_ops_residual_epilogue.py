@@ -35,12 +35,30 @@ def _inputs(shape=SHAPE, dtype=torch.float32, residual=True, layout="nchw", devi
     return y, w, b, r
 
 
-def _fwd_bwd(fn, y, w, b, r, **kw):
+def _kink_mask(y, w, b, r, **kw):
+    """True where the fp64 pre-activation lies within 1e-3 of the ReLU kink.
+
+    There fp32 rounding in either path may flip the ReLU mask, which moves dw/db by the full
+    upstream gradient of that element (seen on a CI CPU whose torch batch_norm sums in another
+    order: db off by 1.4e-3 from one flipped element). Zeroing the upstream gradient on these
+    few elements makes the comparison test the kernel, not the coin flip.
+    """
+    if kw.get("act", "relu") != "relu":
+        return None
+    kw = {k: v for k, v in kw.items() if k not in ("act", "running_mean", "running_var", "training")}
+    f64 = [t.detach().double() if t is not None else None for t in (y, w, b)]
+    h = residual_epilogue_reference(*f64, None, act="none", **kw)
+    return h.abs() < 1e-3
+
+
+def _fwd_bwd(fn, y, w, b, r, mask=None, **kw):
     """Forward + backward with a fixed upstream gradient; returns (out, [grads of y, w, b, r])."""
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (y, w, b, r)]
     # clone() keeps the memory format, so channels_last inputs stay channels_last
     out = fn(*leaves, **kw)
     gout = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape).to(out.device)
+    if mask is not None:
+        gout = gout.masked_fill(mask.to(gout.device), 0.0)
     out.backward(gout)
     return out.detach(), [t.grad if t is not None else None for t in leaves]
 
@@ -52,15 +70,15 @@ def _fwd_bwd(fn, y, w, b, r, **kw):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_ext_matches_reference_fp32(norm, act, residual, layout):
     y, w, b, r = _inputs(residual=residual, layout=layout)
-    want, gwant = _fwd_bwd(residual_epilogue_reference, y, w, b, r, norm=norm, act=act)
-    got, ggot = _fwd_bwd(residual_epilogue, y, w, b, r, norm=norm, act=act, backend="ext")
+    mask = _kink_mask(y, w, b, r, norm=norm, act=act)
+    want, gwant = _fwd_bwd(residual_epilogue_reference, y, w, b, r, mask=mask, norm=norm, act=act)
+    got, ggot = _fwd_bwd(residual_epilogue, y, w, b, r, mask=mask, norm=norm, act=act, backend="ext")
     if layout == "channels_last":
         assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for name, gg, gw in zip("ywbr", ggot, gwant):
         if gw is not None:
-            # dw/db sum ~7.6k terms: fp32 rounding flips the ReLU mask of an element or two near
-            # h = 0 in either path (both are ~1e-4 from the fp64 truth there, measured)
+            # dw/db sum ~7.6k terms in fp32 (elements at the ReLU kink are masked out above)
             tol = 5e-4 if name in "wb" else 1e-4
             torch.testing.assert_close(gg, gw, atol=tol, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
 
@@ -206,8 +224,9 @@ def test_gpu_matches_reference(backend, layout):
     for shape in (SHAPE, (8, 64, 128, 128)):
         for norm in ("instance", "batch"):
             y, w, b, r = _inputs(shape, layout=layout, device="cuda")
-            want, gwant = _fwd_bwd(residual_epilogue_reference, y, w, b, r, norm=norm)
-            got, ggot = _fwd_bwd(residual_epilogue, y, w, b, r, norm=norm, backend=backend)
+            mask = _kink_mask(y, w, b, r, norm=norm)
+            want, gwant = _fwd_bwd(residual_epilogue_reference, y, w, b, r, mask=mask, norm=norm)
+            got, ggot = _fwd_bwd(residual_epilogue, y, w, b, r, mask=mask, norm=norm, backend=backend)
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
             for gg, gw in zip(ggot, gwant):
                 torch.testing.assert_close(gg, gw, atol=2e-3, rtol=1e-3)
