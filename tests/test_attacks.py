@@ -129,6 +129,21 @@ def test_pgd_one_step_is_fgsm(setup):
         assert torch.equal(a, b)
 
 
+def test_pgd_keep_best_is_never_worse_than_its_start_or_its_last_iterate(setup):
+    rec, cat = setup
+    f, x = _loss_fn(rec, cat)
+    big = 64 / 255  # large sign steps overshoot: the last iterate is not always the best
+    with torch.no_grad():
+        last = PGD(f, big, steps=4, random_start=False)(x)
+        best = PGD(f, big, steps=4, random_start=False, keep_best=True)(x)
+        assert ((best - x).abs() <= big + 1e-6).all() and best.min() >= 0 and best.max() <= 1
+        assert (f(best) >= f(last) - 1e-6).all() and (f(best) >= f(x) - 1e-6).all()
+        # from a given start (the warm start of a larger eps), the result never falls below it
+        start = FGSM(f, EPS)(x)
+        warm = PGD(f, big, steps=3, random_start=False, keep_best=True)(x, init=start)
+        assert (f(warm) >= f(start) - 1e-6).all()
+
+
 def test_determinism_under_seed(setup):
     rec, cat = setup
     f, x = _loss_fn(rec, cat)
@@ -233,6 +248,23 @@ def test_targeted_attacks_move_their_objective(setup, name):
     with torch.no_grad():
         before, after = fn(cat.item_batch(targets)), fn(adv.float() / 255)
     assert after.mean() > before.mean()
+
+
+def test_targeted_warm_start_makes_the_objective_monotone_in_eps(setup):
+    rec, cat = setup
+    cfg = AttackConfig(pgd_steps=5, batch_size=3, target_steps=4, target_keep_best=True, random_start=False)
+    targets = choose_targets(cat, 4, torch.Generator().manual_seed(0))
+    fn = insa_loss(rec, targets, torch.arange(cat.n_users))
+    prev, objective = None, []
+    for eps in (4, 8, 16, 32):
+        adv = targeted_attack("aip-insa", rec, rec, cat, targets, eps, cfg, torch.Generator().manual_seed(0),
+                              torch.device("cpu"), init=prev)
+        assert (adv.int() - cat.images[targets].int()).abs().max() <= eps
+        with torch.no_grad():
+            objective.append(fn(adv.float() / 255))
+        prev = adv
+    for a, b in zip(objective, objective[1:]):  # per target; 1e-4: the uint8 rounding of a new best
+        assert (b >= a - 1e-4 * a.abs().clamp(min=1)).all()
 
 
 def test_fast_copy_folds_batchnorm_and_keeps_the_function(setup):

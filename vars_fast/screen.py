@@ -81,7 +81,7 @@ def versions(engine: str) -> dict:
 
 def screen(input: str, checkpoint: Optional[str], out: str, *, limit: Optional[int] = None, batch_size: int = 64,
            workers: int = 2, device: str = "cpu", shard_size: int = 1024, compile: bool = False, amp: bool = False,
-           channels_last: bool = False, write_denoised: bool = False, engine: str = "local",
+           channels_last: Optional[bool] = None, write_denoised: bool = False, engine: str = "local",
            root: Optional[str] = None, id_col: str = "item_id", path_col: str = "path",
            max_bytes: int = MAX_BYTES, progress: bool = True, screener: Any = None,
            ray_actors: int = 1, threads: int = 0) -> dict:
@@ -160,7 +160,9 @@ def screen(input: str, checkpoint: Optional[str], out: str, *, limit: Optional[i
         ips = json.loads(prev.read_text()).get("images_per_s")
     config = {"input": os.path.abspath(input), "checkpoint": fp["checkpoint"], "out": str(out_dir), "limit": limit,
               "batch_size": batch_size, "workers": workers, "device": str(screener.device),
-              "shard_size": shard_size, "compile": compile, "amp": amp, "channels_last": channels_last,
+              "shard_size": shard_size, "compile": compile, "amp": amp,
+              "channels_last": getattr(screener, "channels_last", channels_last),
+              "folded_batchnorms": getattr(screener, "folded", None),
               "engine": engine, "image_size": screener.image_size, "input_kind": meta["kind"],
               "root": meta["root"], "max_bytes": max_bytes, "resumed_shards": len(done),
               "items_this_run": stats["items"], "cpu_count": os.cpu_count(),
@@ -185,7 +187,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="files above this are too_large")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                    help="NHWC models and batches (default: on)")
     ap.add_argument("--write-denoised", action="store_true", help="also write <out>/denoised/<id>.png")
     ap.add_argument("--engine", default="local", choices=["local", "ray"])
     ap.add_argument("--ray-actors", type=int, default=1, help="model actors for --engine ray")

@@ -5,7 +5,8 @@ Attacks"; Kurakin et al., 2017 without the random start).
 ``x^0 = x`` or a uniform random start in the eps-ball. The update is the fused
 ``vars_fast.ops.pgd_step`` applied in place. Defaults: ``steps=10``,
 ``alpha = 2.5 * eps / steps`` (Madry et al.), random start on.
-With ``steps=1, alpha=eps, random_start=False`` PGD is exactly FGSM.
+With ``steps=1, alpha=eps, random_start=False`` PGD is exactly FGSM. ``keep_best=True``
+returns each sample's best iterate by its loss (one extra forward).
 """
 from __future__ import annotations
 
@@ -31,13 +32,15 @@ class PGD(Attack):
     """
 
     def __init__(self, loss_fn: LossFn, eps: float | Tensor, alpha: float | Tensor | None = None,
-                 steps: int = 10, random_start: bool = True, generator: torch.Generator | None = None):
+                 steps: int = 10, random_start: bool = True, generator: torch.Generator | None = None,
+                 keep_best: bool = False):
         super().__init__(loss_fn, eps, generator)
         if steps < 1:
             raise ValueError(f"PGD steps must be >= 1 (got {steps})")
         self.steps = int(steps)
         self.alpha = default_alpha(eps, steps) if alpha is None else alpha
         self.random_start = bool(random_start)
+        self.keep_best = bool(keep_best)
 
     def start(self, x: Tensor) -> Tensor:
         """Uniform start in the eps-ball (intersected with [0,1]), drawn from ``generator``."""
@@ -55,7 +58,31 @@ class PGD(Attack):
             x_adv = self.start(x0)
         else:
             x_adv = x0.clone()
+        if not self.keep_best:
+            for _ in range(self.steps):
+                _, grad = self.loss_and_grad(x_adv)
+                pgd_step(x_adv, x0, grad, self.alpha, self.eps, inplace=True)
+            return x_adv
+        # keep_best: return each sample's best iterate (start included), not the last one. Sign
+        # steps of a fixed size overshoot on a rugged loss (small images, saturating
+        # activations), so the last iterate can be worse than an earlier one; the best one
+        # never loses to the start, which is what makes a warm-started larger eps at least as
+        # strong as the smaller eps it started from (targeted.py). One extra forward at the end.
+        best, best_loss = x_adv.clone(), None
         for _ in range(self.steps):
-            _, grad = self.loss_and_grad(x_adv)
+            loss, grad = self.loss_and_grad(x_adv)
+            best_loss = self._keep(best, best_loss, x_adv, loss)
             pgd_step(x_adv, x0, grad, self.alpha, self.eps, inplace=True)
-        return x_adv
+        with torch.no_grad():
+            self._keep(best, best_loss, x_adv, self.loss_fn(x_adv).detach())
+        return best
+
+    @staticmethod
+    def _keep(best: Tensor, best_loss: Tensor | None, x: Tensor, loss: Tensor) -> Tensor:
+        loss = loss.float()
+        if best_loss is None:
+            best.copy_(x)
+            return loss.clone()
+        better = loss > best_loss
+        best[better] = x[better]
+        return torch.where(better, loss, best_loss)

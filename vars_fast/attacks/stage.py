@@ -143,20 +143,24 @@ def run_targeted(ctx, amp: bool, topk, timing: dict) -> None:
         "clean": {k: v for k, v in clean.items() if k.startswith("HR@")}})
     shape = (targets.numel(),) + tuple(cat.images.shape[1:])
     rows = []
+    warm = bool(acfg.target_warm_start)
     for name in acfg.targets:
-        for eps in acfg.target_eps:
+        prev = None  # the result at the next smaller eps: the warm start of this one
+        for eps in sorted(acfg.target_eps, key=float) if warm else acfg.target_eps:
             path = run.attack_file("VBPR", name, eps)
             adv = load_npy(path, shape)
             if adv is None:
                 t0 = time.perf_counter()
                 adv = targeted_attack(name, rec, ctx.backbone, cat, targets, eps, acfg,
                                       ctx.generator(f"attack:{name}:{eps}"), dev, users=users,
-                                      hook_feature=hook_feature, target_class=target_class, amp=amp)
+                                      hook_feature=hook_feature, target_class=target_class, amp=amp,
+                                      init=prev if warm and name != "taamr-fgsm" else None)
                 timing[f"VBPR/{name}/{_eps_key(eps)}"] = round(time.perf_counter() - t0, 2)
                 save_npy(path, adv)
             with torch.no_grad():
                 after = target_scores(rec, targets, _encode(ctx, rec, adv).to(dev), cat.n_users)
                 m = targeted_metrics(rec, cat, targets, before, after, topk)
+            prev = adv
             rows.append({"attack": name, "eps": _eps_key(eps), "defense": "none", "model": "VBPR", **m})
             ctx.log.info(f"targeted {name} eps={eps}: prediction shift {m['prediction_shift']:.4f}, "
                          f"HR@10 {clean.get('HR@10', float('nan')):.4f} -> {m.get('HR@10', float('nan')):.4f}")

@@ -55,17 +55,23 @@ def choose_hook(cat) -> int:
 
 def targeted_attack(name: str, rec, backbone, cat, targets: Tensor, eps255: float, cfg, generator: torch.Generator,
                     device: torch.device, *, users: Tensor | None = None, hook_feature: Tensor | None = None,
-                    target_class: int | None = None, amp: bool = False) -> Tensor:
+                    target_class: int | None = None, amp: bool = False, init: Tensor | None = None) -> Tensor:
     """Attack the target images; returns uint8 [T,3,S,S] within eps255 of the clean ones.
 
     name: one of ``TARGETED``; users: the users INSA averages over (default all);
     hook_feature [F]: EXPA's hook visual feature; target_class: TAaMR's ImageNet class.
+    The PGD-based attacks (all but TAaMR-FGSM) run ``cfg.target_steps`` steps of
+    ``cfg.target_alpha`` (0: 2.5 eps / steps) and return each target's best iterate when
+    ``cfg.target_keep_best``; ``init`` (uint8 [T,3,S,S], e.g. the result at a smaller eps)
+    replaces the random start, so the attack at this eps never ends below it.
     """
     if name not in TARGETED:
         raise ValueError(f"targeted attack {name!r}: expected one of {', '.join(TARGETED)} (attack.targets)")
     eps = float(eps255) / 255.0
-    steps = int(cfg.pgd_steps)
-    alpha = cfg.pgd_alpha / 255.0 if cfg.pgd_alpha > 0 else default_alpha(eps, steps)
+    steps = int(getattr(cfg, "target_steps", 0) or cfg.pgd_steps)
+    a255 = float(getattr(cfg, "target_alpha", 0.0) or 0.0)
+    alpha = a255 / 255.0 if a255 > 0 else default_alpha(eps, steps)
+    keep_best = bool(getattr(cfg, "target_keep_best", False))
     if users is None:
         users = torch.arange(cat.n_users)
     out = torch.empty((targets.numel(),) + tuple(cat.images.shape[1:]), dtype=torch.uint8)
@@ -90,7 +96,9 @@ def targeted_attack(name: str, rec, backbone, cat, targets: Tensor, eps255: floa
             if name == "taamr-fgsm":
                 x_adv = FGSM(fn, eps)(x)
             else:
-                x_adv = PGD(fn, eps, alpha=alpha, steps=steps, random_start=cfg.random_start, generator=generator)(x)
+                start = init[s: s + t.numel()].to(device).float() / 255 if init is not None else None
+                x_adv = PGD(fn, eps, alpha=alpha, steps=steps, random_start=cfg.random_start, generator=generator,
+                            keep_best=keep_best)(x, init=start)
             out[s: s + t.numel()] = quantize_within(x_adv.cpu(), cat.images[t], eps255)
     return out
 

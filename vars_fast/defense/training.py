@@ -87,9 +87,15 @@ def epoch_plan(dcfg: DefenseConfig) -> list[dict]:
     plan += [dict(phase="clean/fgsm/pgd", kinds=["clean", "fgsm", "pgd"], detector=det, eps=list(dcfg.train_eps))
              for _ in range(dcfg.epochs_phase2)]
     if det:
-        plan += [dict(phase="detector", kinds=["fgsm"], detector=True, eps=[dcfg.detector_eps])
+        plan += [dict(phase="detector", kinds=["fgsm"], detector=True, eps=detector_eps(dcfg))
                  for _ in range(dcfg.detector_epochs)]
     return plan
+
+
+def detector_eps(dcfg: DefenseConfig) -> list[float]:
+    """``defense.detector_eps`` as a list (a single number in older configs)."""
+    e = dcfg.detector_eps
+    return [float(v) for v in (e if isinstance(e, (list, tuple)) else [e])]
 
 
 def split_items(cat, generator: torch.Generator, train_frac: float = 0.5, val_frac: float = 0.2) -> dict:
@@ -168,7 +174,8 @@ def _batches(items: list[int], batch_size: int):
 def calibrate_threshold(defense: Defense, rec, cat, items: list[int], dcfg: DefenseConfig,
                         generator: torch.Generator, device, batch_size: int = 64) -> tuple[float, dict]:
     """Choose the detector threshold on held-out items: distances of the clean images vs their
-    FGSM images at ``detector_eps`` (the detector's training attack), rule ``threshold_rule``
+    FGSM images at ``detector_eps`` (the detector's training attack; with several eps, batch k
+    uses the k-th, cycling, so every eps is equally represented), rule ``threshold_rule``
     (``vars_fast.metrics.choose_threshold``; default Youden's J = max TPR - FPR, the ROC point
     farthest above the chance diagonal). Returns (threshold, detection metrics on those items)."""
     from vars_fast.attacks.catalogue import sample_item_triples
@@ -176,9 +183,10 @@ def calibrate_threshold(defense: Defense, rec, cat, items: list[int], dcfg: Defe
 
     triples = sample_item_triples(cat, dcfg.triples_per_item, generator)
     d_clean, d_adv = [], []
-    for idx in _batches(items, batch_size):
+    eps = detector_eps(dcfg)
+    for k, idx in enumerate(_batches(items, max(1, min(batch_size, len(items) // len(eps))))):
         x = cat.item_batch(idx, device)
-        x_adv = make_adversarial("fgsm", _ItemObjective(rec, triples, idx, device), x, dcfg.detector_eps, 1, None)
+        x_adv = make_adversarial("fgsm", _ItemObjective(rec, triples, idx, device), x, eps[k % len(eps)], 1, None)
         d_clean.append(defense.distance(x).float().cpu())
         d_adv.append(defense.distance(x_adv).float().cpu())
     dc, da = torch.cat(d_clean), torch.cat(d_adv)

@@ -43,7 +43,7 @@ def _decode(batch: dict, plan_file: str, root: str, size: int, max_bytes: int) -
 class ScreenActor:
     """Loads the defence and backbone once per actor; screens one packed batch per call."""
 
-    def __init__(self, checkpoint: str, device: str, amp: bool, channels_last: bool, compile: bool,
+    def __init__(self, checkpoint: str, device: str, amp: bool, channels_last: bool | None, compile: bool,
                  keep_denoised: bool, threads: int = 0):
         import torch
 
@@ -69,7 +69,7 @@ class ScreenActor:
 
 
 def run_ray(checkpoint: str, plan_file: Path, meta: dict, out: Path, shard_size: int, batch_size: int,
-            done: set[int], device: str = "cpu", amp: bool = False, channels_last: bool = False,
+            done: set[int], device: str = "cpu", amp: bool = False, channels_last: bool | None = None,
             compile: bool = False, write_images: bool = False, max_bytes: int = MAX_BYTES,
             on_batch: Optional[Callable[[int], None]] = None, actors: int = 1, screener=None) -> dict:
     """Screen every unfinished shard with Ray Data; returns {"items", "ok", "seconds"}.

@@ -36,20 +36,53 @@ class Screener:
     feature [B,F] f32, denoised uint8 [B,3,S,S] | None) as numpy arrays."""
 
     def __init__(self, defense: Any, backbone: torch.nn.Module, device: torch.device, amp: bool = False,
-                 channels_last: bool = False, compile: bool = False, keep_denoised: bool = False):
+                 channels_last: Optional[bool] = None, compile: bool = False, keep_denoised: bool = False,
+                 fold_bn: bool = True):
+        """``channels_last`` None: on (NHWC convs are faster with oneDNN and cuDNN alike);
+        ``fold_bn``: fold the eval BatchNorms of the detector encoder and the feature backbone
+        into their convs (``attacks.fast.fold_batchnorm``) and drop their separate "same"
+        padding copies (``attacks.fast.streamline``), kept only where the outputs match the
+        original model on a probe batch (rtol 1e-3)."""
         if getattr(defense, "detector", None) is None:
             raise ValueError("this defence checkpoint has no detector (the no-detector ablation): it cannot screen")
         self.defense, self.backbone, self.device = defense, backbone, device
         self.threshold = float(defense.threshold)
         self.image_size = int(defense.image_size)
+        channels_last = True if channels_last is None else bool(channels_last)
         self.channels_last, self.keep_denoised = channels_last, keep_denoised
         # bf16 autocast only where it pays: CUDA with bf16 support (on CPU it is slower here)
         self.amp = bool(amp) and device.type == "cuda" and torch.cuda.is_bf16_supported()
         for m in (defense.denoiser, defense.detector, backbone):
             m.eval().requires_grad_(False)
+        self.folded = self._fold() if fold_bn else {}
+        for m in (defense.denoiser, defense.detector, self.backbone):
             if channels_last:
                 m.to(memory_format=torch.channels_last)
         self._step = torch.compile(self._forward, dynamic=True) if compile else self._forward
+
+    @torch.no_grad()
+    def _fold(self) -> dict[str, int]:
+        """Fold BN in the detector and the backbone; returns the folded pairs per model."""
+        import copy
+
+        from vars_fast.attacks.fast import fold_batchnorm, streamline
+
+        g = torch.Generator().manual_seed(0)
+        probe = torch.rand(4, 3, self.image_size, self.image_size, generator=g).to(self.device)
+        folded = {}
+        for name in ("detector", "backbone"):
+            owner = self.defense if name == "detector" else self
+            model = getattr(owner, name)
+            run = (lambda m: m.embed(probe)) if name == "detector" else (lambda m: m.features(probe))
+            ref = run(model).float()
+            cand = copy.deepcopy(model)
+            n = fold_batchnorm([cand], lambda: run(cand))
+            n += streamline([cand], inplace_relu6=True)
+            got = run(cand).float()
+            if n and torch.allclose(got, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().mean().clamp_min(1e-6))):
+                setattr(owner, name, cand)
+                folded[name] = n
+        return folded
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str | torch.device = "cpu", **kw) -> "Screener":
