@@ -87,6 +87,22 @@ def test_ranking_rows(ctx):
     assert ours["HR@10"] == pytest.approx(clean["HR@10"], abs=1e-6)
 
 
+def test_gated_rows_denoise_exactly_the_flagged_items(ctx):
+    from vars_fast.evaluate import Evaluation
+
+    for a in ("clean", "fgsm", "pgd"):
+        (row,) = ctx.run.rows("ranking", model="VBPR", defense="detect+denoise", attack=a)
+        assert 0 <= row["flagged"] <= 1 and 0 <= row["HR@10"] <= 1
+    ev = Evaluation(ctx)
+    x = ctx.catalogue.images[:12]
+    den = torch.rand(12, 3, 32, 32)  # a stand-in D(x) far from x: the detector sees the difference
+    out, share = ev.gate(x, den)
+    with torch.no_grad():
+        flag = ev.defense.detector.distance(x.float() / 255, den).float() > ev.defense.threshold
+    assert share == pytest.approx(float(flag.float().mean()))
+    assert torch.equal(out[flag], den[flag]) and torch.equal(out[~flag], x[~flag].float() / 255)
+
+
 def test_detection_rows(ctx):
     D = ctx.run.rows("detection")
     for det in ("ours", "addition"):

@@ -6,7 +6,9 @@ Sections (each timed into ``meta["evaluate"]``):
   attacked against the *undefended* model, as in the paper) are purified -- ``denoise`` =
   D(x), ``denoise+rand`` = D(x) then a seeded random resize-pad -- re-encoded and ranked.
   Models in ``eval.models``; ``eval.table_eps`` and, for ``eval.curve_models``, the
-  ``eval.curve_eps`` too (Fig. 6).
+  ``eval.curve_eps`` too (Fig. 6). ``detect+denoise`` (at ``eval.table_eps``): what a screening
+  platform deploys -- D(x) only where the detector flags x, x itself elsewhere; its rows
+  carry ``flagged`` (the share of the catalogue that was denoised).
 * detection (Table 4): FGSM at each ``defense.eval_eps`` on the defence's held-out *test*
   items (``Defense.split["test"]``), ours (distance vs the stored threshold) vs ADDITION;
   Gaussian-noise rows (``attack: "gaussian", eps: sigma``) with the share judged clean.
@@ -60,6 +62,7 @@ class Evaluation:
         self.timings: dict[str, float] = {}
         self._clean_purified = None
         self._d_clean = None
+        self._gated_clean = None
         self.models = [m for m in self.cfg.attack.models if self.run.checkpoint(f"recommender_{m}").is_file()]
         self.test_items = self._test_items()
 
@@ -101,6 +104,24 @@ class Evaluation:
             bar.update(e - s)
         bar.close()
         return den, rnd
+
+    @torch.no_grad()
+    def gate(self, images: Tensor, den: Tensor) -> tuple[Tensor, float]:
+        """detect+denoise: D(x) where the detector flags x, x elsewhere -> (float [N,3,S,S], flagged share)."""
+        det, thr = self.defense.detector, float(self.defense.threshold)
+        out = torch.empty(images.shape, dtype=torch.float32)
+        n_flag = 0
+        for s, e in _chunks(images.shape[0], self.bs):
+            x, d = _to_float(images[s:e], self.dev), den[s:e].to(self.dev)
+            flag = det.distance(x, d).float() > thr
+            out[s:e] = torch.where(flag.view(-1, 1, 1, 1), d, x).cpu()
+            n_flag += int(flag.sum())
+        return out, n_flag / max(images.shape[0], 1)
+
+    def gated_clean(self) -> tuple[Tensor, float]:
+        if self._gated_clean is None:
+            self._gated_clean = self.gate(self.cat.images, self.clean_purified()[0])
+        return self._gated_clean
 
     @torch.no_grad()
     def encode_all(self, rec, images: Tensor) -> Tensor:
@@ -160,6 +181,11 @@ class Evaluation:
                              **self.rank(rec, self.cat.images)})
             for dname, imgs in zip(RANK_DEFENSES, (den_c, rnd_c)):
                 rows.append({"model": name, "defense": dname, "attack": "clean", "eps": 0, **self.rank(rec, imgs)})
+            gate = self.defense.detector is not None and self.defense.threshold is not None
+            if gate:
+                imgs, share = self.gated_clean()
+                rows.append({"model": name, "defense": "detect+denoise", "attack": "clean", "eps": 0,
+                             "flagged": share, **self.rank(rec, imgs)})
             for attack in self.cfg.attack.untargeted:
                 for eps in self.eps_for(name):
                     adv = self.load_attack(name, attack, eps)
@@ -169,6 +195,10 @@ class Evaluation:
                     for dname, imgs in zip(RANK_DEFENSES, (den, rnd)):
                         rows.append({"model": name, "defense": dname, "attack": attack, "eps": eps,
                                      **self.rank(rec, imgs)})
+                    if gate and float(eps) == table_eps:
+                        imgs, share = self.gate(adv, den)
+                        rows.append({"model": name, "defense": "detect+denoise", "attack": attack, "eps": eps,
+                                     "flagged": share, **self.rank(rec, imgs)})
                     if name == "VBPR" and float(eps) == table_eps:
                         self._examples(attack, adv, den, rnd)
             self.run.add_rows("ranking", rows)

@@ -20,7 +20,7 @@ import numpy as np
 
 ARRAYS = "eval_arrays.npz"
 METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
-DEF_NAME = {"none": None, "denoise": "OURS", "denoise+rand": "OURS-rand"}
+DEF_NAME = {"none": None, "denoise": "OURS", "denoise+rand": "OURS-rand", "detect+denoise": "OURS-gated"}
 
 
 # ------------------------------------------------------------------ small helpers
@@ -73,7 +73,8 @@ def ranking_table(m: dict, model: str, eps: float) -> str:
     for attack in ("clean", "fgsm", "pgd"):
         e = 0 if attack == "clean" else eps
         for label, mod, d in ((model, model, "none"), ("AMR", "AMR", "none"),
-                              ("OURS", model, "denoise"), ("OURS-rand", model, "denoise+rand")):
+                              ("OURS", model, "denoise"), ("OURS-rand", model, "denoise+rand"),
+                              ("OURS-gated (denoise flagged only)", model, "detect+denoise")):
             r = _find(R, model=mod, defense=d, attack=attack, eps=e)
             if r is not None:
                 out.append([attack.upper() if attack != "clean" else "Clean", label] + [r.get(k) for k in METRICS])
@@ -188,7 +189,9 @@ def targets_summary(m: dict, eps: float) -> str:
 
     for label, d, attack, e, need in (("clean HR@10 with the defence (>= 98% of undefended)", "denoise", "clean", 0, 0.98),
                                       ("FGSM eps=8, OURS (>= 80% of clean)", "denoise", "fgsm", 8, 0.8),
-                                      (f"PGD eps={eps:g}, OURS-rand (>= 50% of clean)", "denoise+rand", "pgd", eps, 0.5)):
+                                      (f"PGD eps={eps:g}, OURS-rand (>= 50% of clean)", "denoise+rand", "pgd", eps, 0.5),
+                                      ("clean HR@10, OURS-gated (>= 98%)", "detect+denoise", "clean", 0, 0.98),
+                                      ("FGSM eps=8, OURS-gated (>= 80%)", "detect+denoise", "fgsm", 8, 0.8)):
         r = ratio(hr(model="VBPR", defense=d, attack=attack, eps=e), base)
         out.append([label, r, need, None if r is None else ("met" if r >= need else f"missed by {need - r:.4f}")])
     for r in sorted((r for r in D if r.get("detector") == "ours" and r.get("attack") == "fgsm"
@@ -261,7 +264,7 @@ def make_figures(run: Path, m: dict, a: dict) -> dict[str, str]:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
         models = sorted({r["model"] for r in R})
         colour = {m: f"C{i}" for i, m in enumerate(models)}  # colour = model, line style = defence
-        style = {"none": ":", "denoise": "-", "denoise+rand": "--"}
+        style = {"none": ":", "denoise": "-", "denoise+rand": "--", "detect+denoise": "-."}
         for ax, attack in zip(axes, ("fgsm", "pgd")):
             for model, d in sorted({(r["model"], r["defense"]) for r in R if r["attack"] == attack}):
                 pts = sorted((float(r["eps"]), r["HR@10"]) for r in R

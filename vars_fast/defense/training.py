@@ -273,6 +273,20 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global stream
         torch.manual_seed(seed)
         den, det = build_models(dcfg, image_size, backbone, backbone_cfg, device)
+    if getattr(dcfg, "fast_frozen", True):
+        # the recommender and its backbone are frozen here: attack generation, L_VBPR and L_p run
+        # on a BN-folded NHWC copy (attacks/fast.py; same function to ~1e-5, checked on real
+        # images, the original kept otherwise). The detector encoder above was copied from the
+        # original backbone, so its BatchNorms still train.
+        from vars_fast.attacks.fast import fast_copy
+
+        shared = getattr(rec, "backbone", None) is backbone
+        probe = torch.tensor(list(split["train"])[:4] or [0], dtype=torch.long)
+        fast = fast_copy(rec, cat.item_batch(probe, device))
+        if fast is not rec:
+            rec = fast
+            if shared:
+                backbone = fast.backbone
     groups = [{"params": list(den.parameters()), "lr": dcfg.lr}]
     if det is not None:
         groups += [{"params": list(det.head.parameters()), "lr": dcfg.lr},
