@@ -142,3 +142,19 @@ def test_decode_catalogue_statuses_and_cache(tmp_path):
     good.write_bytes(_encode(_rgb(colour=(1, 2, 3)), "PNG"))
     imgs3, _, _ = decode_catalogue(sources, S, tmp_path / "cache", errors=errors)
     assert imgs3[0].max() < 10 and len(list((tmp_path / "cache").glob("images-*.npy"))) == 2
+
+
+def test_error_text_is_the_same_in_every_process(tmp_path):
+    """PIL's message names the BytesIO object with its address; a resumed screening job
+    must still write the same error text as an uninterrupted one."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all\n")
+    code = ("import sys; from vars_fast.data.images import decode_image; "
+            "print(decode_image(sys.argv[1], 16)[2])")
+    runs = {subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True,
+                           check=True).stdout for _ in range(2)}
+    (msg,) = runs
+    assert "cannot identify image file" in msg and "0x" not in msg

@@ -71,7 +71,12 @@ def _fwd_bwd(fn, y, w, b, r, mask=None, **kw):
 def test_ext_matches_reference_fp32(norm, act, residual, layout):
     y, w, b, r = _inputs(residual=residual, layout=layout)
     mask = _kink_mask(y, w, b, r, norm=norm, act=act)
-    want, gwant = _fwd_bwd(residual_epilogue_reference, y, w, b, r, mask=mask, norm=norm, act=act)
+    # the spec in fp64: torch's own fp32 batch-norm backward sums dw/db in an order that depends
+    # on the machine and thread count (1.2e-3 off on db in a full-suite run); the kernel
+    # accumulates in fp64 and is compared against the truth, not against that rounding
+    f64 = [t.double() if t is not None else None for t in (y, w, b, r)]
+    want, gwant = _fwd_bwd(residual_epilogue_reference, *f64, mask=mask, norm=norm, act=act)
+    want, gwant = want.float(), [g.float() if g is not None else None for g in gwant]
     got, ggot = _fwd_bwd(residual_epilogue, y, w, b, r, mask=mask, norm=norm, act=act, backend="ext")
     if layout == "channels_last":
         assert got.is_contiguous(memory_format=torch.channels_last)

@@ -57,6 +57,16 @@ def _resize_square(img: Image.Image, size: int) -> Image.Image:
                       reducing_gap=3.0)
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def error_text(e: BaseException) -> str:
+    """``"Type: message"`` without object addresses (PIL names ``<_io.BytesIO object at 0x..>``),
+    so that the same bad file gives the same text in every process: a resumed screening job
+    must write rows identical to an uninterrupted one."""
+    return f"{type(e).__name__}: {_ADDRESS.sub('', str(e))}"
+
+
 def decode_image(src: Source, size: int, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
                  ) -> tuple[Optional[np.ndarray], str, str]:
     """Decode ``src`` (bytes or a path) to uint8 [3, size, size]; never raises on bad input.
@@ -76,7 +86,7 @@ def decode_image(src: Source, size: int, max_pixels: int = MAX_PIXELS, min_side:
                 return None, "unreadable", f"not a regular file: {p}"
             data = p.read_bytes()
     except OSError as e:  # permission denied, I/O error, name too long...
-        return None, "unreadable", f"{type(e).__name__}: {e}"
+        return None, "unreadable", error_text(e)
     if len(data) == 0:
         return None, "unreadable", "empty file (0 bytes)"
     try:
@@ -97,9 +107,9 @@ def decode_image(src: Source, size: int, max_pixels: int = MAX_PIXELS, min_side:
             return None, "unreadable", f"unexpected decoded shape {arr.shape}"
         return np.ascontiguousarray(arr.transpose(2, 0, 1)), "ok", ""
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # warning: under -W error
-        return None, "too_large", str(e)
+        return None, "too_large", _ADDRESS.sub("", str(e))
     except Exception as e:  # noqa: BLE001 -- any decoder failure is a status, never a crash
-        return None, "unreadable", f"{type(e).__name__}: {e}"
+        return None, "unreadable", error_text(e)
 
 
 # ---------------------------------------------------------------- path templates

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from vars_fast.data.images import decode_image
+from vars_fast.data.images import decode_image, error_text
 from vars_fast.screening.plan import Row
 
 MAX_BYTES = 64 << 20  # a compressed image above 64 MiB is not a product photo: too_large
@@ -28,7 +28,7 @@ def read_bytes(row: Row, root: str, max_bytes: int = MAX_BYTES) -> tuple[Optiona
                 f.seek(row.offset)
                 data = f.read(row.size)
         except OSError as e:
-            return None, "unreadable", f"{type(e).__name__}: {e}"
+            return None, "unreadable", error_text(e)
         if len(data) != row.size:
             return None, "unreadable", f"tar shard truncated: {len(data)} of {row.size} bytes"
         return data, "ok", ""
