@@ -1,6 +1,6 @@
 """Ratio tables from a pytest-benchmark JSON (see benchmarks/conftest.py for the convention).
 
-    python benchmarks/report.py benchmarks/results/cpu.json
+    python benchmarks/report.py benchmarks/results/cpu.json [--suffix NAME]
 
 Prints, and saves as ``benchmarks/results/<device>.md`` + ``<device>.json``, one table per
 (op, shape): median time per provider, speed-up of every non-baseline provider against each
@@ -75,6 +75,14 @@ def tables(rows: list[dict], machine: dict) -> tuple[str, list[dict]]:
 
 
 def main(argv: list[str]) -> int:
+    """``--suffix NAME`` saves ``<device>-NAME.md/.json`` (a partial re-run beside the full table)."""
+    suffix = ""
+    if "--suffix" in argv:
+        i = argv.index("--suffix")
+        if i + 1 >= len(argv):
+            print("report.py: --suffix needs a name", file=sys.stderr)
+            return 2
+        suffix, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     if len(argv) != 1:
         print(__doc__)
         return 2
@@ -97,6 +105,8 @@ def main(argv: list[str]) -> int:
     text = "\n".join(header) + body
     print(text)
     slug = re.sub(r"[^a-z0-9]+", "-", f"{machine.get('device', 'dev')}-{dev}".lower()).strip("-")[:80]
+    if suffix:
+        slug += "-" + re.sub(r"[^a-z0-9]+", "-", suffix.lower()).strip("-")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     base = os.path.join(HERE, "results", slug)
     with open(base + ".md", "w") as f:

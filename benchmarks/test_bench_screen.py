@@ -3,7 +3,8 @@
 Providers:
 * ``eager``    -- the loop a first implementation writes: PIL decode + resize in the main
   process, one batch at a time, then ``Defense.detect(x)`` and ``backbone.features(
-  Defense.purify(x))`` (the denoiser runs twice), autograd left on, no workers.
+  Defense.purify(x))`` (the denoiser runs twice) on the models as the checkpoint loads them
+  (eval mode, NCHW, BatchNorms unfolded), autograd left on, no workers.
 * ``package``  -- ``vars_fast.screen.screen``: DataLoader workers decode in parallel with the
   model, one denoiser pass per image, inference mode, Parquet shards + summary written.
 * ``package-t1`` -- the same with one torch thread in the model process (the decode workers
@@ -43,10 +44,24 @@ def setup(tmp_path_factory):
     return base, sorted(paths), ck
 
 
-def naive_loop(screener: Screener, paths: list[Path]) -> int:
+def naive_models(ck: Path):
+    """The checkpoint's models as loaded (eval mode, NCHW, BatchNorms unfolded), autograd left on."""
+    from vars_fast.backbones import build_backbone
+    from vars_fast.config import BackboneConfig
+    from vars_fast.defense import load_defense
+
+    d = load_defense(ck, torch.device("cpu"))
+    known = set(BackboneConfig.__dataclass_fields__)
+    bb = build_backbone(BackboneConfig(**{k: v for k, v in d.backbone.items() if k in known})).eval()
+    for m in (d.denoiser, d.detector):
+        m.eval()
+    return d, bb
+
+
+def naive_loop(d, bb, paths: list[Path]) -> int:
     from PIL import Image
 
-    d, bb, n = screener.defense, screener.backbone, 0
+    n = 0
     for s in range(0, len(paths), BATCH):
         imgs = []
         for p in paths[s:s + BATCH]:
@@ -63,12 +78,11 @@ def naive_loop(screener: Screener, paths: list[Path]) -> int:
 def test_screen_throughput(bench, setup, provider):
     base, paths, ck = setup
     threads = torch.get_num_threads()
-    screener = Screener.from_checkpoint(ck, "cpu")
     if provider == "eager":
-        for m in (screener.defense.denoiser, screener.defense.detector, screener.backbone):
-            m.requires_grad_(True)  # what a first loop leaves on
-        fn = lambda: naive_loop(screener, paths)  # noqa: E731
+        models = naive_models(ck)
+        fn = lambda: naive_loop(*models, paths)  # noqa: E731
     else:
+        screener = Screener.from_checkpoint(ck, "cpu")
         t = 1 if provider == "package-t1" else 0
 
         def fn():

@@ -131,3 +131,40 @@ def test_shared_backbone_pass_matches_separate_losses(setup):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert float(shared[1]) > 0
     torch.testing.assert_close(fn.from_visual(rec.encode(x)), fn(x))
+
+
+def test_no_detector_reuses_full_phase1_exactly(setup, tmp_path):
+    """Phase 1 is the same computation with and without a detector: no-detector started from
+    full's phase-1 snapshot ends where no-detector trained from scratch ends (same seed)."""
+    cat, rec, bb = setup
+    dcfg = tiny_dcfg(epochs_phase1=2)
+    split = split_items(cat, torch.Generator().manual_seed(0), dcfg.train_item_frac, dcfg.val_item_frac)
+    kw = dict(backbone_cfg=BB, device="cpu", seed=5, progress=False)
+    p1 = tmp_path / "phase1.pt"
+    train_defense(cat, rec, bb, dcfg, split, phase1_path=p1, **kw)
+    assert p1.is_file()
+    nod = variant_config(dcfg, "no-detector")
+    epochs = []
+    shared, hist_s = train_defense(cat, rec, bb, nod, split, phase1_path=p1,
+                                   on_epoch_end=lambda e, _: epochs.append(e), **kw)
+    assert epochs == [3]  # only phase 2 ran here
+    scratch, hist_f = train_defense(cat, rec, bb, nod, split, **kw)
+    assert [h["phase"] for h in hist_s] == [h["phase"] for h in hist_f]
+    for a, b in zip(shared.denoiser.state_dict().values(), scratch.denoiser.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for k in ("total", "content", "perceptual", "rec"):
+        assert hist_s[-1][k] == pytest.approx(hist_f[-1][k], rel=1e-4, abs=1e-7)
+
+    # a config that acts differently in phase 1 (another lr) does not take the snapshot
+    epochs.clear()
+    train_defense(cat, rec, bb, dataclasses.replace(nod, lr=2e-3), split, phase1_path=p1,
+                  on_epoch_end=lambda e, _: epochs.append(e), **kw)
+    assert epochs == [1, 2, 3]
+
+
+def test_training_lanes_split_full_and_no_detector_together():
+    from vars_fast.defense.stage import _lanes
+
+    assert _lanes(["full", "no-detector", "no-perceptual"]) == [["full", "no-detector"], ["no-perceptual"]]
+    assert _lanes(["full", "no-perceptual"]) == [["full"], ["no-perceptual"]]
+    assert _lanes(["full"]) == [["full"]]

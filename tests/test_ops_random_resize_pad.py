@@ -164,3 +164,74 @@ def test_gpu_matches_reference(backend, mode):
         want.backward(gout)
         got.backward(gout)
         torch.testing.assert_close(xk.grad, xr.grad, atol=1e-4, rtol=1e-4)
+
+
+# Outputs of >= 32 MiB come from the kernels' huge-page allocator (csrc/cpu/huge_page_alloc.h,
+# Linux): fresh zero-filled mappings whose padding the kernels do not write. These cases are
+# large enough to take that path (forward out 16x3x448x448 fp32 = 38.5 MB, backward grad_x
+# 16x3x424x416 fp32 = 32.3 MiB), for the AVX-512 fp32 kernel and the generic one.
+LARGE = (16, 3, 424, 416, 448, 100)
+
+
+@needs_ext
+@pytest.mark.parametrize("mode,dtype", [("bilinear", torch.float32), ("nearest", torch.float32),
+                                        ("bilinear", torch.float64)])
+def test_ext_large_output_matches_reference(mode, dtype):
+    x, s, o = _case(*LARGE, dtype=dtype, seed=1)
+    O = LARGE[4]
+    want = random_resize_pad_reference(x, s, o, O, mode)
+    for _ in range(3):  # fresh mappings each time; also after earlier ones were released
+        got = random_resize_pad(x, O, LARGE[5], mode=mode, sizes=s, offsets=o, backend="ext")[0]
+        tol = dict(atol=0.0, rtol=0.0) if mode == "nearest" else _tol(dtype)
+        torch.testing.assert_close(got, want, **tol)
+    gout = torch.randn(want.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    xr, xk = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (gw,) = torch.autograd.grad(random_resize_pad_reference(xr, s, o, O, mode), xr, gout)
+    (gk,) = torch.autograd.grad(random_resize_pad(xk, O, 1, mode=mode, sizes=s, offsets=o, backend="ext")[0], xk, gout)
+    torch.testing.assert_close(gk, gw, atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+def test_ext_large_output_is_an_ordinary_tensor():
+    import io
+    import os
+    import sys
+
+    x, s, o = _case(*LARGE, seed=4)
+    O = LARGE[4]
+    want = random_resize_pad_reference(x, s, o, O)
+    out = random_resize_pad(x, O, LARGE[5], sizes=s, offsets=o, backend="ext")[0]
+    assert out.is_contiguous() and out.device.type == "cpu" and out.data_ptr() % 64 == 0
+    if sys.platform == "linux":  # the huge-page path (2 MiB-aligned mapping), not the fallback
+        assert out.data_ptr() % (2 << 20) == 0
+    # Storage resize keeps the data (grows into a new allocation, shrinks in place).
+    grown = random_resize_pad(x, O, LARGE[5], sizes=s, offsets=o, backend="ext")[0]
+    n = grown.numel()
+    grown.resize_(n + 1000)
+    torch.testing.assert_close(grown[:n].view(want.shape), want, atol=1e-5, rtol=1e-5)
+    grown.resize_(10)
+    torch.testing.assert_close(grown, want.reshape(-1)[:10], atol=1e-5, rtol=1e-5)
+    del grown
+    # In-place ops, views, numpy sharing, serialisation, shared memory.
+    out.view(-1)[:5].add_(1)
+    assert out.numpy()[0, 0, 0, 0] == out[0, 0, 0, 0].item()
+    out.view(-1)[:5].sub_(1)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf), want, atol=1e-5, rtol=1e-5)
+    shared = out.clone().share_memory_()
+    assert shared.is_shared()
+    torch.testing.assert_close(shared, want, atol=1e-5, rtol=1e-5)
+    del out, shared
+    # Outputs are released when dropped: 40 outputs of 38.5 MB do not pile up in RSS.
+    if os.path.exists("/proc/self/statm"):
+        def rss_mb():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        before = rss_mb()
+        for _ in range(40):
+            out = random_resize_pad(x, O, LARGE[5], sizes=s, offsets=o, backend="ext")[0]
+            del out
+        assert rss_mb() - before < 100

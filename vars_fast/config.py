@@ -171,6 +171,9 @@ class DefenseConfig:
     train_item_frac: float = 0.5  # seeded item split: train / val (threshold) / test (the rest)
     val_item_frac: float = 0.2
     ablations: list = field(default_factory=lambda: ["no-detector", "no-perceptual"])  # Table 5
+    # train the variants in two CPU processes at half the threads each (defense/stage.py); the
+    # no-detector ablation reuses the full model's phase 1 (identical by construction)
+    parallel_variants: bool = True
     # detector
     proj_hidden: int = 512
     proj_dim: int = 128  # paper: 128-d embedding

@@ -3,7 +3,19 @@
 Writes ``checkpoints/defense.pt`` (full model) and ``checkpoints/defense_<variant>.pt`` for
 each of ``defense.ablations`` (``no-detector``: lambda_3 = 0 and no detector;
 ``no-perceptual``: lambda_2 = 0), each trained on the same seeded item split with the same
-schedule; the resumable per-epoch states are ``checkpoints/<name>_train.pt``. Also writes
+schedule and the same seed (same initial weights and draws: the ablations differ from the
+full model only in the ablated term); the resumable per-epoch states are
+``checkpoints/<name>_train.pt``. Phase 1 of ``no-detector`` *is* phase 1 of ``full`` (the
+detector is idle there), so it is taken from ``checkpoints/defense_phase1.pt``.
+
+With ``defense.parallel_variants`` on a CPU with >= 2 threads (no DDP), the variants train in
+two spawned processes ("lanes") at half the threads each: lane 1 trains ``full`` then
+``no-detector`` (from full's phase 1), lane 2 the other ablations. Small-batch training on 2
+cores scales poorly across threads (one epoch: 13.1 s at 2 threads, 16.6 s at 1), so two
+1-thread processes finish the three variants sooner than one 2-thread process. The lanes
+write the usual per-epoch states; this process then loads the finished ones (no retraining),
+calibrates and saves as before. A run with the lanes and a run without them differ in
+floating-point reduction order (thread count), not in method. Also writes
 ``figures/defense_training.png`` (loss curves) and ``meta.defense`` in metrics.json: per
 variant the training time, the validation detection metrics at the chosen threshold and the
 restoration check (the recommender's BPR loss on clean / attacked / denoised held-out items).
@@ -27,27 +39,112 @@ def _seed(ctx, tag: str) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=ctx.generator(tag)))
 
 
+def _variants(dcfg) -> list[str]:
+    return ["full"] + [v for v in dict.fromkeys(dcfg.ablations) if v != "full"]
+
+
+def _lanes(variants: list[str]) -> list[list[str]]:
+    """full + no-detector share phase 1, so they go in one lane, in that order; the rest in the other."""
+    first = [v for v in variants if v in ("full", "no-detector")]
+    rest = [v for v in variants if v not in first]
+    return [lane for lane in (first, rest) if lane]
+
+
+def _train_variant(ctx, variant: str, split: dict, log, progress: bool):
+    cfg = ctx.cfg
+    bcfg = {k: getattr(cfg.backbone, k) for k in cfg.backbone.__dataclass_fields__}
+    from vars_fast.distributed import ddp
+
+    return train_defense(
+        ctx.catalogue, ctx.recommender("VBPR"), ctx.backbone, variant_config(cfg.defense, variant), split,
+        backbone_cfg=bcfg, device=ctx.device, seed=_seed(ctx, "defense-full"),
+        state_path=ctx.run.checkpoint(f"{checkpoint_name(variant)}_train"), amp=cfg.run.amp,
+        compile=cfg.run.compile, progress=progress, log=log, desc=f"defense[{variant}]",
+        # only full writes it and only no-detector reads it (the lanes run concurrently: another
+        # variant writing its own phase 1 there would race with full)
+        phase1_path=(ctx.run.checkpoint("defense_phase1")
+                     if variant in ("full", "no-detector") and not ddp.is_distributed() else None))
+
+
+def _lane_main(cfg_dict: dict, run_path: str, variants: list[str], threads: int, split: dict, log_file: str) -> None:
+    """One lane process: rebuild the context from the run folder, train ``variants`` in order."""
+    from vars_fast.config import from_dict
+    from vars_fast.pipeline import Context
+    from vars_fast.run import RunFolder
+    from vars_fast.utils import setup_logging
+
+    torch.set_num_threads(threads)
+    log = setup_logging(log_file)
+    cfg = from_dict(cfg_dict)
+    ctx = Context(cfg=cfg, run=RunFolder(run_path), device=torch.device("cpu"), log=log)
+    for v in variants:
+        _train_variant(ctx, v, split, log, progress=False)
+
+
+def _use_lanes(ctx, variants: list[str]) -> bool:
+    from vars_fast.distributed import ddp
+
+    return (bool(getattr(ctx.cfg.defense, "parallel_variants", False)) and len(_lanes(variants)) > 1
+            and ctx.device.type == "cpu" and torch.get_num_threads() >= 2 and not ddp.is_distributed())
+
+
+def train_in_lanes(ctx, variants: list[str], split: dict) -> dict[str, float]:
+    """Train ``variants`` in two spawned processes; returns wall seconds per lane's variants."""
+    import multiprocessing as mp
+
+    lanes = _lanes(variants)
+    threads = max(1, torch.get_num_threads() // len(lanes))
+    log_file = str(ctx.run.path / "log.txt")
+    spawn = mp.get_context("spawn")
+    procs = []
+    t0 = time.perf_counter()
+    for lane in lanes:
+        p = spawn.Process(target=_lane_main, args=(ctx.cfg.to_dict(), str(ctx.run.path), lane, threads, split,
+                                                     log_file), name=f"defense-lane-{'+'.join(lane)}",
+                          daemon=True)  # stopped with this process (Ctrl-C); a re-run resumes
+        p.start()
+        procs.append((lane, p))
+    ctx.log.info("defense: training %s in %d processes at %d thread(s) each",
+                 " | ".join("+".join(lane) for lane in lanes), len(lanes), threads)
+    from multiprocessing.connection import wait
+
+    secs, failed = {}, []
+    running = {p.sentinel: (lane, p) for lane, p in procs}
+    while running:  # in finishing order, so each lane's time is its own
+        for sentinel in wait(list(running)):
+            lane, p = running.pop(sentinel)
+            p.join()
+            secs["+".join(lane)] = round(time.perf_counter() - t0, 1)
+            if p.exitcode != 0:
+                failed.append(f"{'+'.join(lane)} (exit code {p.exitcode})")
+    if failed:
+        raise RuntimeError(f"defense: training lane(s) failed: {', '.join(failed)}; see {log_file}. "
+                           "Re-running resumes from the last finished epoch; --set defense.parallel_variants=false "
+                           "trains in this process")
+    return secs
+
+
 def run_stage(ctx) -> None:
     cfg, log = ctx.cfg, ctx.log
     dcfg = cfg.defense
     cat = ctx.catalogue
     rec = ctx.recommender("VBPR")
-    backbone = ctx.backbone
     split = split_items(cat, ctx.generator("defense-split"), dcfg.train_item_frac, dcfg.val_item_frac)
     log.info(f"defense: item split train {len(split['train'])} / val {len(split['val'])} / test {len(split['test'])}")
-    bcfg = {k: getattr(cfg.backbone, k) for k in cfg.backbone.__dataclass_fields__}
     summary, histories = {}, {}
-    for variant in ["full"] + [v for v in dcfg.ablations if v != "full"]:
+    variants = _variants(dcfg)
+    lane_s = train_in_lanes(ctx, variants, split) if _use_lanes(ctx, variants) else {}
+    for variant in variants:
         vcfg = variant_config(dcfg, variant)
         name = checkpoint_name(variant)
         t0 = time.perf_counter()
-        defense, hist = train_defense(
-            cat, rec, backbone, vcfg, split, backbone_cfg=bcfg, device=ctx.device,
-            seed=_seed(ctx, f"defense-{variant}"),
-            state_path=ctx.run.checkpoint(f"{name}_train"), amp=cfg.run.amp, compile=cfg.run.compile,
-            progress=cfg.run.progress, log=log, desc=f"defense[{variant}]")
+        defense, hist = _train_variant(ctx, variant, split, log, cfg.run.progress)
         train_s = time.perf_counter() - t0
-        info = {"train_s": round(train_s, 1), "epochs": len(hist)}
+        info = {"train_s": round(train_s, 1), "epochs": len(hist),
+                "train_cpu_s": round(sum(h.get("cpu_s", 0.0) for h in hist), 1)}
+        if lane_s:  # trained in a lane: wall time until that lane finished (its variants in sequence)
+            info["train_s"] = next(s for k, s in lane_s.items() if variant in k.split("+"))
+            info["lane"] = next(k for k in lane_s if variant in k.split("+"))
         if defense.detector is not None:
             thr, val = calibrate_threshold(defense, rec, cat, split["val"], vcfg,
                                            ctx.generator(f"defense-val-{variant}"), ctx.device,

@@ -119,6 +119,21 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# DefenseConfig fields that cannot change phase 1 (denoiser only, detector idle): two configs
+# that differ only in these share their phase-1 result (``train_defense(phase1_path=...)``).
+# Anything not listed counts, so an unknown new field disables sharing instead of breaking it.
+_NOT_PHASE1 = frozenset({
+    "use_detector", "lambda_contrastive", "epochs_phase2", "detector_epochs", "detector_eps", "proj_hidden",
+    "proj_dim", "temperature", "contrastive_items", "share_negatives", "encoder_lr_mult", "threshold_rule",
+    "rand_min_frac", "addition_sigma", "addition_change", "n_detect_items", "eval_eps", "noise_sigmas",
+    "adaptive", "adaptive_eot", "ablations", "parallel_variants"})
+
+
+def phase1_fingerprint(dcfg: DefenseConfig, *parts) -> str:
+    """What determines the state after phase 1 (with the seed, split, image size, backbone in ``parts``)."""
+    return _fingerprint({k: v for k, v in dataclasses.asdict(dcfg).items() if k not in _NOT_PHASE1}, *parts)
+
+
 # ---------------------------------------------------------------------------- attacks / checks
 
 class _ItemObjective:
@@ -254,6 +269,7 @@ def build_models(dcfg: DefenseConfig, image_size: int, backbone, backbone_cfg: d
 def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backbone_cfg: dict, device,
                   seed: int = 0, state_path: Optional[str | Path] = None, amp: bool = False, compile: bool = False,
                   progress: bool = True, log=None, desc: str = "defense",
+                  phase1_path: Optional[str | Path] = None,
                   on_epoch_end: Optional[Callable[[int, dict], None]] = None) -> tuple[Defense, list[dict]]:
     """Train per Eq. 12 and the schedule above; returns (Defense without threshold, history).
 
@@ -261,6 +277,11 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
     the same configuration; a finished one skips training). ``backbone``: the frozen backbone
     of the recommender, used by the perceptual loss and copied for the detector encoder.
     ``on_epoch_end(epoch, record)`` runs after each epoch's checkpoint (tests kill there).
+    ``phase1_path``: the state after phase 1 (denoiser, its Adam state, RNG, history) is
+    written there, and a run whose phase 1 would be identical (same ``phase1_fingerprint``:
+    seed, split and every field that acts in phase 1) starts from it instead of retraining
+    it. The detector is idle in phase 1 (no forward, no gradient, Adam skips it), so with and
+    without a detector phase 1 is the same computation.
     """
     from vars_fast.attacks.base import frozen
     from vars_fast.attacks.catalogue import sample_item_triples
@@ -309,6 +330,24 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
                 log.info(f"{desc}: resuming from {state_path} after epoch {start}/{len(plan)}")
         elif log:
             log.info(f"{desc}: {state_path} was made by another configuration; training from scratch")
+
+    n_p1 = int(dcfg.epochs_phase1)
+    p1fp = phase1_fingerprint(dcfg, image_size, backbone_cfg, seed, split["train"], str(device.type))
+    n_den = len(groups[0]["params"])
+    if phase1_path is not None and start == 0 and 0 < n_p1 < len(plan) and Path(phase1_path).is_file():
+        st = load_checkpoint(phase1_path)
+        if st.get("fingerprint") == p1fp:
+            den.load_state_dict(st["denoiser"])
+            o = opt.state_dict()  # the denoiser group is group 0, its parameters are 0..n_den-1
+            o["state"].update({int(k): v for k, v in st["optimizer_state"].items()})
+            o["param_groups"][0].update({k: v for k, v in st["optimizer_group"].items() if k != "params"})
+            opt.load_state_dict(o)
+            gen.set_state(st["rng"])
+            history, start = list(st["history"]), n_p1
+            if log:
+                log.info(f"{desc}: phase 1 ({n_p1} epochs) taken from {phase1_path} (identical phase-1 config)")
+        elif log:
+            log.info(f"{desc}: {phase1_path} holds another phase-1 configuration; training phase 1")
 
     use_amp = amp and device.type == "cuda"  # bf16 autocast on GPUs; fp32 on CPU
     den_fwd = torch.compile(den, dynamic=False) if compile else den
@@ -385,6 +424,12 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
                              "detector": det.state_dict() if det is not None else None,
                              "optimizer": opt.state_dict(), "rng": gen.get_state(), "history": history},
                             state_path)
+        if phase1_path is not None and epoch + 1 == n_p1 and n_p1 < len(plan) and ddp.is_main():
+            o = opt.state_dict()
+            save_checkpoint({"fingerprint": p1fp, "denoiser": den.state_dict(),
+                             "optimizer_state": {k: v for k, v in o["state"].items() if int(k) < n_den},
+                             "optimizer_group": {k: v for k, v in o["param_groups"][0].items() if k != "params"},
+                             "rng": gen.get_state(), "history": history}, phase1_path)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, rec_)
 
