@@ -61,6 +61,22 @@ class Context:
                                                 split_key=self.catalogue.meta.get("split_key"))
         return self._cache[key]
 
+    def encoder(self, name: str):
+        """Recommender ``name`` for frozen feature extraction (re-encoding attacked or purified
+        catalogues): its BN-folded NHWC copy when ``attack.fast_encoder`` (``attacks.fast.
+        fast_copy``, checked against the original on real images; 1.7x faster on 2 cores), else
+        the recommender itself. Built once per run."""
+        key = f"encoder:{name}"
+        if key not in self._cache:
+            rec = self.recommender(name)
+            if getattr(self.cfg.attack, "fast_encoder", False):
+                from vars_fast.attacks.fast import fast_copy
+
+                probe = self.catalogue.item_batch(torch.arange(min(8, self.catalogue.n_items)), self.device)
+                rec = fast_copy(rec, probe)
+            self._cache[key] = rec
+        return self._cache[key]
+
     def defense(self):
         if "defense" not in self._cache:
             from vars_fast.defense import load_defense

@@ -116,3 +116,19 @@ def fast_copy(rec: nn.Module, example: Tensor, channels_last: bool = True, fold:
     if not torch.allclose(got, ref, rtol=rtol, atol=rtol * float(ref.abs().mean().clamp_min(1e-6))):
         return rec
     return fast
+
+
+def folded_copy(model: nn.Module, run, inplace_relu6: bool = False, rtol: float = 1e-3) -> tuple[nn.Module, int]:
+    """An eval-mode deep copy of ``model`` with BN folded and "same" paddings streamlined,
+    checked on ``run(m) -> Tensor`` (a forward of ``m`` on a probe batch); returns
+    (copy, number of rewrites), or (``model``, 0) when nothing was rewritten or the outputs
+    differ by more than ``rtol`` relative to their scale. The caller sets the memory format."""
+    with torch.no_grad():
+        ref = run(model).float()
+        cand = copy.deepcopy(model).eval()
+        n = fold_batchnorm([cand], lambda: run(cand))
+        n += streamline([cand], inplace_relu6=inplace_relu6)
+        got = run(cand).float()
+    if n and torch.allclose(got, ref, rtol=rtol, atol=rtol * float(ref.abs().mean().clamp_min(1e-6))):
+        return cand, n
+    return model, 0

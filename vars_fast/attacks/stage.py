@@ -63,24 +63,10 @@ def eps_for(cfg, model: str) -> list:
     return [e for e in eps if float(e) == float(cfg.eval.table_eps)] or eps[:1]
 
 
-def _encoder(ctx, rec):
-    """``rec`` for re-encoding attacked catalogues: its BN-folded NHWC copy when
-    ``attack.fast_encoder`` (``fast.fast_copy``: 1.7x faster here, used only where it matches)."""
-    key = f"attack-encoder:{getattr(rec, 'name', id(rec))}"
-    if key not in ctx._cache:
-        enc = rec
-        if getattr(ctx.cfg.attack, "fast_encoder", False):
-            from vars_fast.attacks.fast import fast_copy
-
-            enc = fast_copy(rec, ctx.catalogue.item_batch(torch.arange(min(8, ctx.catalogue.n_items)), ctx.device))
-        ctx._cache[key] = enc
-    return ctx._cache[key]
-
-
 def _encode(ctx, rec, images_u8):
     from vars_fast.recommenders import encode_catalogue
 
-    return encode_catalogue(_encoder(ctx, rec), images_u8, ctx.cfg.attack.batch_size * 2, ctx.device,
+    return encode_catalogue(ctx.encoder(rec.name), images_u8, ctx.cfg.attack.batch_size * 2, ctx.device,
                             progress=ctx.cfg.run.progress)
 
 

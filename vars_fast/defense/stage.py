@@ -88,8 +88,9 @@ def _use_lanes(ctx, variants: list[str]) -> bool:
             and ctx.device.type == "cpu" and torch.get_num_threads() >= 2 and not ddp.is_distributed())
 
 
-def train_in_lanes(ctx, variants: list[str], split: dict) -> dict[str, float]:
-    """Train ``variants`` in two spawned processes; returns wall seconds per lane's variants."""
+def train_in_lanes(ctx, variants: list[str], split: dict) -> dict[str, dict]:
+    """Train ``variants`` in two spawned processes; returns per variant its lane and the wall
+    seconds until that lane finished (its variants trained in sequence)."""
     import multiprocessing as mp
 
     lanes = _lanes(variants)
@@ -114,7 +115,8 @@ def train_in_lanes(ctx, variants: list[str], split: dict) -> dict[str, float]:
         for sentinel in wait(list(running)):
             lane, p = running.pop(sentinel)
             p.join()
-            secs["+".join(lane)] = round(time.perf_counter() - t0, 1)
+            for v in lane:
+                secs[v] = {"train_s": round(time.perf_counter() - t0, 1), "lane": "+".join(lane)}
             if p.exitcode != 0:
                 failed.append(f"{'+'.join(lane)} (exit code {p.exitcode})")
     if failed:
@@ -142,9 +144,7 @@ def run_stage(ctx) -> None:
         train_s = time.perf_counter() - t0
         info = {"train_s": round(train_s, 1), "epochs": len(hist),
                 "train_cpu_s": round(sum(h.get("cpu_s", 0.0) for h in hist), 1)}
-        if lane_s:  # trained in a lane: wall time until that lane finished (its variants in sequence)
-            info["train_s"] = next(s for k, s in lane_s.items() if variant in k.split("+"))
-            info["lane"] = next(k for k in lane_s if variant in k.split("+"))
+        info.update(lane_s.get(variant, {}))  # trained in a lane: its time replaces the loading time
         if defense.detector is not None:
             thr, val = calibrate_threshold(defense, rec, cat, split["val"], vcfg,
                                            ctx.generator(f"defense-val-{variant}"), ctx.device,

@@ -63,24 +63,17 @@ class Screener:
     @torch.no_grad()
     def _fold(self) -> dict[str, int]:
         """Fold BN in the detector and the backbone; returns the folded pairs per model."""
-        import copy
-
-        from vars_fast.attacks.fast import fold_batchnorm, streamline
+        from vars_fast.attacks.fast import folded_copy
 
         g = torch.Generator().manual_seed(0)
         probe = torch.rand(4, 3, self.image_size, self.image_size, generator=g).to(self.device)
         folded = {}
         for name in ("detector", "backbone"):
             owner = self.defense if name == "detector" else self
-            model = getattr(owner, name)
             run = (lambda m: m.embed(probe)) if name == "detector" else (lambda m: m.features(probe))
-            ref = run(model).float()
-            cand = copy.deepcopy(model)
-            n = fold_batchnorm([cand], lambda: run(cand))
-            n += streamline([cand], inplace_relu6=True)
-            got = run(cand).float()
-            if n and torch.allclose(got, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().mean().clamp_min(1e-6))):
-                setattr(owner, name, cand)
+            model, n = folded_copy(getattr(owner, name), run, inplace_relu6=True)
+            if n:
+                setattr(owner, name, model)
                 folded[name] = n
         return folded
 
