@@ -287,3 +287,68 @@ def test_fast_copy_folds_batchnorm_and_keeps_the_function(setup):
     with torch.no_grad():
         torch.testing.assert_close(fast.encode(x.contiguous(memory_format=torch.channels_last)), rec.encode(x),
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (33, 33), (34, 31), (29, 40)])
+def test_streamline_rewrites_every_same_padding_exactly(hw):
+    """Stride-1 and strided TF-"same" convs of EfficientNet-Lite0 lose their pad copies; the
+    function (and its input gradient) stays the same for even, odd and mixed input sizes."""
+    import copy
+
+    from vars_fast.attacks.fast import SamePadConv2d, streamline
+    from vars_fast.backbones import build_backbone
+    from vars_fast.config import BackboneConfig
+
+    bb = build_backbone(BackboneConfig(name="efficientnet_lite0")).eval()
+    fast = copy.deepcopy(bb)
+    n = streamline([fast], strided=True)
+    kinds = [type(m).__name__ for m in fast.modules()]
+    assert n > 0 and "Conv2dDynamicSamePadding" not in kinds and kinds.count("SamePadConv2d") >= 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, *hw, generator=g)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        fast.to(memory_format=fmt)
+        xa = x.clone().contiguous(memory_format=fmt).requires_grad_(True)
+        xb = x.clone().requires_grad_(True)
+        ya, yb = fast.features(xa), bb.features(xb)
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        # float summation order differs (as between NCHW and NHWC of the original model itself)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-3, atol=1e-4 * float(xb.grad.abs().max()))
+
+
+@pytest.mark.parametrize("k,hw", [(9, (64, 64)), (3, (10, 14)), (5, (7, 8)), (7, (12, 6)), (1, (6, 6))])
+def test_polyphase_conv_equals_the_conv(k, hw):
+    """The space-to-depth form of a few-output-channel "same" conv gives the conv's values (odd
+    sizes fall back to the conv itself), in NCHW and NHWC; a wrong tap would be O(1) off."""
+    from vars_fast.attacks.fast import PolyphaseConv2d
+
+    g = torch.Generator().manual_seed(k)
+    conv = nn.Conv2d(6, 3, k, padding=k // 2)
+    for p in conv.parameters():
+        nn.init.normal_(p, generator=g)
+    poly = PolyphaseConv2d(conv)
+    x = torch.randn(2, 6, *hw, generator=g)
+    with torch.no_grad():
+        want = conv(x)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            got = poly.to(memory_format=fmt)(x.contiguous(memory_format=fmt))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="stride-1"):
+        PolyphaseConv2d(nn.Conv2d(6, 3, 3, stride=2, padding=1))
+
+
+def test_polyphase_copy_of_a_trained_denoiser_keeps_its_output():
+    from vars_fast.attacks.fast import PolyphaseConv2d, polyphase_copy
+    from vars_fast.defense.denoiser import Denoiser
+
+    g = torch.Generator().manual_seed(0)
+    den = Denoiser(width=8, n_res_blocks=1, image_size=16).eval()
+    nn.init.normal_(den.conv_out.weight, std=0.05, generator=g)  # as after training (init is zero)
+    x = torch.rand(3, 3, 16, 16, generator=g)
+    fast, n = polyphase_copy(den, lambda m: m(x))
+    assert n == 1 and isinstance(fast.conv_out, PolyphaseConv2d) and type(den.conv_out) is nn.Conv2d
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), den(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x[:, :, :15, :13]), den(x[:, :, :15, :13]), rtol=1e-5, atol=1e-5)

@@ -235,3 +235,28 @@ def test_gpu_matches_reference(backend, layout):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
             for gg, gw in zip(ggot, gwant):
                 torch.testing.assert_close(gg, gw, atol=2e-3, rtol=1e-3)
+
+
+@needs_ext
+@pytest.mark.parametrize("C", [16, 32, 7])
+@pytest.mark.parametrize("residual", [True, False])
+def test_channels_last_instance_forward_fused_and_unfused_agree_bitwise(C, residual):
+    """channels_last instance norm runs a per-sample fused kernel (C = 16/32/64 unrolled) when
+    the batch has at least one sample per thread, and the unfused two-pass kernel otherwise:
+    both give the reference's values and each other's bits."""
+    y, w, b, r = _inputs(shape=(6, C, 19, 23), residual=residual, layout="channels_last")
+    n_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            whole = residual_epilogue(y, w, b, r, norm="instance", act="relu", backend="ext")  # fused
+            torch.set_num_threads(8)  # N = 1 < threads: the unfused kernel
+            single = [residual_epilogue(y[i:i + 1], w, b, None if r is None else r[i:i + 1], norm="instance",
+                                        act="relu", backend="ext") for i in range(y.shape[0])]
+    finally:
+        torch.set_num_threads(n_threads)
+    assert whole.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(whole, torch.cat(single))
+    want = residual_epilogue_reference(*[t.double() if t is not None else None for t in (y, w, b, r)],
+                                       norm="instance", act="relu")
+    torch.testing.assert_close(whole, want.float(), atol=1e-4, rtol=1e-4)

@@ -89,6 +89,23 @@ def test_screener_matches_defense_detect(screener):
     torch.testing.assert_close(torch.from_numpy(feat), feat_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_inference_rewrites_keep_the_checkpoints_function(ckpt, screener):
+    """The screener's rewritten models (BN folded, strided "same" pads dropped, polyphase output
+    conv) give the checkpoint's models' distances and features, even and odd image sizes."""
+    from vars_fast.data.synthetic import SyntheticCatalogue
+    from vars_fast.screening.model import Screener
+
+    plain = Screener.from_checkpoint(ckpt, "cpu", fold_bn=False)
+    assert set(screener.folded) == {"detector", "backbone", "denoiser"} and plain.folded == {}
+    imgs = SyntheticCatalogue(size=SIZE).render_many(range(6))
+    for x in (imgs, imgs[:, :, :SIZE - 1, :SIZE - 3]):  # odd sizes: polyphase falls back, pads differ
+        d_fast, fl_fast, f_fast, _ = screener(x)
+        d_ref, fl_ref, f_ref, _ = plain(x)
+        torch.testing.assert_close(torch.from_numpy(d_fast), torch.from_numpy(d_ref), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(f_fast), torch.from_numpy(f_ref), rtol=1e-4, atol=1e-4)
+        assert fl_fast.tolist() == fl_ref.tolist()
+
+
 def test_manifest_csv_parquet_and_tar_agree(ckpt, screener, folder, tmp_path):
     import pyarrow as pa
 

@@ -218,6 +218,73 @@ void instance_fwd_fused(const Geo& g, const scalar_t* y, const scalar_t* r, scal
   });
 }
 
+// channels_last instance norm (the screener's and the evaluation's NHWC denoiser), one sample
+// per task: the sample's moments, then its apply pass while the sample (HW x C, 256 KB at
+// 64 px x 16 ch) is still in L2. The same arithmetic, in the same order, as nc_sums (R = double)
+// followed by nc_map, so the output is bit-identical to the unfused channels_last path; only
+// the memory traffic and the task split differ. Needs N >= the thread count to use every core
+// (the caller falls back to the unfused path otherwise).
+// CC: C as a compile-time constant (0: read g.C): with only C = 16 elements per row, a runtime
+// trip count cost a vector-loop setup per row that took longer than the row's arithmetic.
+// NOTE measured (2 threads, 32x16x64x64 fp32, ReLU): unfused 2.3 ms, NCHW fused 1.0 ms.
+template <typename scalar_t, bool RELU, bool RES, int CC>
+void instance_fwd_fused_cl(const Geo& g, const scalar_t* y, const scalar_t* r, scalar_t* out,
+                           const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b, double eps,
+                           at::opmath_type<scalar_t>* mp, at::opmath_type<scalar_t>* rp) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = CC ? CC : g.C, HW = g.HW;
+  at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t e0) {
+    std::vector<double> c1(C), c2(C), a1(C), a2(C);
+    std::vector<acc_t> A(C), B(C);
+    const int64_t rows = std::max<int64_t>(1, kChunk / std::max<int64_t>(C, 1));
+    for (int64_t n = b0; n < e0; ++n) {
+      const scalar_t* ys = y + n * HW * C;
+      std::fill(a1.begin(), a1.end(), 0.0);
+      std::fill(a2.begin(), a2.end(), 0.0);
+      double* p1 = c1.data();
+      double* p2 = c2.data();
+      for (int64_t i0 = 0; i0 < HW; i0 += rows) {
+        std::fill(c1.begin(), c1.end(), 0.0);
+        std::fill(c2.begin(), c2.end(), 0.0);
+        for (int64_t i = i0; i < std::min(HW, i0 + rows); ++i) {
+          const scalar_t* xp = ys + i * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const double d = static_cast<double>(xp[c]);
+            p1[c] += d;
+            p2[c] += d * d;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) a1[c] += p1[c], a2[c] += p2[c];
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const double m = a1[c] / static_cast<double>(HW);
+        const double var = std::max(a2[c] / static_cast<double>(HW) - m * m, 0.0);
+        mp[n * C + c] = static_cast<acc_t>(m);
+        rp[n * C + c] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+        A[c] = w[c] * rp[n * C + c];
+        B[c] = b[c] - mp[n * C + c] * w[c] * rp[n * C + c];
+      }
+      const acc_t* Ap = A.data();
+      const acc_t* Bp = B.data();
+      scalar_t* os = out + n * HW * C;
+      const scalar_t* rs = RES ? r + n * HW * C : ys;
+      for (int64_t i = 0; i < HW; ++i) {
+        const scalar_t* xp = ys + i * C;
+        const scalar_t* rq = rs + i * C;
+        scalar_t* op = os + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t h = Ap[c] * static_cast<acc_t>(xp[c]) + Bp[c];
+          if constexpr (RELU) h = h > acc_t(0) ? h : acc_t(0);
+          if constexpr (RES) op[c] = static_cast<scalar_t>(static_cast<scalar_t>(h) + rq[c]);
+          else op[c] = static_cast<scalar_t>(h);
+        }
+      }
+    }
+  });
+}
+
 // Backward of the above, plane by plane: sums of g' and g'(y - mean), then dy, with the plane's
 // y and grad still in L2. Writes the per-plane sums (for dw, db) to t1, t2.
 template <typename scalar_t, bool RELU>
@@ -296,6 +363,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_epilogue_fwd_cpu(
         with_flag(rsp != nullptr, [&](auto res_c) {
           instance_fwd_fused<scalar_t, decltype(relu_c)::value, decltype(res_c)::value>(
               g, yp, rsp, out.data_ptr<scalar_t>(), wd.data(), bd.data(), eps, mp, rp);
+        });
+      });
+      return;
+    }
+    if (!batch && g.cl && g.N >= at::get_num_threads()) {
+      auto [wa, ba] = affine<acc_t>(weight, bias, g.C);
+      const scalar_t* rsp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
+      with_flag(relu, [&](auto relu_c) {
+        with_flag(rsp != nullptr, [&](auto res_c) {
+          constexpr bool R = decltype(relu_c)::value, S = decltype(res_c)::value;
+          scalar_t* o = out.data_ptr<scalar_t>();
+          switch (g.C) {
+            case 16: instance_fwd_fused_cl<scalar_t, R, S, 16>(g, yp, rsp, o, wa.data(), ba.data(), eps, mp, rp); break;
+            case 32: instance_fwd_fused_cl<scalar_t, R, S, 32>(g, yp, rsp, o, wa.data(), ba.data(), eps, mp, rp); break;
+            case 64: instance_fwd_fused_cl<scalar_t, R, S, 64>(g, yp, rsp, o, wa.data(), ba.data(), eps, mp, rp); break;
+            default: instance_fwd_fused_cl<scalar_t, R, S, 0>(g, yp, rsp, o, wa.data(), ba.data(), eps, mp, rp);
+          }
         });
       });
       return;

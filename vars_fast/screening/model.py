@@ -39,9 +39,11 @@ class Screener:
                  channels_last: Optional[bool] = None, compile: bool = False, keep_denoised: bool = False,
                  fold_bn: bool = True):
         """``channels_last`` None: on (NHWC convs are faster with oneDNN and cuDNN alike);
-        ``fold_bn``: fold the eval BatchNorms of the detector encoder and the feature backbone
-        into their convs (``attacks.fast.fold_batchnorm``) and drop their separate "same"
-        padding copies (``attacks.fast.streamline``), kept only where the outputs match the
+        ``fold_bn``: inference copies of the models (``_fold``): the eval BatchNorms of the
+        detector encoder and the feature backbone folded into their convs
+        (``attacks.fast.fold_batchnorm``), their separate "same" padding copies dropped
+        (``attacks.fast.streamline``), on CPU the denoiser's output conv in space-to-depth form
+        (``attacks.fast.PolyphaseConv2d``); each kept only where its outputs match the
         original model on a probe batch (rtol 1e-3)."""
         if getattr(defense, "detector", None) is None:
             raise ValueError("this defence checkpoint has no detector (the no-detector ablation): it cannot screen")
@@ -62,8 +64,11 @@ class Screener:
 
     @torch.no_grad()
     def _fold(self) -> dict[str, int]:
-        """Fold BN in the detector and the backbone; returns the folded pairs per model."""
-        from vars_fast.attacks.fast import folded_copy
+        """Inference copies, each kept only where it matches the original on a probe batch:
+        BN folded and "same" paddings streamlined in the detector and the backbone
+        (``attacks.fast.folded_copy``), and on CPU the denoiser's few-channel output conv run in
+        space-to-depth form (``attacks.fast.polyphase_copy``). Returns the rewrites per model."""
+        from vars_fast.attacks.fast import folded_copy, polyphase_copy
 
         g = torch.Generator().manual_seed(0)
         probe = torch.rand(4, 3, self.image_size, self.image_size, generator=g).to(self.device)
@@ -71,10 +76,16 @@ class Screener:
         for name in ("detector", "backbone"):
             owner = self.defense if name == "detector" else self
             run = (lambda m: m.embed(probe)) if name == "detector" else (lambda m: m.features(probe))
-            model, n = folded_copy(getattr(owner, name), run, inplace_relu6=True)
+            model, n = folded_copy(getattr(owner, name), run, inplace_relu6=True, strided=True)
             if n:
                 setattr(owner, name, model)
                 folded[name] = n
+        # measured on CPU (oneDNN) only: on CUDA the original conv stays
+        model, n = polyphase_copy(self.defense.denoiser, lambda m: m.residual(probe)) \
+            if self.device.type == "cpu" else (None, 0)
+        if n:
+            self.defense.denoiser = model
+            folded["denoiser"] = n
         return folded
 
     @classmethod
