@@ -91,7 +91,7 @@ def test_screen_throughput(bench, setup, provider):
             screen(str(base / "imgs"), str(ck), str(out), batch_size=BATCH, shard_size=256, workers=2,
                    screener=screener, threads=t, progress=False)
     try:
-        res = bench.run(fn, rounds=1)
+        res = bench.run(fn, rounds=3)  # best of 3: the shared VM's speed drifts by tens of % over minutes
     finally:
         torch.set_num_threads(threads)
     bench.record(op="screen", shape=f"{N_ITEMS}x3x{SIZE}x{SIZE}", provider=provider,
