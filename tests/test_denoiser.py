@@ -139,3 +139,25 @@ def test_shared_negatives_add_other_items_adv():
     own = contrastive_loss(*z, 0.1, share_negatives=False)
     shared = contrastive_loss(*z, 0.1, share_negatives=True)
     assert float(shared) > float(own)  # more negatives in every denominator
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (29, 35)])
+def test_nhwc_token_order_keeps_the_global_block(hw):
+    """GlobalBlock.nhwc_tokens (set by the screener's inference copy) takes NHWC tokens in
+    (row, col, channel) order with permuted embed/unembed weights: the same block function."""
+    from vars_fast.defense.denoiser import GlobalBlock
+
+    torch.manual_seed(0)
+    blk = GlobalBlock(width=8, patch_size=8, dim=32, heads=4, mlp_ratio=2.0, image_size=32).eval()
+    for p in blk.parameters():  # unembed starts at zero: give every weight a value
+        nn.init.normal_(p, std=0.2)
+    x = torch.randn(3, 8, *hw).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = blk(x)
+        blk.nhwc_tokens = True
+        got = blk(x)
+        got_nchw = blk(x.contiguous())  # NCHW input: the flag does not apply
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert want.abs().max() > 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_nchw, want, rtol=0, atol=0)

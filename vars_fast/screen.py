@@ -84,11 +84,13 @@ def screen(input: str, checkpoint: Optional[str], out: str, *, limit: Optional[i
            channels_last: Optional[bool] = None, write_denoised: bool = False, engine: str = "local",
            root: Optional[str] = None, id_col: str = "item_id", path_col: str = "path",
            max_bytes: int = MAX_BYTES, progress: bool = True, screener: Any = None,
-           ray_actors: int = 1, threads: int = 0) -> dict:
+           ray_actors: int = 1, threads: int = 0, batch_threads: int = 0) -> dict:
     """Run (or resume) a screening job; returns the summary dict (also ``<out>/summary.json``).
 
     ``screener``: a ready :class:`vars_fast.screening.model.Screener` (tests, benchmarks);
-    default: built from ``checkpoint``.
+    default: built from ``checkpoint``. ``batch_threads`` (local engine): batches run in
+    parallel, each on one intra-op thread; 0: as many as torch threads on CPU without
+    ``compile``, else 1 (``screening.local``).
     """
     from vars_fast.utils import get_device, progress as bar
 
@@ -142,8 +144,14 @@ def screen(input: str, checkpoint: Optional[str], out: str, *, limit: Optional[i
         if engine == "local":
             from vars_fast.screening.local import run_local
 
+            import torch
+
+            if batch_threads <= 0:
+                cpu = getattr(screener.device, "type", str(screener.device)) == "cpu"
+                batch_threads = torch.get_num_threads() if cpu and not compile else 1
             stats = run_local(screener, pf, meta, out_dir, shard_size, batch_size, done, workers=workers,
-                              write_images=write_denoised, max_bytes=max_bytes, on_batch=pbar.update)
+                              write_images=write_denoised, max_bytes=max_bytes, on_batch=pbar.update,
+                              batch_threads=batch_threads)
         elif engine == "ray":
             from vars_fast.distributed.ray_engine import run_ray
 
@@ -166,7 +174,8 @@ def screen(input: str, checkpoint: Optional[str], out: str, *, limit: Optional[i
               "engine": engine, "image_size": screener.image_size, "input_kind": meta["kind"],
               "root": meta["root"], "max_bytes": max_bytes, "resumed_shards": len(done),
               "items_this_run": stats["items"], "cpu_count": os.cpu_count(),
-              "torch_threads": __import__("torch").get_num_threads()}
+              "torch_threads": __import__("torch").get_num_threads(),
+              "batch_threads": batch_threads if engine == "local" else None}
     return summarise(out_dir, n_shards, screener.threshold, config, versions(engine), ips, stats["seconds"])
 
 
@@ -194,6 +203,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--ray-actors", type=int, default=1, help="model actors for --engine ray")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads of the model process (0: torch's default; 1 is best on a busy machine)")
+    ap.add_argument("--batch-threads", type=int, default=0,
+                    help="batches run in parallel on CPU, one intra-op thread each (0: one per torch thread)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -202,7 +213,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    device=a.device, shard_size=a.shard_size, compile=a.compile, amp=a.amp,
                    channels_last=a.channels_last, write_denoised=a.write_denoised, engine=a.engine, root=a.root,
                    id_col=a.id_col, path_col=a.path_col, max_bytes=a.max_bytes, progress=not a.no_progress,
-                   ray_actors=a.ray_actors, threads=a.threads)
+                   ray_actors=a.ray_actors, threads=a.threads, batch_threads=a.batch_threads)
     except (InputError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"screen: error: {e}", file=sys.stderr)
         return 2

@@ -1,12 +1,21 @@
 """The local engine: a torch DataLoader whose workers read + decode + resize one model batch
 each (in parallel, in input order), while the main process runs the models and writes shards.
 
+On CPU the models run batch-parallel: ``batch_threads`` Python threads each run whole batches
+with one intra-op thread (torch releases the GIL inside its ops), instead of one batch at a time
+with ``batch_threads`` OpenMP threads that meet at a barrier after every op. Results are
+consumed in submission order, so shards are written exactly as in the sequential loop.
+# NOTE measured (2-core VM, screener alone, 64 px, batch 32, 3 interleaved reps): 1 thread x
+# OpenMP 2: 126-138 img/s; 2 threads x OpenMP 1: 142-186 img/s.
+
 Memory is bounded by (workers x prefetch + 1) batches plus one shard of output rows; the
 list of pending batches is a generator over the plan, never materialised.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -73,8 +82,9 @@ class _Lazy(Sampler):
 
 def run_local(screener, plan_file: Path, meta: dict, out: Path, shard_size: int, batch_size: int,
               done: set[int], workers: int = 2, write_images: bool = False, max_bytes: int = MAX_BYTES,
-              on_batch: Optional[Callable[[int], None]] = None) -> dict:
-    """Screen every unfinished shard; returns {"items", "ok", "seconds"} for this run."""
+              on_batch: Optional[Callable[[int], None]] = None, batch_threads: int = 1) -> dict:
+    """Screen every unfinished shard; returns {"items", "ok", "seconds"} for this run.
+    ``batch_threads`` > 1: that many batches in flight, each on one intra-op thread (CPU)."""
     n, root, size = meta["n"], meta["root"], screener.image_size
     loader = DataLoader(_Batches(str(plan_file), root, size, max_bytes),
                         sampler=_Lazy(lambda: pending_batches(n, shard_size, batch_size, done)),
@@ -84,10 +94,12 @@ def run_local(screener, plan_file: Path, meta: dict, out: Path, shard_size: int,
     buf: Optional[ShardBuffer] = None
     items = ok = 0
     t0 = t_shard = time.perf_counter()
-    for b in loader:
+
+    def finish(b: dict, result: tuple) -> None:
+        nonlocal buf, items, ok, t_shard
         if buf is None:
             buf, t_shard = ShardBuffer(b["shard"]), time.perf_counter()
-        dist, flagged, feat, den = screener(b["images"])
+        dist, flagged, feat, den = result
         buf.add(b["pos"], b["item_id"], b["source"], b["status"], b["error"], dist, flagged, feat)
         if write_images and den is not None:
             write_denoised(out, [i for i, s in zip(b["item_id"], b["status"]) if s == "ok"], den)
@@ -98,4 +110,25 @@ def run_local(screener, plan_file: Path, meta: dict, out: Path, shard_size: int,
             buf = None
         if on_batch:
             on_batch(len(b["pos"]))
+
+    if batch_threads <= 1:
+        for b in loader:
+            finish(b, screener(b["images"]))
+        return {"items": items, "ok": ok, "seconds": time.perf_counter() - t0}
+    intra = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(batch_threads, thread_name_prefix="screen-model")
+    inflight: deque = deque()
+    try:
+        for b in loader:
+            inflight.append((b, pool.submit(screener, b["images"])))
+            if len(inflight) > batch_threads:  # keep every thread busy, no more
+                b0, fut = inflight.popleft()
+                finish(b0, fut.result())
+        while inflight:
+            b0, fut = inflight.popleft()
+            finish(b0, fut.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(intra)
     return {"items": items, "ok": ok, "seconds": time.perf_counter() - t0}

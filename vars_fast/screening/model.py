@@ -9,6 +9,7 @@ tests/test_screen.py checks the result equals ``Defense.detect`` to float tolera
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,7 +44,8 @@ class Screener:
         detector encoder and the feature backbone folded into their convs
         (``attacks.fast.fold_batchnorm``), their separate "same" padding copies dropped
         (``attacks.fast.streamline``), on CPU the denoiser's output conv in space-to-depth form
-        (``attacks.fast.PolyphaseConv2d``); each kept only where its outputs match the
+        (``attacks.fast.PolyphaseConv2d``) and NHWC-ordered transformer tokens; the folded and
+        polyphase copies are kept only where their outputs match the
         original model on a probe batch (rtol 1e-3)."""
         if getattr(defense, "detector", None) is None:
             raise ValueError("this defence checkpoint has no detector (the no-detector ablation): it cannot screen")
@@ -66,9 +68,11 @@ class Screener:
     def _fold(self) -> dict[str, int]:
         """Inference copies, each kept only where it matches the original on a probe batch:
         BN folded and "same" paddings streamlined in the detector and the backbone
-        (``attacks.fast.folded_copy``), and on CPU the denoiser's few-channel output conv run in
-        space-to-depth form (``attacks.fast.polyphase_copy``). Returns the rewrites per model."""
+        (``attacks.fast.folded_copy``); on CPU, the denoiser's few-channel output conv run in
+        space-to-depth form (``attacks.fast.polyphase_copy``) and its transformer block's
+        tokens taken in NHWC order (``GlobalBlock.nhwc_tokens``). Returns the rewrites per model."""
         from vars_fast.attacks.fast import folded_copy, polyphase_copy
+        from vars_fast.defense.denoiser import GlobalBlock
 
         g = torch.Generator().manual_seed(0)
         probe = torch.rand(4, 3, self.image_size, self.image_size, generator=g).to(self.device)
@@ -80,12 +84,16 @@ class Screener:
             if n:
                 setattr(owner, name, model)
                 folded[name] = n
-        # measured on CPU (oneDNN) only: on CUDA the original conv stays
-        model, n = polyphase_copy(self.defense.denoiser, lambda m: m.residual(probe)) \
-            if self.device.type == "cpu" else (None, 0)
-        if n:
-            self.defense.denoiser = model
-            folded["denoiser"] = n
+        if self.device.type == "cpu":  # measured on CPU (oneDNN) only: on CUDA the model stays as is
+            model, n = polyphase_copy(self.defense.denoiser, lambda m: m.residual(probe))
+            model = model if n else copy.deepcopy(self.defense.denoiser)
+            for m in model.modules():
+                if isinstance(m, GlobalBlock):
+                    m.nhwc_tokens = True  # used when the input is NHWC (``channels_last``)
+                    n += 1
+            if n:
+                self.defense.denoiser = model
+                folded["denoiser"] = n
         return folded
 
     @classmethod
