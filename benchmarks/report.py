@@ -49,7 +49,7 @@ def tables(rows: list[dict], machine: dict) -> tuple[str, list[dict]]:
     md, out = [], []
     for (op, shape), rs in sorted(groups.items()):
         base = {r["provider"]: r["median_s"] for r in rs if _is_baseline(r["provider"])}
-        extra_keys = sorted({k for r in rs for k in r if k.endswith("_per_s")})
+        extra_keys = sorted({k for r in rs for k in r if k.endswith("_per_s") or k.startswith("paired_")})
         head = ["provider", "median ms"] + [f"vs {b}" for b in base] + ["GB/s", "% copy BW", "GFLOP/s", "% mm peak",
                                                                           "peak MB"] + extra_keys
         md += [f"### {op} {shape}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -6,9 +6,16 @@ Providers:
   Defense.purify(x))`` (the denoiser runs twice) on the models as the checkpoint loads them
   (eval mode, NCHW, BatchNorms unfolded), autograd left on, no workers.
 * ``package``  -- ``vars_fast.screen.screen``: DataLoader workers decode in parallel with the
-  model, one denoiser pass per image, inference mode, Parquet shards + summary written.
-* ``package-t1`` -- the same with one torch thread in the model process (the decode workers
-  take the other core; on a busy shared machine this was the faster setting).
+  model, one denoiser pass per image, the screener's inference rewrites, two batches at a time
+  on two model threads (one intra-op thread each), inference mode, Parquet shards + summary
+  written.
+* ``package-t1`` -- the same with one torch thread in the model process, hence one batch at a
+  time (the decode workers take the other core).
+
+The providers run one after the other (1 warm-up + 3 rounds each, about 5 minutes in all), and this VM's
+speed drifts by tens of percent over minutes, so ``test_screen_paired`` also times the naive
+loop and the package back to back, 3 pairs in alternating order, and records the per-pair
+speed-ups (op ``screen-paired``): the drift-robust ratio.
 
 Checkpoint: an untrained defence with the default widths (``DefenseConfig``) at 64 px and the
 packaged EfficientNet-Lite0 (throughput does not depend on the weights' values).
@@ -91,9 +98,51 @@ def test_screen_throughput(bench, setup, provider):
             screen(str(base / "imgs"), str(ck), str(out), batch_size=BATCH, shard_size=256, workers=2,
                    screener=screener, threads=t, progress=False)
     try:
-        res = bench.run(fn, rounds=3)  # best of 3: the shared VM's speed drifts by tens of % over minutes
+        res = bench.run(fn, rounds=3)  # + 1 warm-up; best of 3: the VM's speed drifts by tens of % over minutes
     finally:
         torch.set_num_threads(threads)
     bench.record(op="screen", shape=f"{N_ITEMS}x3x{SIZE}x{SIZE}", provider=provider,
                  items_per_s=N_ITEMS / bench.benchmark.stats.stats.min)
     del res
+
+
+def test_screen_paired(bench, setup):
+    """Naive loop and package timed back to back (naive first, then package first, ...): the
+    speed-up of each pair is measured under the same machine speed."""
+    import statistics
+    import time
+
+    base, paths, ck = setup
+    models = naive_models(ck)
+    screener = Screener.from_checkpoint(ck, "cpu")
+    threads = torch.get_num_threads()
+    speedups: list[float] = []
+
+    def naive() -> float:
+        t = time.perf_counter()
+        naive_loop(*models, paths)
+        return time.perf_counter() - t
+
+    def package() -> float:
+        t = time.perf_counter()
+        screen(str(base / "imgs"), str(ck), str(base / f"out{next(_runs)}"), batch_size=BATCH, shard_size=256,
+               workers=2, screener=screener, progress=False)
+        return time.perf_counter() - t
+
+    def pair():
+        if len(speedups) % 2 == 0:
+            tn = naive()
+            tp = package()
+        else:
+            tp = package()
+            tn = naive()
+        speedups.append(tn / tp)
+
+    try:
+        bench.run(pair, rounds=3)  # + 1 warm-up pair (first-use imports), left out below
+    finally:
+        torch.set_num_threads(threads)
+    timed = speedups[1:]
+    bench.record(op="screen-paired", shape=f"{N_ITEMS}x3x{SIZE}x{SIZE}", provider="naive/package pairs",
+                 paired_speedup_median=statistics.median(timed), paired_speedup_min=min(timed),
+                 paired_speedup_max=max(timed))
