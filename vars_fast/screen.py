@@ -142,9 +142,9 @@ def screen(input: str, checkpoint: Optional[str], out: str, *, limit: Optional[i
     pbar = bar(total=todo, desc="screen", unit="img", enabled=progress)
     try:
         if engine == "local":
-            from vars_fast.screening.local import run_local
-
             import torch
+
+            from vars_fast.screening.local import run_local
 
             if batch_threads <= 0:
                 cpu = getattr(screener.device, "type", str(screener.device)) == "cpu"

@@ -8,7 +8,9 @@ consumed in submission order, so shards are written exactly as in the sequential
 # NOTE measured (2-core VM, screener alone, 64 px, batch 32, 3 interleaved reps): 1 thread x
 # OpenMP 2: 126-138 img/s; 2 threads x OpenMP 1: 142-186 img/s.
 
-Memory is bounded by (workers x prefetch + 1) batches plus one shard of output rows; the
+Memory is bounded by (workers x prefetch + batch_threads + 1) batches plus one shard of
+output rows (and, with batch threads, the freed memory of their malloc arenas, trimmed after
+every shard); the
 list of pending batches is a generator over the plan, never materialised.
 """
 from __future__ import annotations
