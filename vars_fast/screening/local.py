@@ -10,8 +10,7 @@ consumed in submission order, so shards are written exactly as in the sequential
 
 Memory is bounded by (workers x prefetch + batch_threads + 1) batches plus one shard of
 output rows (and, with batch threads, the freed memory of their malloc arenas, trimmed after
-every shard); the
-list of pending batches is a generator over the plan, never materialised.
+every shard); the list of pending batches is a generator over the plan, never materialised.
 """
 from __future__ import annotations
 
