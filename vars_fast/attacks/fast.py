@@ -107,7 +107,8 @@ class PolyphaseConv2d(nn.Module):
     float rounding). Odd H or W: the original conv. The (a,b,c) channel order (not
     ``pixel_unshuffle``'s (c,a,b)) makes both rearrangements copies of contiguous runs in NHWC.
     # NOTE measured (2 threads, NHWC, 32x16x64x64, 16->3 9x9): 28.5 ms direct vs 14.7 ms with
-    # pixel_(un)shuffle; the rearrangement alone: pixel_unshuffle 5.7 ms, the (a,b,c) copy 1.4 ms.
+    # pixel_(un)shuffle; the rearrangement alone: pixel_unshuffle 5.7 ms, the (a,b,c) copy 1.4 ms;
+    # with it, in another run: 25.2 ms direct vs 9.7 ms.
     """
 
     def __init__(self, conv: nn.Conv2d, r: int = 2):
