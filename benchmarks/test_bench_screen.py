@@ -115,7 +115,6 @@ def test_screen_paired(bench, setup):
     base, paths, ck = setup
     models = naive_models(ck)
     screener = Screener.from_checkpoint(ck, "cpu")
-    threads = torch.get_num_threads()
     speedups: list[float] = []
 
     def naive() -> float:
@@ -138,10 +137,7 @@ def test_screen_paired(bench, setup):
             tn = naive()
         speedups.append(tn / tp)
 
-    try:
-        bench.run(pair, rounds=3)  # + 1 warm-up pair (first-use imports), left out below
-    finally:
-        torch.set_num_threads(threads)
+    bench.run(pair, rounds=3)  # + 1 warm-up pair (first-use imports), left out below
     timed = speedups[1:]
     bench.record(op="screen-paired", shape=f"{N_ITEMS}x3x{SIZE}x{SIZE}", provider="naive/package pairs",
                  paired_speedup_median=statistics.median(timed), paired_speedup_min=min(timed),

@@ -147,7 +147,7 @@ def screen(input: str, checkpoint: Optional[str], out: str, *, limit: Optional[i
             from vars_fast.screening.local import run_local
 
             if batch_threads <= 0:
-                cpu = getattr(screener.device, "type", str(screener.device)) == "cpu"
+                cpu = screener.device.type == "cpu"
                 batch_threads = torch.get_num_threads() if cpu and not compile else 1
             stats = run_local(screener, pf, meta, out_dir, shard_size, batch_size, done, workers=workers,
                               write_images=write_denoised, max_bytes=max_bytes, on_batch=pbar.update,
