@@ -5,23 +5,42 @@ Baselines: ``eager`` = the per-sample F.interpolate + pad loop (the spec), ``eag
 the batched grid_sample formulation, ``compile`` = torch.compile of the grid_sample
 formulation (the loop has data-dependent shapes, so compiling it would recompile per size).
 bytes = input read + output write.
+
+Memory. Every provider makes a fresh 38.5 MB output per call. With glibc's malloc that is a
+fresh mapping every time (above its 32 MiB mmap threshold), and its first-touch page faults
+cost this 2-core VM 10-20 ms, more than the kernel's arithmetic, and the VM's fault rate
+swings from run to run. A GPU run never sees this (PyTorch's CUDA caching allocator), nor does
+a CPU run under jemalloc/tcmalloc. So the headline rows (op ``random_resize_pad``) run every
+provider, baselines included, inside ``vars_fast.ops.cpu_block_cache``, where large blocks are
+recycled: the same warm memory for all, the work of each formulation compared. The op
+``random_resize_pad [malloc]`` repeats them with the process's plain allocator, where the kernel
+takes fresh huge-page mappings (csrc/cpu/huge_page_alloc.h) and the baselines fresh 4 KiB pages.
 """
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
+from vars_fast.ops.memory import cpu_block_cache, cpu_block_cache_available
 from vars_fast.ops.random_resize_pad import (draw_resize_pad, random_resize_pad, random_resize_pad_grid_sample,
                                              random_resize_pad_reference)
 
 B, C, S, MIN = 64, 3, 224, 200
 PROVIDERS = ("eager", "eager_grid", "compile", "cpp", "triton", "cuda")
+ALLOCATORS = ("block-cache", "malloc")
 
 
+@pytest.mark.parametrize("alloc", ALLOCATORS)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_random_resize_pad(bench, provider):
+def test_random_resize_pad(bench, provider, alloc):
     bench.skip_unless(provider, "random_resize_pad")
     device = bench.device
+    if alloc == "block-cache" and device != "cpu":
+        pytest.skip("the block cache is a CPU allocator (CUDA memory is always cached)")
+    if alloc == "block-cache" and not cpu_block_cache_available():
+        pytest.skip("cpu_block_cache needs the compiled extension")
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(B, C, S, S, generator=gen).to(device)
     sizes, offsets = draw_resize_pad(B, S, MIN, gen, device)
@@ -36,8 +55,9 @@ def test_random_resize_pad(bench, provider):
     else:
         backend = "triton" if provider == "triton" else "ext"
         fn = lambda: random_resize_pad(x, S, MIN, sizes=sizes, offsets=offsets, backend=backend)[0]  # noqa: E731
-    out = bench.run(fn, rounds=5)
-    bench.record(op="random_resize_pad", shape=x.shape, provider=provider,
-           bytes=2 * x.numel() * x.element_size(), flops=0, fn=fn, mode="bilinear",
-           min_size=MIN)
+    with cpu_block_cache() if alloc == "block-cache" else contextlib.nullcontext():
+        out = bench.run(fn, rounds=5)
+        bench.record(op="random_resize_pad" if alloc == "block-cache" or device != "cpu" else "random_resize_pad [malloc]",
+                     shape=x.shape, provider=provider, bytes=2 * x.numel() * x.element_size(), flops=0, fn=fn,
+                     mode="bilinear", min_size=MIN, allocator=alloc)
     assert out.shape == (B, C, S, S)

@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/block_cache.h"
+
 extern "C" {
 // Importing vars_fast._C runs the static TORCH_LIBRARY initialisers below; the module
 // itself exposes nothing (ops are reached through torch.ops.vars_fast).
@@ -54,4 +56,11 @@ TORCH_LIBRARY(vars_fast, m) {
         "Tensor anchor_group, Tensor candidate_group, Tensor lse, float temperature) -> "
         "(Tensor grad_anchors, Tensor grad_candidates)");
   // ---- END residual_epilogue / info_nce schemas -----------------------------------------
+
+  // ---- the opt-in CPU block cache (csrc/cpu/block_cache.h; vars_fast/ops/memory.py) -----
+  // No tensor arguments: catch-all kernels registered with the schema.
+  m.def("_block_cache_enable(int min_bytes, int max_cached_bytes) -> ()", &vars_fast::block_cache_enable);
+  m.def("_block_cache_disable() -> ()", &vars_fast::block_cache_disable);
+  m.def("_block_cache_empty() -> ()", &vars_fast::block_cache_empty);
+  m.def("_block_cache_stats() -> int[]", &vars_fast::block_cache_stats);
 }

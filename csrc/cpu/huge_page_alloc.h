@@ -22,11 +22,39 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "block_cache.h"
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 namespace vars_fast {
+
+namespace detail {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+constexpr size_t kHugePage = size_t(2) << 20;
+
+// A 2 MiB-aligned anonymous mapping of n bytes (rounded up to whole 4 KiB pages; the part past
+// the last 2 MiB boundary stays on small pages rather than growing the mapping), or nullptr.
+// *len receives the mapped length (what unmap_huge needs).
+inline void* map_huge(size_t n, size_t* len_out) {
+  const size_t len = (n + 4095) & ~size_t(4095);
+  const size_t span = len + kHugePage;
+  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t b = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t a = (b + kHugePage - 1) & ~(uintptr_t(kHugePage) - 1);
+  if (a > b) munmap(raw, a - b);
+  if (b + span > a + len) munmap(reinterpret_cast<void*>(a + len), b + span - (a + len));
+  void* p = reinterpret_cast<void*>(a);
+  madvise(p, len, MADV_HUGEPAGE);  // advisory: on failure the mapping still works on small pages
+  *len_out = len;
+  return p;
+}
+
+inline void unmap_huge(void* p, size_t len) { munmap(p, len); }
+#endif
+}  // namespace detail
 
 class HugePageCPUAllocator final : public c10::Allocator {
  public:
@@ -35,7 +63,6 @@ class HugePageCPUAllocator final : public c10::Allocator {
   // beats any fresh mapping (measured on a 2-core Xeon VM, alloc + fill, previous block alive:
   // 16 MiB 1.4 ms heap vs 2.0 ms huge; 40 MiB 13.5 ms fresh 4 KiB pages vs 5.1 ms huge).
   static constexpr size_t kMinBytes = size_t(32) << 20;
-  static constexpr size_t kHugePage = size_t(2) << 20;
 
   c10::DataPtr allocate(size_t n) override {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -79,23 +106,12 @@ class HugePageCPUAllocator final : public c10::Allocator {
     return *t;
   }
 
-  // A 2 MiB-aligned anonymous mapping of n bytes (rounded up to whole 4 KiB pages; the part past
-  // the last 2 MiB boundary stays on small pages rather than growing the mapping), or nullptr.
   static void* map(size_t n) {
-    const size_t len = (n + 4095) & ~size_t(4095);
-    const size_t span = len + kHugePage;
-    void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (raw == MAP_FAILED) return nullptr;
-    const uintptr_t b = reinterpret_cast<uintptr_t>(raw);
-    const uintptr_t a = (b + kHugePage - 1) & ~(uintptr_t(kHugePage) - 1);
-    if (a > b) munmap(raw, a - b);
-    if (b + span > a + len) munmap(reinterpret_cast<void*>(a + len), b + span - (a + len));
-    void* p = reinterpret_cast<void*>(a);
-    madvise(p, len, MADV_HUGEPAGE);  // advisory: on failure the mapping still works on small pages
-    {
-      std::lock_guard<std::mutex> g(mu());
-      lengths()[p] = len;
-    }
+    size_t len = 0;
+    void* p = detail::map_huge(n, &len);
+    if (p == nullptr) return nullptr;
+    std::lock_guard<std::mutex> g(mu());
+    lengths()[p] = len;
     return p;
   }
 
@@ -109,14 +125,20 @@ class HugePageCPUAllocator final : public c10::Allocator {
       lengths().erase(it);
     }
     c10::profiledCPUMemoryReporter().Delete(p);
-    munmap(p, len);
+    detail::unmap_huge(p, len);
   }
 #endif
 };
 
 // An uninitialised contiguous CPU tensor (any dtype), on huge pages when large. *zeroed is set to
 // true when its memory is known to read as zeros (a fresh mapping), false otherwise.
+// While the block cache is on (block_cache.h) the tensor comes from c10's CPU allocator, which is
+// then the cache (recycled, already faulted-in memory; *zeroed = false).
 inline at::Tensor empty_cpu_large(at::IntArrayRef sizes, at::ScalarType dtype, bool* zeroed) {
+  if (block_cache_active()) {
+    *zeroed = false;
+    return at::empty(sizes, at::TensorOptions().dtype(dtype).device(at::kCPU));
+  }
   at::Tensor t(at::detail::empty_generic(sizes, HugePageCPUAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                          dtype, c10::nullopt));
   *zeroed = HugePageCPUAllocator::is_mapped(t.storage().data_ptr());

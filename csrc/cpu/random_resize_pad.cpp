@@ -19,6 +19,7 @@
 // Outputs (forward's out, backward's grad_x) come from empty_cpu_large (huge_page_alloc.h):
 // large ones on transparent huge pages, where first-touch page faults otherwise cost as much
 // as the interpolation itself; such fresh memory is already zero, so the padding is not written.
+// Under vars_fast.ops.cpu_block_cache they are recycled blocks instead (no faults, not zero).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -208,14 +209,26 @@ __attribute__((target("avx512f"))) inline __mmask16 first_n(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
 }
 
-// dst[0, 16 nblk) = horizontal interpolation of one input row (W floats).
-__attribute__((target("avx512f"))) void hrow_f32(const float* src, float* dst, const SampleTables& t) {
-  const int64_t W = t.W;
-  for (int64_t k = 0; k < t.nblk; ++k) {
+// dst[0, 16 nblk) = horizontal interpolation of one input row (W floats). `ahead`: a row
+// further down the plane (or nullptr) to prefetch while this one is interpolated, a line per
+// block: the next rows' loads then come from cache rather than waiting on memory.
+__attribute__((target("avx512f"))) void hrow_f32(const float* __restrict src, float* __restrict dst,
+                                                 const SampleTables& t, const float* ahead) {
+  const int64_t W = t.W, nblk = t.nblk;
+  const float* __restrict l0 = t.l0.data();
+  const float* __restrict l1 = t.l1.data();
+  const int32_t* __restrict rel0 = t.rel0.data();
+  const int32_t* __restrict rel1 = t.rel1.data();
+  const int32_t* __restrict abs0 = t.abs0.data();
+  const int32_t* __restrict abs1 = t.abs1.data();
+  const int32_t* __restrict base = t.base.data();
+  const uint8_t* __restrict fits = t.fits.data();
+  for (int64_t k = 0; k < nblk; ++k) {
     const int64_t j = 16 * k;
     __m512 a, b;
-    if (t.fits[k]) {
-      const int64_t b0 = t.base[k], avail = W - b0;
+    if (fits[k]) {
+      const int64_t b0 = base[k], avail = W - b0;
+      if (ahead != nullptr) __builtin_prefetch(ahead + b0, 0, 3);
       __m512 lo, hi;
       if (avail >= 32) {
         lo = _mm512_loadu_ps(src + b0);
@@ -224,16 +237,20 @@ __attribute__((target("avx512f"))) void hrow_f32(const float* src, float* dst, c
         lo = _mm512_maskz_loadu_ps(first_n(avail), src + b0);
         hi = avail > 16 ? _mm512_maskz_loadu_ps(first_n(avail - 16), src + b0 + 16) : _mm512_setzero_ps();
       }
-      a = _mm512_permutex2var_ps(lo, _mm512_loadu_si512(t.rel0.data() + j), hi);
-      b = _mm512_permutex2var_ps(lo, _mm512_loadu_si512(t.rel1.data() + j), hi);
+      a = _mm512_permutex2var_ps(lo, _mm512_loadu_si512(rel0 + j), hi);
+      b = _mm512_permutex2var_ps(lo, _mm512_loadu_si512(rel1 + j), hi);
     } else {
-      a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, _mm512_loadu_si512(t.abs0.data() + j), src, 4);
-      b = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, _mm512_loadu_si512(t.abs1.data() + j), src, 4);
+      a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, _mm512_loadu_si512(abs0 + j), src, 4);
+      b = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, _mm512_loadu_si512(abs1 + j), src, 4);
     }
-    _mm512_storeu_ps(dst + j, _mm512_fmadd_ps(a, _mm512_loadu_ps(t.l0.data() + j),
-                                              _mm512_mul_ps(b, _mm512_loadu_ps(t.l1.data() + j))));
+    _mm512_storeu_ps(dst + j, _mm512_fmadd_ps(a, _mm512_loadu_ps(l0 + j), _mm512_mul_ps(b, _mm512_loadu_ps(l1 + j))));
   }
 }
+
+// Input rows are prefetched this many rows ahead of the horizontal pass (measured on the 2-core
+// Xeon VM, 64x3x224x224 under cpu_block_cache, 2 threads, 3 interleaved process pairs: 4.9-5.7
+// ms with 2 rows vs 5.5-6.2 ms without; 1 thread: 42 vs 46 us per plane, a plain copy 37).
+constexpr int64_t kPrefetchRows = 2;
 
 // One (sample, channel) plane: in [H, W] -> out [O, O], the resized image at (top, left).
 __attribute__((target("avx512f"))) void plane_f32(const float* in, float* out, int64_t O, int64_t top, int64_t left,
@@ -253,7 +270,8 @@ __attribute__((target("avx512f"))) void plane_f32(const float* in, float* out, i
       if (slot < 0) {
         const int64_t keep = want[1 - q];
         slot = t.row_id[0] == keep ? 1 : 0;
-        hrow_f32(in + y * W, cache[slot], t);
+        const int64_t ya = y + kPrefetchRows;
+        hrow_f32(in + y * W, cache[slot], t, ya < t.H ? in + ya * W : nullptr);
         t.row_id[slot] = y;
       }
       p[q] = cache[slot];
