@@ -15,10 +15,17 @@ provider, baselines included, inside ``vars_fast.ops.cpu_block_cache``, where la
 recycled: the same warm memory for all, the work of each formulation compared. The op
 ``random_resize_pad [malloc]`` repeats them with the process's plain allocator, where the kernel
 takes fresh huge-page mappings (csrc/cpu/huge_page_alloc.h) and the baselines fresh 4 KiB pages.
+
+This VM's speed drifts by tens of percent between the providers' rounds, and the Python loop
+swings most, so ``test_random_resize_pad_paired`` also times a baseline and the kernel back to
+back (alternating which goes first), 15 pairs each, under the block cache; it records the
+min / median / max of the per-pair speed-ups (op ``random_resize_pad-paired``).
 """
 from __future__ import annotations
 
 import contextlib
+import statistics
+import time
 
 import pytest
 import torch
@@ -61,3 +68,36 @@ def test_random_resize_pad(bench, provider, alloc):
                      shape=x.shape, provider=provider, bytes=2 * x.numel() * x.element_size(), flops=0, fn=fn,
                      mode="bilinear", min_size=MIN, allocator=alloc)
     assert out.shape == (B, C, S, S)
+
+
+@pytest.mark.parametrize("baseline", ["eager", "eager_grid"])
+def test_random_resize_pad_paired(bench, baseline):
+    bench.skip_unless("cpp", "random_resize_pad")
+    if not cpu_block_cache_available():
+        pytest.skip("cpu_block_cache needs the compiled extension")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(B, C, S, S, generator=gen)
+    sizes, offsets = draw_resize_pad(B, S, MIN, gen)
+    base = {"eager": random_resize_pad_reference, "eager_grid": random_resize_pad_grid_sample}[baseline]
+    speedups: list[float] = []
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    def pair():
+        b = lambda: base(x, sizes, offsets, S)  # noqa: E731
+        k = lambda: random_resize_pad(x, S, MIN, sizes=sizes, offsets=offsets, backend="ext")[0]  # noqa: E731
+        if len(speedups) % 2 == 0:
+            tb, tk = timed(b), timed(k)
+        else:
+            tk, tb = timed(k), timed(b)
+        speedups.append(tb / tk)
+
+    with cpu_block_cache():
+        bench.run(pair, rounds=15)  # + 1 warm-up pair, left out below
+    got = speedups[1:]
+    bench.record(op="random_resize_pad-paired", shape=x.shape, provider=f"cpp vs {baseline}, pairs",
+                 paired_speedup_median=statistics.median(got), paired_speedup_min=min(got),
+                 paired_speedup_max=max(got))
