@@ -9,8 +9,8 @@ bytes = input read + output write.
 Memory. Every provider makes a fresh 38.5 MB output per call. With glibc's malloc that is a
 fresh mapping every time (above its 32 MiB mmap threshold), and its first-touch page faults
 cost this 2-core VM 10-20 ms, more than the kernel's arithmetic, and the VM's fault rate
-swings from run to run. A GPU run never sees this (PyTorch's CUDA caching allocator), nor does
-a CPU run under jemalloc/tcmalloc. So the headline rows (op ``random_resize_pad``) run every
+swings from run to run. A GPU run never sees this (PyTorch's CUDA caching allocator), and a CPU
+run under jemalloc/tcmalloc would mostly not (not measured here). So the headline rows (op ``random_resize_pad``) run every
 provider, baselines included, inside ``vars_fast.ops.cpu_block_cache``, where large blocks are
 recycled: the same warm memory for all, the work of each formulation compared. The op
 ``random_resize_pad [malloc]`` repeats them with the process's plain allocator, where the kernel
