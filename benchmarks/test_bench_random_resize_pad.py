@@ -44,6 +44,27 @@ PROVIDERS = ("eager", "eager_grid", "compile", "cpp", "triton", "cuda")
 ALLOCATORS = ("block-cache", "malloc")
 
 
+def _inputs(device, requires_grad: bool = False):
+    """The fixed batch and draws every provider gets: x [B,C,S,S], sizes [B], offsets [B,2]."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(B, C, S, S, generator=gen).to(device).requires_grad_(requires_grad)
+    sizes, offsets = draw_resize_pad(B, S, MIN, gen, device)
+    return x, sizes, offsets, gen
+
+
+def _forward(provider: str, x, sizes, offsets):
+    """The provider's forward as a no-argument callable."""
+    if provider == "eager":
+        return lambda: random_resize_pad_reference(x, sizes, offsets, S)
+    if provider == "eager_grid":
+        return lambda: random_resize_pad_grid_sample(x, sizes, offsets, S)
+    if provider == "compile":
+        f = torch.compile(random_resize_pad_grid_sample, dynamic=False)
+        return lambda: f(x, sizes, offsets, S)
+    backend = "triton" if provider == "triton" else "ext"
+    return lambda: random_resize_pad(x, S, MIN, sizes=sizes, offsets=offsets, backend=backend)[0]
+
+
 @pytest.mark.parametrize("alloc", ALLOCATORS)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_random_resize_pad(bench, provider, alloc):
@@ -53,23 +74,13 @@ def test_random_resize_pad(bench, provider, alloc):
         pytest.skip("the block cache is a CPU allocator (CUDA memory is always cached)")
     if alloc == "block-cache" and not cpu_block_cache_available():
         pytest.skip("cpu_block_cache needs the compiled extension")
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(B, C, S, S, generator=gen).to(device)
-    sizes, offsets = draw_resize_pad(B, S, MIN, gen, device)
-    if provider == "eager":
-        fn = lambda: random_resize_pad_reference(x, sizes, offsets, S)  # noqa: E731
-    elif provider == "eager_grid":
-        fn = lambda: random_resize_pad_grid_sample(x, sizes, offsets, S)  # noqa: E731
-    elif provider == "compile":
-        f = torch.compile(random_resize_pad_grid_sample, dynamic=False)
-        fn = lambda: f(x, sizes, offsets, S)  # noqa: E731
-        fn()
-    else:
-        backend = "triton" if provider == "triton" else "ext"
-        fn = lambda: random_resize_pad(x, S, MIN, sizes=sizes, offsets=offsets, backend=backend)[0]  # noqa: E731
+    x, sizes, offsets, _ = _inputs(device)
+    fn = _forward(provider, x, sizes, offsets)
+    if provider == "compile":
+        fn()  # compile outside the timing
     with cpu_block_cache() if alloc == "block-cache" else contextlib.nullcontext():
         out = bench.run(fn, rounds=5)
-        bench.record(op="random_resize_pad" if alloc == "block-cache" or device != "cpu" else "random_resize_pad [malloc]",
+        bench.record(op="random_resize_pad [malloc]" if alloc == "malloc" and device == "cpu" else "random_resize_pad",
                      shape=x.shape, provider=provider, bytes=2 * x.numel() * x.element_size(), flops=0, fn=fn,
                      mode="bilinear", min_size=MIN, allocator=alloc)
     assert out.shape == (B, C, S, S)
@@ -80,10 +91,8 @@ def test_random_resize_pad_paired(bench, baseline):
     bench.skip_unless("cpp", "random_resize_pad")
     if not cpu_block_cache_available():
         pytest.skip("cpu_block_cache needs the compiled extension")
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(B, C, S, S, generator=gen)
-    sizes, offsets = draw_resize_pad(B, S, MIN, gen)
-    base = {"eager": random_resize_pad_reference, "eager_grid": random_resize_pad_grid_sample}[baseline]
+    x, sizes, offsets, _ = _inputs("cpu")
+    b, k = _forward(baseline, x, sizes, offsets), _forward("cpp", x, sizes, offsets)
     speedups: list[float] = []
 
     def timed(fn) -> float:
@@ -92,8 +101,6 @@ def test_random_resize_pad_paired(bench, baseline):
         return time.perf_counter() - t
 
     def pair():
-        b = lambda: base(x, sizes, offsets, S)  # noqa: E731
-        k = lambda: random_resize_pad(x, S, MIN, sizes=sizes, offsets=offsets, backend="ext")[0]  # noqa: E731
         if len(speedups) % 2 == 0:
             tb, tk = timed(b), timed(k)
         else:
@@ -113,20 +120,9 @@ def test_random_resize_pad_fwd_bwd(bench, provider):
     bench.skip_unless(provider, "random_resize_pad")
     device = bench.device
     use_cache = device == "cpu" and cpu_block_cache_available()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(B, C, S, S, generator=gen).to(device).requires_grad_()
-    sizes, offsets = draw_resize_pad(B, S, MIN, gen, device)
+    x, sizes, offsets, gen = _inputs(device, requires_grad=True)
     grad_out = torch.randn(B, C, S, S, generator=gen).to(device)
-    if provider == "eager":
-        fwd = lambda: random_resize_pad_reference(x, sizes, offsets, S)  # noqa: E731
-    elif provider == "eager_grid":
-        fwd = lambda: random_resize_pad_grid_sample(x, sizes, offsets, S)  # noqa: E731
-    elif provider == "compile":
-        f = torch.compile(random_resize_pad_grid_sample, dynamic=False)
-        fwd = lambda: f(x, sizes, offsets, S)  # noqa: E731
-    else:
-        backend = "triton" if provider == "triton" else "ext"
-        fwd = lambda: random_resize_pad(x, S, MIN, sizes=sizes, offsets=offsets, backend=backend)[0]  # noqa: E731
+    fwd = _forward(provider, x, sizes, offsets)
 
     def fn():
         (gx,) = torch.autograd.grad(fwd(), x, grad_out)
