@@ -46,7 +46,9 @@ def test_max_cached_bytes_bounds_the_free_lists():
     with cpu_block_cache(min_bytes=MB, max_cached_bytes=5 * MB):
         ts = [torch.empty(4 * MB // 4) for _ in range(3)]  # three 4 MiB blocks
         del ts
-        assert cpu_block_cache_stats()["cached_bytes"] <= 5 * MB
+        assert 0 < cpu_block_cache_stats()["cached_bytes"] <= 5 * MB
+        memory.cpu_block_cache_empty()  # unmaps the free blocks, stays on
+        assert cpu_block_cache_stats()["cached_bytes"] == 0 and cpu_block_cache_stats()["active"] == 1
     with cpu_block_cache(min_bytes=MB, max_cached_bytes=0):  # nothing kept: every block is fresh
         t = torch.empty(2 * MB // 4)
         del t

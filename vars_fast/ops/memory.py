@@ -42,7 +42,7 @@ STAT_KEYS = ("active", "hits", "misses", "cached_bytes", "in_use_bytes", "min_by
 
 
 def _ops():
-    if not (_ext.has_ops() and hasattr(torch.ops.vars_fast, "_block_cache_enable")):
+    if not cpu_block_cache_available():
         raise RuntimeError("vars_fast.ops.cpu_block_cache needs the compiled extension vars_fast._C "
                            f"({_ext.load_error() or 'built without the block cache'}); rebuild with "
                            "`pip install --no-build-isolation -e .`")
