@@ -48,7 +48,7 @@ at::Tensor canonical(const at::Tensor& y) {
 Geo geo_of(const at::Tensor& y) {
   TORCH_CHECK(y.dim() >= 2, "vars_fast::residual_epilogue: y must be [N, C, ...], got ", y.sizes());
   const int64_t N = y.size(0), C = y.size(1);
-  const int64_t HW = (N * C) ? y.numel() / (N * C) : 0;
+  const int64_t HW = N * C > 0 ? y.numel() / (N * C) : 0;
   return {N, C, HW, !y.is_contiguous()};
 }
 
