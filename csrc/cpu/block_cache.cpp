@@ -74,8 +74,7 @@ class BlockCache final : public c10::Allocator {
     max_cached_ = max_cached;
     trim_locked(max_cached_);
     if (on_) return;
-    c10::Allocator* cur = c10::GetCPUAllocator();
-    prev_ = cur;
+    prev_ = c10::GetCPUAllocator();
     on_ = true;
     g.unlock();
     c10::SetCPUAllocator(this, /*priority=*/0);
@@ -114,9 +113,8 @@ class BlockCache final : public c10::Allocator {
 
   static void* map_block(size_t cls) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    size_t len = 0;
-    void* p = detail::map_huge(cls, &len);  // cls is a multiple of 64 KiB: len == cls
-    return p;
+    size_t len = 0;  // == cls: classes are multiples of 64 KiB, so whole pages
+    return detail::map_huge(cls, &len);
 #else
     return std::aligned_alloc(64, cls);  // cls is a multiple of 64
 #endif
