@@ -22,9 +22,9 @@ def _load():
     return mod
 
 
-def _bench(provider: str, median: float, **extra) -> dict:
+def _bench(provider: str, median: float) -> dict:
     info = dict(op="pgd_step", shape="8x3x64x64", provider=provider, bytes=4_000_000, flops=0,
-                peak_mem_mb=1.0, device="cpu", **extra)
+                peak_mem_mb=1.0, device="cpu")
     return {"name": f"test_pgd_step[{provider}]", "params": {"provider": provider},
             "stats": {"median": median}, "extra_info": info}
 
