@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import io
+import re
 import sys
 import tokenize
 from dataclasses import MISSING, fields
@@ -34,7 +35,6 @@ EXTRA = {
     "data.n_users": "number of users",
     "data.n_items": "number of items",
     "data.n_categories": "product shapes in the synthetic catalogue",
-    "data.interactions": "(the interaction file)",
     "data.images_root": "folder the image paths resolve in; paths that escape it are never read",
     "data.path_template": "image path of an item under images_root, e.g. `{item_id[:3]}/{item_id}.jpg`",
     "data.user_col": "user column of the interaction file",
@@ -119,7 +119,7 @@ def _field_docs(source: str) -> dict[tuple[str, str], str]:
                 above.insert(0, comments.get(ln, ""))
                 ln -= 1
             inline = [comments[n] for n in range(stmt.lineno, stmt.end_lineno + 1) if n in comments]
-            docs[(node.name, stmt.target.id)] = " ".join(p for p in [" ".join(above), *inline] if p)
+            docs[(node.name, stmt.target.id)] = "; ".join(p for p in [" ".join(above), *inline] if p)
     return docs
 
 
@@ -130,7 +130,8 @@ def _fmt(value) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """Escape table pipes, and '<' before a letter so GitHub does not read <run> as an HTML tag."""
+    return re.sub(r"<(?=[A-Za-z/])", "&lt;", text.replace("|", "\\|"))
 
 
 def render() -> str:
