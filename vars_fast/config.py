@@ -26,6 +26,27 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key, value or path."""
 
 
+# Keys that moved to another section: a config file or ``--set`` that still uses the old key
+# gets a one-line error naming the new one, instead of "unknown key".
+MOVED_KEYS: dict[str, str] = {
+    "defense.addition_sigma": "eval.addition_sigma",
+    "defense.addition_change": "eval.addition_change",
+    "defense.n_detect_items": "eval.detect_items",
+    "defense.eval_eps": "eval.detect_eps",
+    "defense.noise_sigmas": "eval.noise_sigmas",
+    "defense.adaptive": "eval.adaptive",
+    "defense.adaptive_eot": "eval.adaptive_eot",
+}
+
+
+def _after_phase1(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A ``DefenseConfig`` field that phase 1 of defence training (denoiser only, detector
+    idle) never reads: configs that differ only in such fields share their phase-1 result
+    (``defense.training.phase1_fingerprint``). Untagged fields count, so a new field disables
+    sharing until it is tagged, instead of breaking it."""
+    return field(default=default, metadata={"phase1": False}, **kw)
+
+
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # synthetic | generic | amazon | dvbpr_npy
@@ -132,7 +153,7 @@ class AttackConfig:
     # evaluation reads for them); True: every model at every attack.eps
     all_models_all_eps: bool = False
     # attack a copy of the model with BatchNorm folded into the convs and channels_last weights
-    # (same function to ~1e-5; ~1.9x faster input gradients on CPU, see attacks/fast.py)
+    # (same function to ~1e-5; ~1.9x faster input gradients on CPU, see nn/fuse.py)
     fast_encoder: bool = True
     save_images: bool = True
 
@@ -152,51 +173,45 @@ class DefenseConfig:
     # Eq. 12 weights (the paper's values are lost): L_VBPR + l1 L_c + l2 L_p + l3 L_con
     lambda_content: float = 1.0
     lambda_perceptual: float = 0.01  # L_p on EfficientNet-Lite0 maps is ~50 for an FGSM-8 image; 0.1 was worse
-    lambda_contrastive: float = 0.1
+    lambda_contrastive: float = _after_phase1(0.1)
     lambda_rec: float = 0.01
     use_perceptual: bool = True
-    use_detector: bool = True
+    use_detector: bool = _after_phase1(True)
     # schedule: phase 1 clean + FGSM, phase 2 clean/FGSM/PGD ~1:1:1 (seeded RNG per iteration)
     epochs_phase1: int = 5  # paper: ~10
-    epochs_phase2: int = 2  # paper: ~3
-    detector_epochs: int = 2  # paper: ~2 (with 1, one of three default runs ended with a detector at val AUC 0.68)
+    epochs_phase2: int = _after_phase1(2)  # paper: ~3
+    # paper: ~2; one detector epoch can leave a weak detector (docs/results/defaults.md)
+    detector_epochs: int = _after_phase1(2)
     lr: float = 1e-3
-    batch_size: int = 8  # NOTE: 8 beat 32 at equal epochs (4x the updates): detection 0.99 vs 0.5
+    # small batches give 4x the updates of 32 at equal epochs, which the detector needs
+    # (docs/results/defaults.md)
+    batch_size: int = 8
     train_eps: list = field(default_factory=lambda: [4, 8, 16, 32])  # /255, drawn per batch
     train_pgd_steps: int = 3
     triples_per_item: int = 4  # training triples per item for the on-the-fly attacks and L_VBPR
-    fast_frozen: bool = True  # frozen recommender/backbone paths on a BN-folded NHWC copy (attacks/fast.py)
+    fast_frozen: bool = True  # frozen recommender/backbone paths on a BN-folded NHWC copy (nn/fuse.py)
     clean_noise_sigma: float = 0.1  # half the clean views get N(0, s^2), s ~ U[0, this]; 0: off
-    encoder_lr_mult: float = 0.1  # detector encoder (pretrained) lr = lr * this
+    encoder_lr_mult: float = _after_phase1(0.1)  # detector encoder (pretrained) lr = lr * this
     train_item_frac: float = 0.5  # seeded item split: train / val (threshold) / test (the rest)
     val_item_frac: float = 0.2
-    ablations: list = field(default_factory=lambda: ["no-detector", "no-perceptual"])  # Table 5
+    ablations: list = _after_phase1(default_factory=lambda: ["no-detector", "no-perceptual"])  # Table 5
     # train the variants in two CPU processes at half the threads each (defense/stage.py); the
     # no-detector ablation reuses the full model's phase 1 (identical by construction)
-    parallel_variants: bool = True
+    parallel_variants: bool = _after_phase1(True)
     # detector
-    proj_hidden: int = 512
-    proj_dim: int = 128  # paper: 128-d embedding
-    temperature: float = 0.1
-    contrastive_items: int = 8  # items per batch in L_con (4 encoder views each); 0: the whole batch
-    share_negatives: bool = True  # every item's x_adv is a negative for every anchor (else own item's)
+    proj_hidden: int = _after_phase1(512)
+    proj_dim: int = _after_phase1(128)  # paper: 128-d embedding
+    temperature: float = _after_phase1(0.1)
+    contrastive_items: int = _after_phase1(8)  # items per batch in L_con (4 encoder views each); 0: the whole batch
+    share_negatives: bool = _after_phase1(True)  # every item's x_adv is a negative for every anchor (else own item's)
     # FGSM eps of the detector phase and the threshold calibration, one drawn per batch. The
     # paper trains at one eps; trained at 16 alone the default detector caught 0.71 at eps 64
     # (the denoiser cannot undo eps 64, so D(x_adv) stays near x_adv and the distance is small):
     # training at the evaluated eps range is what teaches it those distances
-    detector_eps: list = field(default_factory=lambda: [8, 16, 32, 64])
-    threshold_rule: str = "youden"  # youden | fpr@0.05 | balanced
+    detector_eps: list = _after_phase1(default_factory=lambda: [8, 16, 32, 64])
+    threshold_rule: str = _after_phase1("youden")  # youden | fpr@0.05 | balanced
     # random resize-pad at inference (OURS-rand)
-    rand_min_frac: float = 0.85  # r' drawn uniformly in [rand_min_frac * r, r)
-    # ADDITION baseline
-    addition_sigma: float = 0.05
-    addition_change: float = 0.2
-    # evaluation sizes
-    n_detect_items: int = 1000  # per class, as the paper (capped by the catalogue)
-    eval_eps: list = field(default_factory=lambda: [8, 16, 32, 64])
-    noise_sigmas: list = field(default_factory=lambda: [0.02, 0.05, 0.1])
-    adaptive: bool = True
-    adaptive_eot: int = 4
+    rand_min_frac: float = _after_phase1(0.85)  # r' drawn uniformly in [rand_min_frac * r, r)
 
 
 @dataclass
@@ -214,8 +229,18 @@ class EvalConfig:
     models: list = field(default_factory=lambda: ["VBPR", "DVBPR"])  # models with OURS rows
     curve_models: list = field(default_factory=lambda: ["VBPR"])
     curve_eps: list = field(default_factory=lambda: [8, 32])  # defended Fig. 6 points; empty: every attack.eps
-    addition_users: int = 256  # users whose score change ADDITION measures (seeded subset)
-    # adaptive attacker (defense.adaptive switches it on; defense.adaptive_eot draws per step)
+    # detection (Table 4): FGSM at each detect_eps on detect_items held-out test items per
+    # class (as the paper; capped by the catalogue), and Gaussian noise at each noise_sigmas
+    detect_eps: list = field(default_factory=lambda: [8, 16, 32, 64])
+    detect_items: int = 1000
+    noise_sigmas: list = field(default_factory=lambda: [0.02, 0.05, 0.1])
+    # ADDITION baseline: noise sigma, flagging score change, users whose scores it measures (seeded subset)
+    addition_sigma: float = 0.05
+    addition_change: float = 0.2
+    addition_users: int = 256
+    # adaptive attacker: on/off, EOT draws per step against denoise+rand, and its eps
+    adaptive: bool = True
+    adaptive_eot: int = 4
     adaptive_eps: int = 0  # /255; 0: table_eps
     # NOTE every adaptive step is a denoiser forward+backward per item (~3 purification passes):
     # the whole default catalogue x 10 steps x 2 defences would be ~60 catalogue passes, so a
@@ -282,10 +307,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "defense.epochs_phase2": 1,
         "defense.detector_epochs": 1,
         "defense.train_pgd_steps": 2,
-        "defense.n_detect_items": 120,
-        "defense.eval_eps": [8, 16],
-        "defense.noise_sigmas": [0.05, 0.1],
-        "defense.adaptive_eot": 2,
+        "eval.detect_items": 120,
+        "eval.detect_eps": [8, 16],
+        "eval.noise_sigmas": [0.05, 0.1],
+        "eval.adaptive_eot": 2,
         "eval.tsne_points": 90,
         "eval.adaptive_items": 48,
         "eval.curve_eps": [],
@@ -369,6 +394,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def set_value(cfg: Config, dotted: str, value: Any) -> None:
     """Set ``section.key`` on ``cfg`` with type checking; unknown keys raise ConfigError."""
+    if dotted in MOVED_KEYS:
+        raise ConfigError(f"{dotted} is now {MOVED_KEYS[dotted]}")
     parts = dotted.split(".")
     obj: Any = cfg
     for i, p in enumerate(parts):

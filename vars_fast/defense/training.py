@@ -119,19 +119,13 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# DefenseConfig fields that cannot change phase 1 (denoiser only, detector idle): two configs
-# that differ only in these share their phase-1 result (``train_defense(phase1_path=...)``).
-# Anything not listed counts, so an unknown new field disables sharing instead of breaking it.
-_NOT_PHASE1 = frozenset({
-    "use_detector", "lambda_contrastive", "epochs_phase2", "detector_epochs", "detector_eps", "proj_hidden",
-    "proj_dim", "temperature", "contrastive_items", "share_negatives", "encoder_lr_mult", "threshold_rule",
-    "rand_min_frac", "addition_sigma", "addition_change", "n_detect_items", "eval_eps", "noise_sigmas",
-    "adaptive", "adaptive_eot", "ablations", "parallel_variants"})
-
-
 def phase1_fingerprint(dcfg: DefenseConfig, *parts) -> str:
-    """What determines the state after phase 1 (with the seed, split, image size, backbone in ``parts``)."""
-    return _fingerprint({k: v for k, v in dataclasses.asdict(dcfg).items() if k not in _NOT_PHASE1}, *parts)
+    """What determines the state after phase 1 (with the seed, split, image size, backbone in
+    ``parts``): every ``DefenseConfig`` field except those tagged as read after phase 1 only
+    (``config._after_phase1``)."""
+    values = dataclasses.asdict(dcfg)
+    return _fingerprint({f.name: values[f.name] for f in dataclasses.fields(dcfg) if f.metadata.get("phase1", True)},
+                        *parts)
 
 
 # ---------------------------------------------------------------------------- attacks / checks
@@ -296,10 +290,10 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
         den, det = build_models(dcfg, image_size, backbone, backbone_cfg, device)
     if getattr(dcfg, "fast_frozen", True):
         # the recommender and its backbone are frozen here: attack generation, L_VBPR and L_p run
-        # on a BN-folded NHWC copy (attacks/fast.py; same function to ~1e-5, checked on real
+        # on a BN-folded NHWC copy (nn/fuse.py; same function to ~1e-5, checked on real
         # images, the original kept otherwise). The detector encoder above was copied from the
         # original backbone, so its BatchNorms still train.
-        from vars_fast.attacks.fast import fast_copy
+        from vars_fast.nn.fuse import fast_copy
 
         shared = getattr(rec, "backbone", None) is backbone
         probe = torch.tensor(list(split["train"])[:4] or [0], dtype=torch.long)
