@@ -64,7 +64,7 @@ class Context:
     def encoder(self, name: str):
         """Recommender ``name`` for frozen feature extraction (re-encoding attacked or purified
         catalogues): its BN-folded NHWC copy when ``attack.fast_encoder`` (``nn.fuse.
-        fast_copy``, checked against the original on real images; 1.7x faster on 2 cores), else
+        fast_copy``, checked against the original on real images; docs/results/defaults.md), else
         the recommender itself. Built once per run."""
         key = f"encoder:{name}"
         if key not in self._cache:

@@ -21,22 +21,15 @@ a test-time operation and is not used here.
 
 Our additions, each a config field: half of the clean views get Gaussian noise with sigma
 uniform in [0, ``clean_noise_sigma``] (content target: the clean image), so that the denoiser
-learns to remove it and the detector learns to call noisy clean images clean (issue 4 asks
-for sigma up to 0.1 to pass); the detector encoder (pretrained) trains at
+learns to remove it and the detector learns to call noisy clean images clean (so that
+Gaussian noise up to sigma 0.1 is not flagged); the detector encoder (pretrained) trains at
 ``encoder_lr_mult`` x the learning rate.
 
 Eq. 12 weights (the paper's are lost; config fields): lambda_rec = 0.01, lambda_1 (content) =
 1, lambda_2 (perceptual) = 0.01, lambda_3 (contrastive) = 0.1. On EfficientNet-Lite0 maps L_p
-of an FGSM-8 image is ~50 and L_c ~1e-3, so L_p dominates the gradient, which is what restores
-the recommender's features; lambda_2 = 0.1 (with lr 2e-3) restored less.
-
-# NOTE (measured on the default data, 400 training items, fp32, H100 for speed): at batch 32
-# (~110 updates) neither the denoiser nor the detector learned (val detection AUC ~0.5); at
-# batch 8 they do. With the default schedule (5 + 2 + 1 epochs, ~400 updates), against the
-# default VBPR (clean HR@10 0.373): denoised clean 0.370; FGSM-8 0.300 -> 0.338 (91% of clean);
-# PGD-8 0.113 -> 0.348 (93%), OURS-rand 0.272 (73%); detection accuracy 0.96 / 0.99 / 0.96 at
-# FGSM eps 8 / 16 / 32 on test items, 4-5% of sigma=0.1 noisy clean images flagged. Width 32 x 6
-# blocks restored PGD slightly better but cost 1.5% more clean HR@10 and twice the compute.
+is far larger than L_c, so L_p dominates the gradient, which is what restores the
+recommender's features. Both models learn only with enough updates, hence the small default
+batch. The measurements behind these choices are in docs/results/defaults.md.
 
 Resumable: after every epoch an atomic checkpoint holds the weights, the optimiser, the
 epoch, the RNG state and the loss history; a killed run restarts from the last finished epoch
@@ -233,8 +226,8 @@ def _rec_and_perceptual(rec, backbone, fn: _ItemObjective, x: Tensor, out: Tenso
     """L_VBPR and L_p of the denoised views ``out`` [n_views*B,3,S,S] against the clean x [B,...].
 
     When the recommender's visual features come from the perceptual backbone itself (VBPR,
-    AMR), one trunk pass gives both the stage maps and the pooled features.
-    NOTE: this saves one of the three backbone passes of a phase-1 step (~20% of its time)."""
+    AMR), one trunk pass gives both the stage maps and the pooled features, which saves one
+    of the three backbone passes of a phase-1 step (docs/results/defaults.md)."""
     zero = out.new_zeros((), dtype=torch.float32)
     if perceptual:
         with torch.no_grad():  # the clean maps once, shared by every view

@@ -84,7 +84,7 @@ class Screener:
             if n:
                 setattr(owner, name, model)
                 folded[name] = n
-        if self.device.type == "cpu":  # measured on CPU (oneDNN) only: on CUDA the model stays as is
+        if self.device.type == "cpu":  # a oneDNN rewrite: on CUDA the model stays as is
             model, n = polyphase_copy(self.defense.denoiser, lambda m: m.residual(probe))
             model = model if n else copy.deepcopy(self.defense.denoiser)
             for m in model.modules():
