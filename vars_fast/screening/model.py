@@ -71,8 +71,8 @@ class Screener:
         (``nn.fuse.folded_copy``); on CPU, the denoiser's few-channel output conv run in
         space-to-depth form (``nn.fuse.polyphase_copy``) and its transformer block's
         tokens taken in NHWC order (``GlobalBlock.nhwc_tokens``). Returns the rewrites per model."""
-        from vars_fast.nn.fuse import folded_copy, polyphase_copy
         from vars_fast.defense.denoiser import GlobalBlock
+        from vars_fast.nn.fuse import folded_copy, polyphase_copy
 
         g = torch.Generator().manual_seed(0)
         probe = torch.rand(4, 3, self.image_size, self.image_size, generator=g).to(self.device)
