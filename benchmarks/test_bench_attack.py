@@ -8,7 +8,7 @@ Providers:
   models (input gradient only), ``torch.autograd.grad`` w.r.t. the images, the fused
   in-place ``ops.pgd_step``.
 * ``package`` -- the default path: the same on a BN-folded channels_last copy of the model
-  (``attacks/fast.py``).
+  (``nn/fuse.py``).
 * ``package-compile`` -- the default path with the image->loss function under
   ``torch.compile`` (fixed shapes; compilation is warmed up outside the timed round).
 

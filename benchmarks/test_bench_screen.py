@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,12 @@ import torch
 
 os.environ.setdefault("VARS_FAST_PROGRESS", "0")
 
+# the untrained screening checkpoint is a test helper: it lives in tests/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from screen_fixtures import make_checkpoint  # noqa: E402
 from vars_fast.data.synthetic import write_image_folder  # noqa: E402
 from vars_fast.screen import screen  # noqa: E402
-from vars_fast.screening.fixtures import make_checkpoint  # noqa: E402
 from vars_fast.screening.model import Screener  # noqa: E402
 
 N_ITEMS = int(os.environ.get("VARS_FAST_BENCH_SCREEN_ITEMS", "2048"))  # fixed costs (plan, worker start, summary) amortised:

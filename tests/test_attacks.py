@@ -268,7 +268,7 @@ def test_targeted_warm_start_makes_the_objective_monotone_in_eps(setup):
 
 
 def test_fast_copy_folds_batchnorm_and_keeps_the_function(setup):
-    from vars_fast.attacks.fast import fast_copy
+    from vars_fast.nn.fuse import fast_copy
 
     _, cat = setup
     rec = TinyRec(cat.n_users, cat.n_items, seed=1)
@@ -295,7 +295,7 @@ def test_streamline_rewrites_every_same_padding_exactly(hw):
     function (and its input gradient) stays the same for even, odd and mixed input sizes."""
     import copy
 
-    from vars_fast.attacks.fast import SamePadConv2d, streamline
+    from vars_fast.nn.fuse import SamePadConv2d, streamline
     from vars_fast.backbones import build_backbone
     from vars_fast.config import BackboneConfig
 
@@ -322,7 +322,7 @@ def test_streamline_rewrites_every_same_padding_exactly(hw):
 def test_polyphase_conv_equals_the_conv(k, hw):
     """The space-to-depth form of a few-output-channel "same" conv gives the conv's values (odd
     sizes fall back to the conv itself), in NCHW and NHWC; a wrong tap would be O(1) off."""
-    from vars_fast.attacks.fast import PolyphaseConv2d
+    from vars_fast.nn.fuse import PolyphaseConv2d
 
     g = torch.Generator().manual_seed(k)
     conv = nn.Conv2d(6, 3, k, padding=k // 2)
@@ -340,7 +340,7 @@ def test_polyphase_conv_equals_the_conv(k, hw):
 
 
 def test_polyphase_copy_of_a_trained_denoiser_keeps_its_output():
-    from vars_fast.attacks.fast import PolyphaseConv2d, polyphase_copy
+    from vars_fast.nn.fuse import PolyphaseConv2d, polyphase_copy
     from vars_fast.defense.denoiser import Denoiser
 
     g = torch.Generator().manual_seed(0)

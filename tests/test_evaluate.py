@@ -30,8 +30,8 @@ def build_tiny_run(path, evaluate: bool = True) -> Context:
         "recommender.models": ["VBPR"], "recommender.epochs": 2, "recommender.k": 8,
         "attack.models": ["VBPR"], "attack.eps": [8], "attack.pgd_steps": 2, "attack.triples_per_item": 2,
         "attack.targets": ["aip-insa"], "attack.target_eps": [8],
-        "defense.eval_eps": [8], "defense.noise_sigmas": [0.05], "defense.n_detect_items": 12,
-        "defense.adaptive_eot": 2, "eval.adaptive_steps": 1, "eval.adaptive_items": 10, "eval.batch_size": 64,
+        "eval.detect_eps": [8], "eval.noise_sigmas": [0.05], "eval.detect_items": 12,
+        "eval.adaptive_eot": 2, "eval.adaptive_steps": 1, "eval.adaptive_items": 10, "eval.batch_size": 64,
         "eval.tsne_points": 24, "eval.addition_users": 16, "run.progress": False})
     run = RunFolder(path)
     c = Context(cfg=cfg, run=run, device=torch.device("cpu"), log=logging.getLogger("test_evaluate"))

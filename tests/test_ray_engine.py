@@ -12,7 +12,7 @@ pytest.importorskip("ray.data")
 
 from vars_fast.data.synthetic import write_image_folder  # noqa: E402
 from vars_fast.screen import screen  # noqa: E402
-from vars_fast.screening.fixtures import make_checkpoint  # noqa: E402
+from screen_fixtures import make_checkpoint  # noqa: E402
 
 os.environ.setdefault("VARS_FAST_PROGRESS", "0")
 

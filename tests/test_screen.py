@@ -15,7 +15,7 @@ import torch
 
 from vars_fast.data.synthetic import write_image_folder, write_tar_shards
 from vars_fast.screen import main, screen
-from vars_fast.screening.fixtures import make_checkpoint
+from screen_fixtures import make_checkpoint
 from vars_fast.screening.model import Screener
 from vars_fast.screening.output import SCHEMA, denoised_name
 

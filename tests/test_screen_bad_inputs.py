@@ -17,7 +17,7 @@ from PIL import Image
 
 from vars_fast.screen import screen
 from vars_fast.screening import reader
-from vars_fast.screening.fixtures import make_checkpoint
+from screen_fixtures import make_checkpoint
 from vars_fast.screening.model import Screener
 
 SIZE = 32

@@ -24,9 +24,8 @@ from torch import Tensor, nn
 
 from vars_fast.config import BackboneConfig, ConfigError
 
-# NOTE: EfficientNet-Lite was trained in TF with (pixel - 127) / 128. Measured on
-# grace_hopper.jpg at 224 px: top-1 "military uniform" p=0.46 with this, 0.37 with the
-# torchvision mean/std; a daisy image is right only with this normalisation.
+# EfficientNet-Lite was trained in TF with (pixel - 127) / 128, not the torchvision mean/std
+# (the check on reference images is in docs/results/defaults.md).
 _LITE_MEAN, _LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -26,6 +26,27 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key, value or path."""
 
 
+# Keys that moved to another section: a config file or ``--set`` that still uses the old key
+# gets a one-line error naming the new one, instead of "unknown key".
+MOVED_KEYS: dict[str, str] = {
+    "defense.addition_sigma": "eval.addition_sigma",
+    "defense.addition_change": "eval.addition_change",
+    "defense.n_detect_items": "eval.detect_items",
+    "defense.eval_eps": "eval.detect_eps",
+    "defense.noise_sigmas": "eval.noise_sigmas",
+    "defense.adaptive": "eval.adaptive",
+    "defense.adaptive_eot": "eval.adaptive_eot",
+}
+
+
+def _after_phase1(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A ``DefenseConfig`` field that phase 1 of defence training (denoiser only, detector
+    idle) never reads: configs that differ only in such fields share their phase-1 result
+    (``defense.training.phase1_fingerprint``). Untagged fields count, so a new field disables
+    sharing until it is tagged, instead of breaking it."""
+    return field(default=default, metadata={"phase1": False}, **kw)
+
+
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # synthetic | generic | amazon | dvbpr_npy
@@ -75,7 +96,7 @@ class RecommenderConfig:
     lr: float = 5e-3
     lr_low: float = 5e-4  # paper: higher lr for 80% of epochs then lower
     lr_drop_frac: float = 0.8
-    weight_decay: float = 1e-3  # lambda_Theta (default data: VBPR HR@10 .40 at 1e-3 / 1e-2, .375 at 1e-4)
+    weight_decay: float = 1e-3  # lambda_Theta (docs/results/defaults.md)
     batch_size: int = 1024
     tied: bool = True  # paper form p_u^T (q_i + E f_i); False: original VBPR gamma_u/theta_u split (visual_k)
     reg_visual: float = 0.0  # lambda on E and beta' (per batch); 0: same as weight_decay
@@ -84,8 +105,8 @@ class RecommenderConfig:
     # center_scale: f~ = (f - mean) / mean||f - mean|| (so ||f~|| ~ 1); none: raw features
     feature_norm: str = "center_scale"
     feature_batch: int = 128  # images per batch when extracting catalogue features
-    # torch CPU threads while training (0: leave torch's setting). Measured on the shared 2-core box
-    # (load ~13): one BPR step 0.036 s with 1 thread vs 1.14 s with 2; one DVBPR epoch 38 s vs 87 s.
+    # torch CPU threads while training (0: leave torch's setting). The embedding models' ops are
+    # tiny, so a second OpenMP thread mostly waits at barriers (docs/results/defaults.md)
     threads: int = 1
     # AMR (Tang et al. 2020): feature-space adversarial fine-tuning of a trained VBPR
     amr_eps: float = 0.5
@@ -93,8 +114,8 @@ class RecommenderConfig:
     amr_epochs: int = 5
     amr_lr: float = 1e-3
     # DVBPR (Kang et al. 2017): the CNN is trained end to end with the recommender
-    dvbpr_epochs: int = 5  # default data, lr 1e-2: HR@10 .34 (BPR .27, VBPR .40)
-    dvbpr_lr: float = 1e-2  # 5 epochs: 1e-2 -> HR@10 .338, 3e-3 -> .307
+    dvbpr_epochs: int = 5  # with dvbpr_lr: docs/results/defaults.md
+    dvbpr_lr: float = 1e-2
     dvbpr_cnn_width: int = 32
     dvbpr_input_size: int = 32  # Phi sees images area-downsampled to this (0: as stored); 4x cheaper than 64
     dvbpr_batch_size: int = 256  # triples per step: Phi runs on the batch's distinct items, so small batches
@@ -105,8 +126,8 @@ class RecommenderConfig:
 class AttackConfig:
     untargeted: list = field(default_factory=lambda: ["fgsm", "pgd"])
     eps: list = field(default_factory=lambda: [4, 8, 16, 32, 64])  # /255 pixel units
-    # 5 steps keep the default attack stage near 4 min on 2 cores (PGD-5 at eps 8 already cuts
-    # VBPR HR@10 by ~45% on the default data); the paper preset uses 10
+    # 5 steps keep the default attack stage short on a CPU and already make PGD far stronger
+    # than FGSM (docs/results/defaults.md); the paper preset uses 10
     pgd_steps: int = 5
     pgd_alpha: float = 0.0  # /255; 0: 2.5 * eps / steps (Madry et al.)
     random_start: bool = True
@@ -118,11 +139,11 @@ class AttackConfig:
     targets: list = field(default_factory=lambda: ["aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"])
     target_eps: list = field(default_factory=lambda: [4, 8, 16, 32])
     n_targets: int = 50
-    # targeted PGD (AIP-INSA/EXPA, TAaMR-PGD): sign steps of 2.5 eps / 5 overshoot on the default
-    # data (the prediction shift fell from eps 4 to 32, measured); smaller steps, each target's
-    # best iterate, and each eps warm-started from the next smaller eps's result make the
-    # attack at a larger eps at least as strong as at a smaller one (by its own loss)
-    target_steps: int = 20  # 0: attack.pgd_steps (10 measured weaker: INSA shift 1.64 vs 2.03 at eps 32)
+    # targeted PGD (AIP-INSA/EXPA, TAaMR-PGD): large sign steps (2.5 eps / 5) overshoot, so a
+    # larger eps can come out weaker; smaller steps, each target's best iterate, and each eps
+    # warm-started from the next smaller eps's result make the attack at a larger eps at least
+    # as strong as at a smaller one (by its own loss); see docs/results/defaults.md
+    target_steps: int = 20  # 0: attack.pgd_steps
     target_alpha: float = 0.0  # /255; 0: 2.5 * eps / target_steps
     target_keep_best: bool = True
     target_warm_start: bool = True
@@ -132,7 +153,7 @@ class AttackConfig:
     # evaluation reads for them); True: every model at every attack.eps
     all_models_all_eps: bool = False
     # attack a copy of the model with BatchNorm folded into the convs and channels_last weights
-    # (same function to ~1e-5; ~1.9x faster input gradients on CPU, see attacks/fast.py)
+    # (same function to ~1e-5, faster input gradients on CPU; nn/fuse.py, docs/results/defaults.md)
     fast_encoder: bool = True
     save_images: bool = True
 
@@ -140,8 +161,8 @@ class AttackConfig:
 @dataclass
 class DefenseConfig:
     # denoiser (Fig. 4): 9x9 in -> residual blocks -> global transformer -> 3x3 -> 9x9 out.
-    # CPU defaults (the paper's 9 blocks / width 64 are the "paper" preset): measured on the default
-    # data, width 16 x 4 blocks at batch 8 recovers as much HR@10 as width 32 x 6 (see defense/training.py)
+    # CPU defaults (the paper's 9 blocks / width 64 are the "paper" preset): width 16 x 4 blocks
+    # recovers as much HR@10 as 32 x 6 at half the compute (docs/results/defaults.md)
     width: int = 16
     n_res_blocks: int = 4
     norm: str = "instance"  # instance | batch
@@ -151,52 +172,46 @@ class DefenseConfig:
     embed_dim: int = 64  # token width of the global transformer block (patch -> embed_dim)
     # Eq. 12 weights (the paper's values are lost): L_VBPR + l1 L_c + l2 L_p + l3 L_con
     lambda_content: float = 1.0
-    lambda_perceptual: float = 0.01  # L_p on EfficientNet-Lite0 maps is ~50 for an FGSM-8 image; 0.1 was worse
-    lambda_contrastive: float = 0.1
+    lambda_perceptual: float = 0.01  # L_p is large next to L_c; see docs/results/defaults.md
+    lambda_contrastive: float = _after_phase1(0.1)
     lambda_rec: float = 0.01
     use_perceptual: bool = True
-    use_detector: bool = True
+    use_detector: bool = _after_phase1(True)
     # schedule: phase 1 clean + FGSM, phase 2 clean/FGSM/PGD ~1:1:1 (seeded RNG per iteration)
     epochs_phase1: int = 5  # paper: ~10
-    epochs_phase2: int = 2  # paper: ~3
-    detector_epochs: int = 2  # paper: ~2 (with 1, one of three default runs ended with a detector at val AUC 0.68)
+    epochs_phase2: int = _after_phase1(2)  # paper: ~3
+    # paper: ~2; a single detector epoch can leave a weak detector (docs/results/defaults.md)
+    detector_epochs: int = _after_phase1(2)
     lr: float = 1e-3
-    batch_size: int = 8  # NOTE: 8 beat 32 at equal epochs (4x the updates): detection 0.99 vs 0.5
+    # small batches give 4x the updates of 32 at equal epochs, which the detector needs
+    # (docs/results/defaults.md)
+    batch_size: int = 8
     train_eps: list = field(default_factory=lambda: [4, 8, 16, 32])  # /255, drawn per batch
     train_pgd_steps: int = 3
     triples_per_item: int = 4  # training triples per item for the on-the-fly attacks and L_VBPR
-    fast_frozen: bool = True  # frozen recommender/backbone paths on a BN-folded NHWC copy (attacks/fast.py)
+    fast_frozen: bool = True  # frozen recommender/backbone paths on a BN-folded NHWC copy (nn/fuse.py)
     clean_noise_sigma: float = 0.1  # half the clean views get N(0, s^2), s ~ U[0, this]; 0: off
-    encoder_lr_mult: float = 0.1  # detector encoder (pretrained) lr = lr * this
+    encoder_lr_mult: float = _after_phase1(0.1)  # detector encoder (pretrained) lr = lr * this
     train_item_frac: float = 0.5  # seeded item split: train / val (threshold) / test (the rest)
     val_item_frac: float = 0.2
-    ablations: list = field(default_factory=lambda: ["no-detector", "no-perceptual"])  # Table 5
+    ablations: list = _after_phase1(default_factory=lambda: ["no-detector", "no-perceptual"])  # Table 5
     # train the variants in two CPU processes at half the threads each (defense/stage.py); the
     # no-detector ablation reuses the full model's phase 1 (identical by construction)
-    parallel_variants: bool = True
+    parallel_variants: bool = _after_phase1(True)
     # detector
-    proj_hidden: int = 512
-    proj_dim: int = 128  # paper: 128-d embedding
-    temperature: float = 0.1
-    contrastive_items: int = 8  # items per batch in L_con (4 encoder views each); 0: the whole batch
-    share_negatives: bool = True  # every item's x_adv is a negative for every anchor (else own item's)
+    proj_hidden: int = _after_phase1(512)
+    proj_dim: int = _after_phase1(128)  # paper: 128-d embedding
+    temperature: float = _after_phase1(0.1)
+    contrastive_items: int = _after_phase1(8)  # items per batch in L_con (4 encoder views each); 0: the whole batch
+    share_negatives: bool = _after_phase1(True)  # every item's x_adv is a negative for every anchor (else own item's)
     # FGSM eps of the detector phase and the threshold calibration, one drawn per batch. The
-    # paper trains at one eps; trained at 16 alone the default detector caught 0.71 at eps 64
-    # (the denoiser cannot undo eps 64, so D(x_adv) stays near x_adv and the distance is small):
-    # training at the evaluated eps range is what teaches it those distances
-    detector_eps: list = field(default_factory=lambda: [8, 16, 32, 64])
-    threshold_rule: str = "youden"  # youden | fpr@0.05 | balanced
+    # paper trains at one eps; but the denoiser cannot undo a large eps, so D(x_adv) stays near
+    # x_adv and the distance is small: training at the evaluated eps range is what teaches the
+    # detector those distances (docs/results/defaults.md)
+    detector_eps: list = _after_phase1(default_factory=lambda: [8, 16, 32, 64])
+    threshold_rule: str = _after_phase1("youden")  # youden | fpr@0.05 | balanced
     # random resize-pad at inference (OURS-rand)
-    rand_min_frac: float = 0.85  # r' drawn uniformly in [rand_min_frac * r, r)
-    # ADDITION baseline
-    addition_sigma: float = 0.05
-    addition_change: float = 0.2
-    # evaluation sizes
-    n_detect_items: int = 1000  # per class, as the paper (capped by the catalogue)
-    eval_eps: list = field(default_factory=lambda: [8, 16, 32, 64])
-    noise_sigmas: list = field(default_factory=lambda: [0.02, 0.05, 0.1])
-    adaptive: bool = True
-    adaptive_eot: int = 4
+    rand_min_frac: float = _after_phase1(0.85)  # r' drawn uniformly in [rand_min_frac * r, r)
 
 
 @dataclass
@@ -205,22 +220,31 @@ class EvalConfig:
     tsne_points: int = 300  # detector embeddings in the t-SNE figure, split over 4 groups
     figures: bool = True
     batch_size: int = 64  # purification / encoding / detection batches
-    # Tables 2/3/5 and the adaptive rows use one eps (the paper's value is lost; the issue's
-    # targets are stated at eps 8). curve_models get defended rows at every attack eps (Fig. 6).
+    # Tables 2/3/5 and the adaptive rows use one eps (the paper's value is lost; 8/255 is the
+    # usual imperceptible budget). curve_models get defended rows at every attack eps (Fig. 6).
     table_eps: int = 8
-    # NOTE cost: each defended catalogue is a denoiser pass + 2 encodes (~22 CPU-s for 800
-    # items at 64 px), so defended rows are limited to the paper's base models (AMR rows of
-    # Tables 2/3 are undefended) and the Fig. 6 defended curves to a few eps
+    # each defended catalogue is a denoiser pass + 2 encodes, so defended rows are limited to
+    # the paper's base models (AMR rows of Tables 2/3 are undefended) and the Fig. 6 defended
+    # curves to a few eps (docs/results/defaults.md)
     models: list = field(default_factory=lambda: ["VBPR", "DVBPR"])  # models with OURS rows
     curve_models: list = field(default_factory=lambda: ["VBPR"])
     curve_eps: list = field(default_factory=lambda: [8, 32])  # defended Fig. 6 points; empty: every attack.eps
-    addition_users: int = 256  # users whose score change ADDITION measures (seeded subset)
-    # adaptive attacker (defense.adaptive switches it on; defense.adaptive_eot draws per step)
+    # detection (Table 4): FGSM at each detect_eps on detect_items held-out test items per
+    # class (as the paper; capped by the catalogue), and Gaussian noise at each noise_sigmas
+    detect_eps: list = field(default_factory=lambda: [8, 16, 32, 64])
+    detect_items: int = 1000
+    noise_sigmas: list = field(default_factory=lambda: [0.02, 0.05, 0.1])
+    # ADDITION baseline: noise sigma, flagging score change, users whose scores it measures (seeded subset)
+    addition_sigma: float = 0.05
+    addition_change: float = 0.2
+    addition_users: int = 256
+    # adaptive attacker: on/off, EOT draws per step against denoise+rand, and its eps
+    adaptive: bool = True
+    adaptive_eot: int = 4
     adaptive_eps: int = 0  # /255; 0: table_eps
-    # NOTE every adaptive step is a denoiser forward+backward per item (~3 purification passes):
-    # the whole default catalogue x 10 steps x 2 defences would be ~60 catalogue passes, so a
-    # seeded subset of items is attacked adaptively and the rest keep their non-adaptive PGD
-    # image (a mixed attacker, at least as strong as plain PGD on the other items)
+    # every adaptive step is a denoiser forward+backward per item, so a seeded subset of items
+    # is attacked adaptively and the rest keep their non-adaptive PGD image (a mixed attacker,
+    # at least as strong as plain PGD on the other items; docs/results/defaults.md)
     adaptive_steps: int = 5  # 0: attack.pgd_steps
     adaptive_items: int = 64  # items attacked adaptively (seeded subset); 0: all
     adaptive_detect_weight: float = 1.0  # weight of the detector hinge in the attacker's loss
@@ -282,10 +306,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "defense.epochs_phase2": 1,
         "defense.detector_epochs": 1,
         "defense.train_pgd_steps": 2,
-        "defense.n_detect_items": 120,
-        "defense.eval_eps": [8, 16],
-        "defense.noise_sigmas": [0.05, 0.1],
-        "defense.adaptive_eot": 2,
+        "eval.detect_items": 120,
+        "eval.detect_eps": [8, 16],
+        "eval.noise_sigmas": [0.05, 0.1],
+        "eval.adaptive_eot": 2,
         "eval.tsne_points": 90,
         "eval.adaptive_items": 48,
         "eval.curve_eps": [],
@@ -369,6 +393,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def set_value(cfg: Config, dotted: str, value: Any) -> None:
     """Set ``section.key`` on ``cfg`` with type checking; unknown keys raise ConfigError."""
+    if dotted in MOVED_KEYS:
+        raise ConfigError(f"{dotted} is now {MOVED_KEYS[dotted]}")
     parts = dotted.split(".")
     obj: Any = cfg
     for i, p in enumerate(parts):

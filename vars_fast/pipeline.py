@@ -63,14 +63,14 @@ class Context:
 
     def encoder(self, name: str):
         """Recommender ``name`` for frozen feature extraction (re-encoding attacked or purified
-        catalogues): its BN-folded NHWC copy when ``attack.fast_encoder`` (``attacks.fast.
-        fast_copy``, checked against the original on real images; 1.7x faster on 2 cores), else
+        catalogues): its BN-folded NHWC copy when ``attack.fast_encoder`` (``nn.fuse.
+        fast_copy``, checked against the original on real images; docs/results/defaults.md), else
         the recommender itself. Built once per run."""
         key = f"encoder:{name}"
         if key not in self._cache:
             rec = self.recommender(name)
             if getattr(self.cfg.attack, "fast_encoder", False):
-                from vars_fast.attacks.fast import fast_copy
+                from vars_fast.nn.fuse import fast_copy
 
                 probe = self.catalogue.item_batch(torch.arange(min(8, self.catalogue.n_items)), self.device)
                 rec = fast_copy(rec, probe)

@@ -153,7 +153,7 @@ def screen(input: str, checkpoint: Optional[str], out: str, *, limit: Optional[i
                               write_images=write_denoised, max_bytes=max_bytes, on_batch=pbar.update,
                               batch_threads=batch_threads)
         elif engine == "ray":
-            from vars_fast.distributed.ray_engine import run_ray
+            from vars_fast.screening.ray_engine import run_ray
 
             stats = run_ray(checkpoint, pf, meta, out_dir, shard_size, batch_size, done, device=device,
                             amp=amp, channels_last=channels_last, compile=compile, write_images=write_denoised,

@@ -18,7 +18,7 @@ The attacker maximises, within the eps-ball,
   is taken as the identity (``y = u + (T(u) - u).detach()``).
 
 ``L_rec`` is any per-sample loss ``x -> [B]`` on the purified images, e.g. the item BPR loss
-of the catalogue attack (``vars_fast.evaluate`` builds it).
+of the catalogue attack (``vars_fast.evaluate.adaptive`` builds it).
 """
 from __future__ import annotations
 

@@ -24,15 +24,16 @@ each item's random start from its own seed, so ``batch_size`` does not change th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from vars_fast.attacks.base import frozen, quantize_within
-from vars_fast.attacks.fast import fast_copy
 from vars_fast.attacks.fgsm import FGSM
 from vars_fast.attacks.pgd import PGD, default_alpha
+from vars_fast.nn.fuse import fast_copy
 
 
 def bpr_image_loss(rec, triples: Tensor, x_i: Tensor | None, x_j: Tensor | None) -> Tensor:
@@ -181,55 +182,32 @@ def wrap_loss(fn, device: torch.device, amp: bool = False):
     return amp_fn
 
 
-def attack_catalogue(rec, cat, method: str, eps255: float, cfg, generator: torch.Generator,
-                     device: torch.device | str = "cpu", progress: bool = True, *, compile: bool = False,
-                     amp: bool = False, channels_last: bool = False, triples: ItemTriples | None = None,
-                     batch_size: int | None = None, fast: bool | None = None) -> Tensor:
-    """Attack every catalogue image of ``cat`` against ``rec``; returns uint8 [N,3,S,S] (CPU).
+def attack_items(rec, cat, items: Tensor, attack: Callable[[Callable, Tensor, Tensor], Tensor],
+                 triples: ItemTriples, eps255: float, device: torch.device | str, batch_size: int, *,
+                 loss=item_loss, amp: bool = False, channels_last: bool = False, pad: bool = False,
+                 freeze: tuple = (), desc: str | None = None, progress: bool = False) -> Tensor:
+    """The loop every catalogue attack runs: one adversarial uint8 image per item of ``items``.
 
-    method: "fgsm" | "pgd"; eps255: radius in /255 units; cfg: AttackConfig (pgd_steps,
-    pgd_alpha, random_start, triples_per_item, batch_size). ``compile``: torch.compile the
-    image->loss function (the last batch is padded so that shapes never change); ``amp``:
-    bf16 autocast when ``amp_available``; ``fast`` (default ``cfg.fast_encoder``): attack a
-    BN-folded channels_last copy of the model (``fast.fast_copy``). The result satisfies ``|adv - clean| <= eps255``
-    exactly in uint8 (see ``quantize_within``).
+    For each batch of ``batch_size`` items it builds the items' loss ``x -> [B]``
+    (``item_loss_fn`` on their ``triples``, optionally under bf16 autocast) and calls
+    ``attack(loss_fn, x, idx) -> x_adv`` on their clean images; the result is quantised to
+    uint8 within ``eps255`` of the clean image (``quantize_within``). ``pad`` repeats the last
+    item so that every batch has the same shape (one ``torch.compile`` graph). The recommender,
+    its backbone (held by reference, not as a submodule) and ``freeze`` are frozen throughout.
+    Returns uint8 [len(items), 3, S, S] on the CPU, in the order of ``items``.
     """
     from vars_fast.utils import progress as progress_bar
 
-    if method not in ("fgsm", "pgd"):
-        raise ValueError(f"attack method {method!r}: expected fgsm or pgd (attack.untargeted)")
     device = torch.device(device)
-    eps = float(eps255) / 255.0
-    steps = int(cfg.pgd_steps)
-    alpha = cfg.pgd_alpha / 255.0 if cfg.pgd_alpha > 0 else default_alpha(eps, steps)
-    B = int(batch_size or cfg.batch_size)
-    N = cat.n_items
-    amp = amp and amp_available(device)
-    fast = bool(getattr(cfg, "fast_encoder", False)) if fast is None else fast
-    if triples is None:
-        triples = sample_item_triples(cat, cfg.triples_per_item, generator, getattr(cfg, "triple_roles", "bpr"))
-    seed_base = int(torch.randint(0, 2**62, (1,), generator=generator))
-    out = torch.empty_like(cat.images)
-
-    def per_item_start(idx: Tensor, x: Tensor) -> Tensor:
-        # one generator per item: the start does not depend on the batch the item falls in
-        noise = torch.stack([torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(seed_base + int(k)))
-                             for k in idx])
-        return x + (2 * noise.to(x) - 1) * eps
-
-    # fixed shapes (padded last batch): one compilation serves every batch and step
-    loss = torch.compile(item_loss, dynamic=False) if compile else item_loss
-    if fast:  # BN folded + NHWC copy (numerically the same model; see fast.py)
-        rec = fast_copy(rec, cat.item_batch(torch.arange(min(4, N)), device), channels_last=True)
-        channels_last = True
-    # VBPR holds its backbone by reference, not as a submodule: freeze it explicitly
-    with frozen(rec, getattr(rec, "backbone", None)):
-        bar = progress_bar(total=N, desc=f"attack {getattr(rec, 'name', 'rec')} {method} eps={eps255:g}",
-                           unit="item", enabled=progress)
-        for s in range(0, N, B):
-            idx = torch.arange(s, min(s + B, N))
+    items = torch.as_tensor(items, dtype=torch.long).flatten()
+    n, B = items.numel(), int(batch_size)
+    out = torch.empty((n,) + tuple(cat.images.shape[1:]), dtype=torch.uint8)
+    with frozen(rec, getattr(rec, "backbone", None), *freeze):
+        bar = progress_bar(total=n, desc=desc or "attack", unit="item", enabled=progress)
+        for s in range(0, n, B):
+            idx = items[s:s + B]
             n_real = idx.numel()
-            if compile and n_real < B:  # pad with the last item: fixed shapes, no recompiles
+            if pad and n_real < B:  # pad with the last item: fixed shapes, no recompiles
                 idx = torch.cat([idx, idx[-1:].expand(B - n_real)])
             x = cat.item_batch(idx, device)
             if channels_last:
@@ -237,12 +215,60 @@ def attack_catalogue(rec, cat, method: str, eps255: float, cfg, generator: torch
             d = lambda t: t[idx].to(device)  # noqa: E731
             fn = wrap_loss(item_loss_fn(rec, idx.to(device), d(triples.users), d(triples.others),
                                         d(triples.sign), loss=loss), device, amp)
-            if method == "fgsm":
-                x_adv = FGSM(fn, eps)(x)
-            else:
-                atk = PGD(fn, eps, alpha=alpha, steps=steps, random_start=False)
-                x_adv = atk(x, init=per_item_start(idx, x) if cfg.random_start else None)
-            out[idx[:n_real]] = quantize_within(x_adv[:n_real].cpu(), cat.images[idx[:n_real]], eps255)
+            x_adv = attack(fn, x, idx)
+            out[s:s + n_real] = quantize_within(x_adv[:n_real].cpu(), cat.images[idx[:n_real]], eps255)
             bar.update(n_real)
         bar.close()
     return out
+
+
+def attack_catalogue(rec, cat, method: str, eps255: float, cfg, generator: torch.Generator,
+                     device: torch.device | str = "cpu", progress: bool = True, *, compile: bool = False,
+                     amp: bool = False, channels_last: bool = False, triples: ItemTriples | None = None,
+                     batch_size: int | None = None, fast: bool | None = None,
+                     items: Tensor | None = None) -> Tensor:
+    """Attack the catalogue images of ``cat`` against ``rec``; returns uint8 [N,3,S,S] (CPU).
+
+    method: "fgsm" | "pgd"; eps255: radius in /255 units; cfg: AttackConfig (pgd_steps,
+    pgd_alpha, random_start, triples_per_item, triple_roles, batch_size). ``items``: attack
+    only these (default: every item; the result then has one row per given item). ``compile``:
+    torch.compile the image->loss function (the last batch is padded so that shapes never
+    change); ``amp``: bf16 autocast when ``amp_available``; ``fast`` (default
+    ``cfg.fast_encoder``): attack a BN-folded channels_last copy of the model
+    (``nn.fuse.fast_copy``). The result satisfies ``|adv - clean| <= eps255`` exactly in uint8
+    (see ``quantize_within``).
+    """
+    if method not in ("fgsm", "pgd"):
+        raise ValueError(f"attack method {method!r}: expected fgsm or pgd (attack.untargeted)")
+    device = torch.device(device)
+    eps = float(eps255) / 255.0
+    steps = int(cfg.pgd_steps)
+    alpha = cfg.pgd_alpha / 255.0 if cfg.pgd_alpha > 0 else default_alpha(eps, steps)
+    N = cat.n_items
+    amp = amp and amp_available(device)
+    fast = bool(getattr(cfg, "fast_encoder", False)) if fast is None else fast
+    if triples is None:
+        triples = sample_item_triples(cat, cfg.triples_per_item, generator, getattr(cfg, "triple_roles", "bpr"))
+    seed_base = int(torch.randint(0, 2**62, (1,), generator=generator))
+
+    def per_item_start(idx: Tensor, x: Tensor) -> Tensor:
+        # one generator per item: the start does not depend on the batch the item falls in
+        noise = torch.stack([torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(seed_base + int(k)))
+                             for k in idx])
+        return x + (2 * noise.to(x) - 1) * eps
+
+    def attack(fn, x: Tensor, idx: Tensor) -> Tensor:
+        if method == "fgsm":
+            return FGSM(fn, eps)(x)
+        atk = PGD(fn, eps, alpha=alpha, steps=steps, random_start=False)
+        return atk(x, init=per_item_start(idx, x) if cfg.random_start else None)
+
+    # fixed shapes (padded last batch): one compilation serves every batch and step
+    loss = torch.compile(item_loss, dynamic=False) if compile else item_loss
+    if fast:  # BN folded + NHWC copy (numerically the same model; see nn/fuse.py)
+        rec = fast_copy(rec, cat.item_batch(torch.arange(min(4, N)), device), channels_last=True)
+        channels_last = True
+    return attack_items(rec, cat, torch.arange(N) if items is None else items, attack, triples, eps255, device,
+                        int(batch_size or cfg.batch_size), loss=loss, amp=amp, channels_last=channels_last,
+                        pad=compile, desc=f"attack {getattr(rec, 'name', 'rec')} {method} eps={eps255:g}",
+                        progress=progress)

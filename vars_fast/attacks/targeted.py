@@ -20,10 +20,10 @@ from torch import Tensor
 from vars_fast.attacks.aip import expa_loss, insa_loss
 from vars_fast.attacks.base import frozen, quantize_within
 from vars_fast.attacks.catalogue import wrap_loss
-from vars_fast.attacks.fast import fast_copy
 from vars_fast.attacks.fgsm import FGSM
 from vars_fast.attacks.pgd import PGD, default_alpha
 from vars_fast.attacks.taamr import taamr_loss
+from vars_fast.nn.fuse import fast_copy
 
 TARGETED = ("aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd")
 
@@ -75,7 +75,7 @@ def targeted_attack(name: str, rec, backbone, cat, targets: Tensor, eps255: floa
     if users is None:
         users = torch.arange(cat.n_users)
     out = torch.empty((targets.numel(),) + tuple(cat.images.shape[1:]), dtype=torch.uint8)
-    if getattr(cfg, "fast_encoder", False):  # BN-folded NHWC copies (see fast.py)
+    if getattr(cfg, "fast_encoder", False):  # BN-folded NHWC copies (see nn/fuse.py)
         example = cat.item_batch(targets[:4], device)
         shared = backbone is getattr(rec, "backbone", None)
         if name.startswith("taamr"):

@@ -219,10 +219,9 @@ def sample_interactions(seed: int, n_users: int, attrs: dict[str, np.ndarray], n
     sampled without replacement by Gumbel top-k; the number per user is Poisson(mean),
     clipped to [min_interactions, n_items - 1].
 
-    NOTE: measured on the default catalogue (600 users, 800 items, 64 px, EfficientNet-Lite0
-    features): a conjunctive (category AND colour) taste leaves ~12 matching items per style,
-    too few co-occurrences for ID factors, but plain to a CNN. With an additive taste (category
-    + hue + pattern, rank ~21) BPR learnt it from IDs alone and VBPR gained little.
+    The taste is conjunctive (category AND colour): it leaves few matching items per style, too
+    few co-occurrences for ID factors, but plain to a CNN, so visual models have something to
+    gain; an additive taste is learnt by BPR from IDs alone (docs/results/defaults.md).
     """
     rng = np.random.default_rng([seed, 11])
     n_items = len(attrs["category"])

@@ -48,7 +48,7 @@ class Addition:
         rec: a Recommender (``encode``, ``score``, ``n_users`` via ``users`` below).
         denoise: ``x [B,3,S,S] -> x'`` in [0,1] (no gradient needed).
         users: LongTensor [U] of the users whose scores are compared.
-        sigma: base noise standard deviation (``defense.addition_sigma``).
+        sigma: base noise standard deviation (``eval.addition_sigma``).
         change: relative score change above which an input is flagged (0.2 = 20%).
         generator: seeds the injected noise (CPU generator).
     """

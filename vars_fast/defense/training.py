@@ -21,22 +21,15 @@ a test-time operation and is not used here.
 
 Our additions, each a config field: half of the clean views get Gaussian noise with sigma
 uniform in [0, ``clean_noise_sigma``] (content target: the clean image), so that the denoiser
-learns to remove it and the detector learns to call noisy clean images clean (issue 4 asks
-for sigma up to 0.1 to pass); the detector encoder (pretrained) trains at
+learns to remove it and the detector learns to call noisy clean images clean (so that
+Gaussian noise up to sigma 0.1 is not flagged); the detector encoder (pretrained) trains at
 ``encoder_lr_mult`` x the learning rate.
 
 Eq. 12 weights (the paper's are lost; config fields): lambda_rec = 0.01, lambda_1 (content) =
 1, lambda_2 (perceptual) = 0.01, lambda_3 (contrastive) = 0.1. On EfficientNet-Lite0 maps L_p
-of an FGSM-8 image is ~50 and L_c ~1e-3, so L_p dominates the gradient, which is what restores
-the recommender's features; lambda_2 = 0.1 (with lr 2e-3) restored less.
-
-# NOTE (measured on the default data, 400 training items, fp32, H100 for speed): at batch 32
-# (~110 updates) neither the denoiser nor the detector learned (val detection AUC ~0.5); at
-# batch 8 they do. With the default schedule (5 + 2 + 1 epochs, ~400 updates), against the
-# default VBPR (clean HR@10 0.373): denoised clean 0.370; FGSM-8 0.300 -> 0.338 (91% of clean);
-# PGD-8 0.113 -> 0.348 (93%), OURS-rand 0.272 (73%); detection accuracy 0.96 / 0.99 / 0.96 at
-# FGSM eps 8 / 16 / 32 on test items, 4-5% of sigma=0.1 noisy clean images flagged. Width 32 x 6
-# blocks restored PGD slightly better but cost 1.5% more clean HR@10 and twice the compute.
+is far larger than L_c, so L_p dominates the gradient, which is what restores the
+recommender's features. Both models learn only with enough updates, hence the small default
+batch. The measurements behind these choices are in docs/results/defaults.md.
 
 Resumable: after every epoch an atomic checkpoint holds the weights, the optimiser, the
 epoch, the RNG state and the loss history; a killed run restarts from the last finished epoch
@@ -119,19 +112,13 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# DefenseConfig fields that cannot change phase 1 (denoiser only, detector idle): two configs
-# that differ only in these share their phase-1 result (``train_defense(phase1_path=...)``).
-# Anything not listed counts, so an unknown new field disables sharing instead of breaking it.
-_NOT_PHASE1 = frozenset({
-    "use_detector", "lambda_contrastive", "epochs_phase2", "detector_epochs", "detector_eps", "proj_hidden",
-    "proj_dim", "temperature", "contrastive_items", "share_negatives", "encoder_lr_mult", "threshold_rule",
-    "rand_min_frac", "addition_sigma", "addition_change", "n_detect_items", "eval_eps", "noise_sigmas",
-    "adaptive", "adaptive_eot", "ablations", "parallel_variants"})
-
-
 def phase1_fingerprint(dcfg: DefenseConfig, *parts) -> str:
-    """What determines the state after phase 1 (with the seed, split, image size, backbone in ``parts``)."""
-    return _fingerprint({k: v for k, v in dataclasses.asdict(dcfg).items() if k not in _NOT_PHASE1}, *parts)
+    """What determines the state after phase 1 (with the seed, split, image size, backbone in
+    ``parts``): every ``DefenseConfig`` field except those tagged as read after phase 1 only
+    (``config._after_phase1``)."""
+    values = dataclasses.asdict(dcfg)
+    return _fingerprint({f.name: values[f.name] for f in dataclasses.fields(dcfg) if f.metadata.get("phase1", True)},
+                        *parts)
 
 
 # ---------------------------------------------------------------------------- attacks / checks
@@ -239,8 +226,8 @@ def _rec_and_perceptual(rec, backbone, fn: _ItemObjective, x: Tensor, out: Tenso
     """L_VBPR and L_p of the denoised views ``out`` [n_views*B,3,S,S] against the clean x [B,...].
 
     When the recommender's visual features come from the perceptual backbone itself (VBPR,
-    AMR), one trunk pass gives both the stage maps and the pooled features.
-    NOTE: this saves one of the three backbone passes of a phase-1 step (~20% of its time)."""
+    AMR), one trunk pass gives both the stage maps and the pooled features, which saves one
+    of the three backbone passes of a phase-1 step (docs/results/defaults.md)."""
     zero = out.new_zeros((), dtype=torch.float32)
     if perceptual:
         with torch.no_grad():  # the clean maps once, shared by every view
@@ -296,10 +283,10 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
         den, det = build_models(dcfg, image_size, backbone, backbone_cfg, device)
     if getattr(dcfg, "fast_frozen", True):
         # the recommender and its backbone are frozen here: attack generation, L_VBPR and L_p run
-        # on a BN-folded NHWC copy (attacks/fast.py; same function to ~1e-5, checked on real
+        # on a BN-folded NHWC copy (nn/fuse.py; same function to ~1e-5, checked on real
         # images, the original kept otherwise). The detector encoder above was copied from the
         # original backbone, so its BatchNorms still train.
-        from vars_fast.attacks.fast import fast_copy
+        from vars_fast.nn.fuse import fast_copy
 
         shared = getattr(rec, "backbone", None) is backbone
         probe = torch.tensor(list(split["train"])[:4] or [0], dtype=torch.long)

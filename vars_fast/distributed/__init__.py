@@ -1,1 +1,1 @@
-"""Scale-out helpers: torchrun data parallelism (ddp.py) and the Ray Data screening engine."""
+"""Scale-out helpers: torchrun data parallelism (ddp.py)."""

@@ -4,9 +4,8 @@ each (in parallel, in input order), while the main process runs the models and w
 On CPU the models run batch-parallel: ``batch_threads`` Python threads each run whole batches
 with one intra-op thread (torch releases the GIL inside its ops), instead of one batch at a time
 with ``batch_threads`` OpenMP threads that meet at a barrier after every op. Results are
-consumed in submission order, so shards are written exactly as in the sequential loop.
-# NOTE measured (2-core VM, screener alone, 64 px, batch 32, 3 interleaved reps): 1 thread x
-# OpenMP 2: 126-138 img/s; 2 threads x OpenMP 1: 142-186 img/s.
+consumed in submission order, so shards are written exactly as in the sequential loop
+(throughput of both layouts: docs/results/defaults.md).
 
 Memory is bounded by (workers x prefetch + batch_threads + 1) batches plus one shard of
 output rows (and, with batch threads, the freed memory of their malloc arenas, trimmed after
@@ -98,9 +97,8 @@ def _trim_heap() -> None:
     """Return the free memory of every malloc arena to the OS (glibc ``malloc_trim``).
 
     Each model thread allocates from its own glibc arena, and freed activation memory inside
-    an arena is not returned to the OS, so the process's RSS crept up with the number of items
-    (measured, 2 batch threads: peak RSS 1.81 GB at 5k items, 2.37 GB at 23k; with this call
-    once per shard 1.57 and 1.63 GB, at the same speed). A no-op where glibc is absent."""
+    an arena is not returned to the OS, so without this call once per shard the process's RSS
+    grows with the number of items (docs/results/defaults.md). A no-op where glibc is absent."""
     lib = _libc()
     if lib is not None:
         lib.malloc_trim(0)

@@ -42,9 +42,9 @@ class Screener:
         """``channels_last`` None: on (NHWC convs are faster with oneDNN and cuDNN alike);
         ``fold_bn``: inference copies of the models (``_fold``): the eval BatchNorms of the
         detector encoder and the feature backbone folded into their convs
-        (``attacks.fast.fold_batchnorm``), their separate "same" padding copies dropped
-        (``attacks.fast.streamline``), on CPU the denoiser's output conv in space-to-depth form
-        (``attacks.fast.PolyphaseConv2d``) and NHWC-ordered transformer tokens; the folded and
+        (``nn.fuse.fold_batchnorm``), their separate "same" padding copies dropped
+        (``nn.fuse.streamline``), on CPU the denoiser's output conv in space-to-depth form
+        (``nn.fuse.PolyphaseConv2d``) and NHWC-ordered transformer tokens; the folded and
         polyphase copies are kept only where their outputs match the
         original model on a probe batch (rtol 1e-3)."""
         if getattr(defense, "detector", None) is None:
@@ -68,11 +68,11 @@ class Screener:
     def _fold(self) -> dict[str, int]:
         """Inference copies, each kept only where it matches the original on a probe batch:
         BN folded and "same" paddings streamlined in the detector and the backbone
-        (``attacks.fast.folded_copy``); on CPU, the denoiser's few-channel output conv run in
-        space-to-depth form (``attacks.fast.polyphase_copy``) and its transformer block's
+        (``nn.fuse.folded_copy``); on CPU, the denoiser's few-channel output conv run in
+        space-to-depth form (``nn.fuse.polyphase_copy``) and its transformer block's
         tokens taken in NHWC order (``GlobalBlock.nhwc_tokens``). Returns the rewrites per model."""
-        from vars_fast.attacks.fast import folded_copy, polyphase_copy
         from vars_fast.defense.denoiser import GlobalBlock
+        from vars_fast.nn.fuse import folded_copy, polyphase_copy
 
         g = torch.Generator().manual_seed(0)
         probe = torch.rand(4, 3, self.image_size, self.image_size, generator=g).to(self.device)
@@ -84,7 +84,7 @@ class Screener:
             if n:
                 setattr(owner, name, model)
                 folded[name] = n
-        if self.device.type == "cpu":  # measured on CPU (oneDNN) only: on CUDA the model stays as is
+        if self.device.type == "cpu":  # a oneDNN rewrite: on CUDA the model stays as is
             model, n = polyphase_copy(self.defense.denoiser, lambda m: m.residual(probe))
             model = model if n else copy.deepcopy(self.defense.denoiser)
             for m in model.modules():

@@ -1,4 +1,5 @@
-"""A faster, numerically equivalent copy of a frozen model for attacking it.
+"""Model rewrites that keep a frozen model's function and make it faster: checked copies for
+attacking, re-encoding, screening and the defence's frozen paths.
 
 An attack runs the encoder forward *and* backward (input gradient) T times per image, with
 frozen weights. Two rewrites pay off there and never change the model the evaluation uses:
@@ -8,8 +9,7 @@ frozen weights. Two rewrites pay off there and never change the model the evalua
 * **channels_last**: the backbone's convs (depthwise ones especially) run faster in NHWC on
   CPU with oneDNN; the Backbone converts its input itself when its weights are NHWC.
 
-# NOTE measured on EfficientNet-Lite0, 64 images at 64 px, input gradient, 1 thread of a
-# loaded 2-core CPU: 6.2 s plain, 4.7 s folded, 4.5 s channels_last, 3.2 s both (~1.9x).
+Each rewrite's speed-up is in docs/results/defaults.md.
 
 Which BN follows which conv is found by tracing one forward with hooks (the BN's input must
 be the very tensor the conv returned), so no architecture is hard-coded; the copy is checked
@@ -77,8 +77,6 @@ class SamePadConv2d(nn.Conv2d):
     input pixels with the same weights (the extra tap multiplies a zero weight), so the result
     is the same and the separate ``F.pad`` copy disappears. Which dims need the prefix depends on
     the input size's parity, so it is decided per call. Dilation 1 only.
-    # NOTE measured (2 threads, NHWC, 64 images): depthwise 96ch 32->16 px k3 pad+conv 7.4 ms vs
-    # 2.9 ms; 144ch 16->8 k5 3.5 vs 1.9 ms; bit-identical outputs.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -99,16 +97,13 @@ class PolyphaseConv2d(nn.Module):
     """A stride-1 "same" conv with few output channels, computed on the space-to-depth view.
 
     oneDNN computes output channels in 16-wide vectors, so the denoiser's 9x9 conv to 3 RGB
-    channels does the work of 16 (measured: 16->3 and 16->16 9x9 take the same time). With
+    channels does the work of 16 (16->3 and 16->16 9x9 take the same time). With
     r = 2, space-to-depth turns [B,C,H,W] into [B,4C,H/2,W/2] (channel (a,b,c) holds pixel
     (2m+a, 2n+b) of channel c); output pixel (2m+a, 2n+b) of channel o is output channel
     (a,b,o) of a 5x5 conv there whose weight holds the original taps at their phase (zeros
     elsewhere); depth-to-space puts it back. Same products, summed in another order (equal to
     float rounding). Odd H or W: the original conv. The (a,b,c) channel order (not
     ``pixel_unshuffle``'s (c,a,b)) makes both rearrangements copies of contiguous runs in NHWC.
-    # NOTE measured (2 threads, NHWC, 32x16x64x64, 16->3 9x9): 28.5 ms direct vs 14.7 ms with
-    # pixel_(un)shuffle; the rearrangement alone: pixel_unshuffle 5.7 ms, the (a,b,c) copy 1.4 ms;
-    # with it, in another run: 25.2 ms direct vs 9.7 ms.
     """
 
     def __init__(self, conv: nn.Conv2d, r: int = 2):
@@ -196,11 +191,10 @@ def streamline(modules: list[nn.Module], inplace_relu6: bool = False, strided: b
     becomes a plain ``nn.Conv2d`` with that padding (same arithmetic, no copy). ``strided``:
     strided ones (one more zero after than before) become ``SamePadConv2d`` (no copy either;
     equal to float rounding: in NHWC the conv's summation order differs). Off for the attack
-    encoders (``fast_copy``), whose results the published runs fix; on for inference copies.
+    encoders (``fast_copy``), so that their results stay bit-identical to the plain model's;
+    on for inference copies.
     ``inplace_relu6``: ReLU6 writes into its input (inference only: the pre-activation is never
     reused there). Returns the number of convs rewritten.
-    # NOTE measured in screening (EfficientNet-Lite0 x 3 passes + denoiser, 64 px, batch 64,
-    # 2 threads): 10.6 -> 9.0 ms/img from the stride-1 rewrite, outputs bit-identical.
     """
     n = 0
     for root in modules:

@@ -1,0 +1,182 @@
+"""What every evaluation section shares: the catalogue, the inference copy of the defence,
+the held-out test items, purification, gating, encoding, ranking and the saved arrays."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vars_fast.utils import progress
+
+RANK_DEFENSES = ("denoise", "denoise+rand")
+ARRAYS = "eval_arrays.npz"
+
+
+def chunks(n: int, bs: int):
+    for s in range(0, n, bs):
+        yield s, min(s + bs, n)
+
+
+def to_float(x: Tensor, device) -> Tensor:
+    x = x.to(device)
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def det_json(m: dict) -> dict:
+    """Detection metrics as plain JSON values (the confusion matrix as nested lists)."""
+    out = {}
+    for k, v in m.items():
+        if isinstance(v, (Tensor, np.ndarray)):
+            v = v.tolist()
+        out[k] = float(v) if isinstance(v, (float, int, np.floating)) and k != "confusion" else v
+    return out
+
+
+class Evaluation:
+    """Holds what the sections share (catalogue, defence, the clean purification, arrays)."""
+
+    def __init__(self, ctx):
+        self.ctx, self.cfg, self.run, self.dev, self.log = ctx, ctx.cfg, ctx.run, ctx.device, ctx.log
+        self.cat = ctx.catalogue
+        self.defense = self.fast_defense(ctx.defense())
+        self.topk = tuple(int(k) for k in self.cfg.eval.topk)
+        self.bs = int(self.cfg.eval.batch_size)
+        self.arrays: dict[str, np.ndarray] = {}
+        self.timings: dict[str, float] = {}
+        self._clean_purified = None
+        self._d_clean = None
+        self._gated_clean = None
+        self.models = [m for m in self.cfg.attack.models if self.run.checkpoint(f"recommender_{m}").is_file()]
+        self.test_items = self._test_items()
+
+    def fast_defense(self, defense):
+        """The defence for inference: a copy with the denoiser in NHWC and the detector's eval
+        BatchNorms folded into its convs (``nn.fuse.folded_copy``), the fold kept only if the
+        embeddings match the original on real images (rtol 1e-3). It stays differentiable
+        (the adaptive attack goes through it); the weights are frozen."""
+        from vars_fast.nn.fuse import folded_copy
+
+        fast = copy.copy(defense)
+        fast.denoiser = copy.deepcopy(defense.denoiser).eval().to(memory_format=torch.channels_last)
+        if defense.detector is not None:
+            probe = to_float(self.cat.images[:8], self.dev)
+            det, n = folded_copy(defense.detector, lambda m: m.embed(probe))
+            if n:
+                fast.detector = det.to(memory_format=torch.channels_last)
+        return fast
+
+    def bar(self, total: int, desc: str):
+        return progress(total=total, desc=desc, unit="img", enabled=self.cfg.run.progress)
+
+    def _test_items(self) -> Tensor:
+        """Held-out test items of the defence (never trained on, threshold not chosen on them)."""
+        split = self.defense.split or {}
+        test = split.get("test")
+        if test is None or len(test) == 0:
+            self.log.warning("defense checkpoint has no extra['split']['test']: detection uses all ok items")
+            test = [i for i, s in enumerate(self.cat.status) if s == "ok"]
+        test = torch.as_tensor(test, dtype=torch.long).flatten()
+        g = self.ctx.generator("evaluate:detect-items")
+        test = test[torch.randperm(test.numel(), generator=g)]
+        return test[: int(self.cfg.eval.detect_items)]
+
+    @property
+    def has_detector(self) -> bool:
+        return self.defense.detector is not None and self.defense.threshold is not None
+
+    @torch.no_grad()
+    def purify_all(self, images: Tensor, defense=None, desc: str = "purify", tag: str = "") -> tuple[Tensor, Tensor]:
+        """uint8/float [N,3,S,S] -> (D(x), resize-pad(D(x))) float [N,3,S,S] on CPU.
+
+        The denoiser runs once; OURS-rand applies the same random resize-pad as
+        ``Defense.purify(rand=True)`` to its output, from a generator seeded by ``tag``.
+        """
+        from vars_fast.ops import random_resize_pad
+
+        d = defense or self.defense
+        S = images.shape[-1]
+        g = self.ctx.generator(f"evaluate:rand:{tag or desc}")
+        den = torch.empty(images.shape, dtype=torch.float32)
+        rnd = torch.empty_like(den)
+        bar = self.bar(images.shape[0], desc)
+        for s, e in chunks(images.shape[0], self.bs):
+            out = d.purify(to_float(images[s:e], self.dev).contiguous(memory_format=torch.channels_last))
+            den[s:e] = out.cpu()
+            rnd[s:e] = random_resize_pad(out, S, d.rand_min_size(S), generator=g)[0].cpu()
+            bar.update(e - s)
+        bar.close()
+        return den, rnd
+
+    @torch.no_grad()
+    def gate(self, images: Tensor, den: Tensor) -> tuple[Tensor, float]:
+        """detect+denoise: D(x) where the detector flags x, x elsewhere -> (float [N,3,S,S], flagged share)."""
+        det, thr = self.defense.detector, float(self.defense.threshold)
+        out = torch.empty(images.shape, dtype=torch.float32)
+        n_flag = 0
+        for s, e in chunks(images.shape[0], self.bs):
+            x, d = to_float(images[s:e], self.dev), den[s:e].to(self.dev)
+            flag = det.distance(x, d).float() > thr
+            out[s:e] = torch.where(flag.view(-1, 1, 1, 1), d, x).cpu()
+            n_flag += int(flag.sum())
+        return out, n_flag / max(images.shape[0], 1)
+
+    def gated_clean(self) -> tuple[Tensor, float]:
+        if self._gated_clean is None:
+            self._gated_clean = self.gate(self.cat.images, self.clean_purified()[0])
+        return self._gated_clean
+
+    @torch.no_grad()
+    def encode_all(self, rec, images: Tensor) -> Tensor:
+        """[N,3,S,S] (uint8 or float) -> rec.encode features [N, F] on the device."""
+        return torch.cat([rec.encode(to_float(images[s:e], self.dev)).float()
+                          for s, e in chunks(images.shape[0], self.bs)])
+
+    @torch.no_grad()
+    def rank(self, rec, images: Tensor) -> dict:
+        from vars_fast.metrics import ranking_metrics
+
+        m = ranking_metrics(rec, self.cat, visual=self.encode_all(self.ctx.encoder(rec.name), images), topk=self.topk)
+        return {k: float(v) for k, v in m.items()}
+
+    @torch.no_grad()
+    def distances(self, images: Tensor, defense=None) -> Tensor:
+        d = defense or self.defense
+        return torch.cat([d.distance(to_float(images[s:e], self.dev)).float().cpu()
+                          for s, e in chunks(images.shape[0], self.bs)])
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """Detector embeddings [N, D] on the CPU."""
+        return torch.cat([self.defense.detector.embed(to_float(images[s:e], self.dev)).float().cpu()
+                          for s, e in chunks(images.shape[0], self.bs)])
+
+    def load_attack(self, model: str, attack: str, eps) -> Optional[Tensor]:
+        path = self.run.attack_file(model, attack, eps)
+        if not path.is_file():
+            self.log.warning("evaluate: %s missing (attack stage not run for %s %s eps=%s): rows skipped",
+                             path, model, attack, eps)
+            return None
+        return torch.from_numpy(np.load(path))
+
+    def d_clean(self) -> Tensor:
+        """Detector distances of the clean held-out test items under the main defence (cached)."""
+        if self._d_clean is None:
+            self._d_clean = self.distances(self.cat.images[self.test_items])
+        return self._d_clean
+
+    def clean_purified(self) -> tuple[Tensor, Tensor]:
+        if self._clean_purified is None:
+            self._clean_purified = self.purify_all(self.cat.images, desc="purify clean", tag="clean")
+        return self._clean_purified
+
+    def eps_for(self, model: str) -> list:
+        """The attack eps with defended rows for ``model``: the table eps, and for
+        ``eval.curve_models`` the ``eval.curve_eps`` too (every attack eps when that is empty)."""
+        eps = [e for e in self.cfg.attack.eps]
+        if model in self.cfg.eval.curve_models:
+            curve = {float(e) for e in self.cfg.eval.curve_eps} | {float(self.cfg.eval.table_eps)}
+            return eps if not self.cfg.eval.curve_eps else [e for e in eps if float(e) in curve]
+        return [e for e in eps if float(e) == float(self.cfg.eval.table_eps)] or eps[:1]
