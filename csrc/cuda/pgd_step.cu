@@ -7,7 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../common.h"
+#include "../pgd_step.h"
 #include "common.cuh"
 
 namespace vars_fast {
@@ -87,30 +87,11 @@ void launch(at::Tensor& out, const at::Tensor& xa, const at::Tensor& x0, const a
   });
 }
 
-at::Tensor pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad,
-                         const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t,
-                         double alpha, double eps) {
-  check_pgd_step_inputs(x_adv, x_orig, grad, alpha_t, eps_t);
-  auto xa = x_adv.contiguous(), x0 = x_orig.contiguous(), g = grad.contiguous();
-  auto out = at::empty_like(xa, at::MemoryFormat::Contiguous);
-  launch(out, xa, x0, g, alpha_t, eps_t, alpha, eps);
-  return out;
-}
-
-void pgd_step_inplace_cuda(at::Tensor x_adv, const at::Tensor& x_orig, const at::Tensor& grad,
-                           const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t,
-                           double alpha, double eps) {
-  check_pgd_step_inputs(x_adv, x_orig, grad, alpha_t, eps_t);
-  TORCH_CHECK(x_adv.is_contiguous(), "vars_fast::pgd_step_: in-place update needs a contiguous x_adv");
-  auto x0 = x_orig.contiguous(), g = grad.contiguous();
-  launch(x_adv, x_adv, x0, g, alpha_t, eps_t, alpha, eps);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vars_fast, CUDA, m) {
-  m.impl("pgd_step", &pgd_step_cuda);
-  m.impl("pgd_step_", &pgd_step_inplace_cuda);
+  m.impl("pgd_step", &pgd_step_out_of_place<launch>);
+  m.impl("pgd_step_", &pgd_step_in_place<launch>);
 }
 
 }  // namespace vars_fast
