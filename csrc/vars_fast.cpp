@@ -16,7 +16,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(vars_fast, m) {
-  // ---- pgd_step (owner: issue 5, pgd_step / random_resize_pad engineer) ----------------
+  // ---- pgd_step --------------------------------------------------------------------------------
   // x' = clamp01(clamp(x_adv + alpha * sign(grad), x_orig - eps, x_orig + eps)), math in fp32.
   // alpha_t / eps_t: optional per-sample fp32 [B] tensors (on x's device); when absent the
   // python floats alpha / eps apply to every sample. Not differentiable (optimiser update).
@@ -26,7 +26,7 @@ TORCH_LIBRARY(vars_fast, m) {
   m.def("pgd_step_(Tensor(a!) x_adv, Tensor x_orig, Tensor grad, Tensor? alpha_t, Tensor? eps_t, "
         "float alpha, float eps) -> ()");
 
-  // ---- random_resize_pad (owner: issue 5, pgd_step / random_resize_pad engineer) -------
+  // ---- random_resize_pad -----------------------------------------------------------------------
   // x [B,C,H,W] -> out [B,C,out_size,out_size]: sample b resized to sizes[b]^2 (bilinear with
   // align_corners=False, or nearest; F.interpolate semantics) at offsets[b] = (top, left) on
   // zeros. sizes int64 [B], offsets int64 [B,2], on x's device. mode: "bilinear" | "nearest".
@@ -35,27 +35,28 @@ TORCH_LIBRARY(vars_fast, m) {
   m.def("random_resize_pad_backward(Tensor grad_out, Tensor sizes, Tensor offsets, int in_h, int in_w, "
         "str mode) -> Tensor");
 
-  // ---- BEGIN residual_epilogue / info_nce schemas (owner: the other kernel engineer) ----
-  // residual_epilogue (kernels-2). y [N,C,*] (NCHW-contiguous or channels_last):
-  // out = act(weight * (y - mean) * rstd + bias) + residual. norm: "instance" (stats per (n,c),
-  // mean/rstd [N,C]) | "batch" (stats per c, mean/rstd [C]). use_input_stats=false: batch-norm
-  // eval, mean/rstd come from running_mean/running_var. mean/rstd are fp32 (fp64 for fp64 y)
-  // and are saved for the backward; grad_residual = grad_out needs no kernel.
+  // ---- residual_epilogue -----------------------------------------------------------------------
+  // y [N,C,*] (NCHW-contiguous or channels_last): out = act(weight * (y - mean) * rstd + bias)
+  // + residual. norm: "instance" (stats per (n,c), mean/rstd [N,C]) | "batch" (stats per c,
+  // mean/rstd [C]). use_input_stats=false: batch-norm eval, mean/rstd come from running_mean /
+  // running_var. mean/rstd are fp32 (fp64 for fp64 y) and are saved for the backward;
+  // grad_residual = grad_out needs no kernel.
   m.def("residual_epilogue(Tensor y, Tensor? weight, Tensor? bias, Tensor? residual, "
         "Tensor? running_mean, Tensor? running_var, str norm, bool relu, bool use_input_stats, "
         "float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
   m.def("residual_epilogue_backward(Tensor grad_out, Tensor y, Tensor? weight, Tensor? bias, Tensor mean, "
         "Tensor rstd, str norm, bool relu, bool use_input_stats) -> (Tensor grad_y, Tensor grad_weight, "
         "Tensor grad_bias)");
-  // info_nce (kernels-2). anchors [N,d], candidates [M,d]; loss [N] (anchors' dtype) and the
-  // per-anchor log-sum-exp [N] (fp32, fp64 for fp64 inputs) saved for the backward. Tiled: no
-  // N x M buffer. Groups: see vars_fast/ops/info_nce.py.
+
+  // ---- info_nce --------------------------------------------------------------------------------
+  // anchors [N,d], candidates [M,d]; loss [N] (anchors' dtype) and the per-anchor log-sum-exp
+  // [N] (fp32, fp64 for fp64 inputs) saved for the backward. Tiled: no N x M buffer. Groups:
+  // see vars_fast/ops/info_nce.py.
   m.def("info_nce(Tensor anchors, Tensor candidates, Tensor positive_index, Tensor anchor_group, "
         "Tensor candidate_group, float temperature) -> (Tensor loss, Tensor lse)");
   m.def("info_nce_backward(Tensor grad_loss, Tensor anchors, Tensor candidates, Tensor positive_index, "
         "Tensor anchor_group, Tensor candidate_group, Tensor lse, float temperature) -> "
         "(Tensor grad_anchors, Tensor grad_candidates)");
-  // ---- END residual_epilogue / info_nce schemas -----------------------------------------
 
   // ---- the opt-in CPU block cache (csrc/cpu/block_cache.h; vars_fast/ops/memory.py) -----
   // No tensor arguments: catch-all kernels registered with the schema.

@@ -8,10 +8,12 @@ default tolerances.
 """
 from __future__ import annotations
 
+import importlib
 import textwrap
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vars_fast.ops import _dispatch
 from vars_fast.ops.info_nce import info_nce, info_nce_reference
@@ -175,3 +177,89 @@ def test_gpu_matches_reference(backend):
         got = _fwd_bwd(info_nce, *args, 0.1, backend=backend)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=2e-4, rtol=2e-4)
+
+
+# ---- fake kernels, and the Triton ops through opcheck ---------------------------------------
+
+def _ops(backend: str):
+    """(forward op, backward op) of the extension or of Triton (skips when missing here)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        importlib.import_module("vars_fast.ops.triton.info_nce")
+        return torch.ops.vars_fast.info_nce_triton, torch.ops.vars_fast.info_nce_triton_backward
+    if not HAS_EXT:
+        pytest.skip("compiled extension without info_nce")
+    return torch.ops.vars_fast.info_nce, torch.ops.vars_fast.info_nce_backward
+
+
+_BAD = {  # what is wrong: (anchors, candidates, positive_index, anchor_group, candidate_group) specs, error
+    "d": (((4, 5), torch.float32), ((6, 3), torch.float32), (4,), (4,), (6,), "must share d"),
+    "anchors_1d": (((4,), torch.float32), ((6, 4), torch.float32), (4,), (4,), (6,), r"anchors must be \[N, d\]"),
+    "dtype": (((4, 5), torch.float32), ((6, 5), torch.float64), (4,), (4,), (6,), "candidates dtype torch.float64 must match"),
+    "int": (((4, 5), torch.int32), ((6, 5), torch.int32), (4,), (4,), (6,), "must be float32/float64"),
+    "positive_index": (((4, 5), torch.float32), ((6, 5), torch.float32), (3,), (4,), (6,), r"positive_index must be \[4\]"),
+    "candidate_group": (((4, 5), torch.float32), ((6, 5), torch.float32), (4,), (4,), (6, 1), r"candidate_group must be \[6\]"),
+}
+
+
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+@pytest.mark.parametrize("bad", sorted(_BAD))
+def test_fake_kernel_rejects_bad_inputs(backend, bad):
+    fwd, bwd = _ops(backend)
+    (sa, da), (sc, dc), sp, sag, scg, err = _BAD[bad]
+    with FakeTensorMode():
+        a, c = torch.empty(sa, dtype=da), torch.empty(sc, dtype=dc)
+        pos, ag, cg = (torch.empty(s, dtype=torch.int64) for s in (sp, sag, scg))
+        with pytest.raises(RuntimeError, match=err):
+            fwd(a, c, pos, ag, cg, 0.1)
+        with pytest.raises(RuntimeError, match=err):
+            bwd(torch.empty(sa[:1]), a, c, pos, ag, cg, torch.empty(sa[:1]), 0.1)
+
+
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+def test_fake_kernel_checks_devices_and_outputs(backend):
+    fwd, bwd = _ops(backend)
+    with FakeTensorMode():
+        a, c = torch.empty(4, 5), torch.empty(6, 5)
+        pos, ag, cg = torch.empty(4, dtype=torch.int64), torch.empty(4, dtype=torch.int64), torch.empty(6, dtype=torch.int64)
+        loss, lse = fwd(a, c, pos, ag, cg, 0.1)
+        assert loss.shape == lse.shape == (4,) and lse.dtype == torch.float32
+        da, dc = bwd(loss, a, c, pos, ag, cg, lse, 0.1)
+        assert da.shape == a.shape and dc.shape == c.shape
+        with pytest.raises(RuntimeError, match="one device"):
+            fwd(a, c.to("meta"), pos, ag, cg, 0.1)
+        with pytest.raises(RuntimeError, match=r"lse must be \[4\]"):
+            bwd(loss, a, c, pos, ag, cg, lse[:3], 0.1)
+
+
+# The interpreter launches kernels eagerly, also while AOTAutograd traces the op's decomposition
+# (test_aot_dispatch_dynamic), so that part of opcheck runs on a GPU only (test_gpu_triton_opcheck).
+_TRITON_OPCHECK = textwrap.dedent("""
+    import torch
+    import vars_fast.ops.triton.info_nce  # registers vars_fast::info_nce_triton*
+    ops = torch.ops.vars_fast
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    g = torch.Generator().manual_seed(0)
+    a, c = torch.randn(9, 5, generator=g, requires_grad=True), torch.randn(11, 5, generator=g, requires_grad=True)
+    pos, ag, cg = torch.randint(0, 11, (9,), generator=g), torch.randint(-1, 3, (9,), generator=g), torch.randint(-2, 3, (11,), generator=g)
+    torch.library.opcheck(ops.info_nce_triton.default, (a, c, pos, ag, cg, 0.1), test_utils=utils)
+    loss, lse = ops.info_nce_triton(a.detach(), c.detach(), pos, ag, cg, 0.1)
+    torch.library.opcheck(ops.info_nce_triton_backward.default, (torch.rand(9, generator=g), a.detach(), c.detach(),
+                          pos, ag, cg, lse, 0.1), test_utils=utils)
+    print("OK")
+""")
+
+
+@pytest.mark.slow
+def test_triton_opcheck(run_triton_interpreted):
+    """torch.library.opcheck on the Triton ops (schema, autograd registration, fake kernel),
+    run by the interpreter on CPU."""
+    run_triton_interpreted(_TRITON_OPCHECK)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_triton_opcheck():
+    fwd, _ = _ops("triton")
+    a, c, pos, ag, cg = _in_batch(n=9, m=11, d=5, device="cuda")
+    torch.library.opcheck(fwd.default, (a.requires_grad_(True), c.requires_grad_(True), pos, ag, cg, 0.1))

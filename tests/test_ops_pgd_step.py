@@ -6,10 +6,13 @@ interpreter rounds fp32 -> bf16 differently from ATen's round-to-nearest-even.
 """
 from __future__ import annotations
 
+import importlib
+import os
 import textwrap
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vars_fast.ops import _dispatch
 from vars_fast.ops.pgd_step import pgd_random_start, pgd_step, pgd_step_reference
@@ -178,3 +181,94 @@ def test_gpu_compile_fullgraph(backend):
     torch._dynamo.reset()
     got = torch.compile(step, fullgraph=True)(x.clone())
     torch.testing.assert_close(got, pgd_step_reference(x, x0, g, 0.01, 0.03), atol=0, rtol=0)
+
+
+# ---- fake kernels: the schema conditions hold under fake tensors too -----------------------
+
+def _op(backend: str, inplace: bool = False):
+    """The extension's or the Triton op (skips when that backend is missing here)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        importlib.import_module("vars_fast.ops.triton.pgd_step")
+    elif not HAS_EXT:
+        pytest.skip("compiled extension without pgd_step")
+    name = "pgd_step" + ("_triton" if backend == "triton" else "") + ("_" if inplace else "")
+    return getattr(torch.ops.vars_fast, name)
+
+
+_BAD = {  # what is wrong: (x_orig shape, grad dtype, x dtype, device of grad, alpha_t shape, error)
+    "shape": ((2, 3, 4, 5), torch.float32, torch.float32, "cpu", None, "x_orig .* must have the shape of x_adv"),
+    "dtype": ((2, 3, 4, 4), torch.float64, torch.float32, "cpu", None, "grad dtype torch.float64 must match"),
+    "int": ((2, 3, 4, 4), torch.int32, torch.int32, "cpu", None, "must be float32/float64"),
+    "device": ((2, 3, 4, 4), torch.float32, torch.float32, "meta", None, "one device"),
+    "alpha_t": ((2, 3, 4, 4), torch.float32, torch.float32, "cpu", (3,), r"alpha_t must be \[2\]"),
+}
+
+
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("bad", sorted(_BAD))
+def test_fake_kernel_rejects_bad_inputs(backend, inplace, bad):
+    op = _op(backend, inplace)
+    shape0, gdt, xdt, gdev, ashape, err = _BAD[bad]
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 4, 4, dtype=xdt)
+        x0 = torch.empty(shape0, dtype=xdt)
+        g = torch.empty(2, 3, 4, 4, dtype=gdt, device=gdev)
+        a = torch.empty(ashape) if ashape else None
+        with pytest.raises(RuntimeError, match=err):
+            op(x, x0, g, a, None, 0.01, 0.03)
+
+
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+def test_fake_kernel_output(backend):
+    with FakeTensorMode():
+        x = torch.empty(5, 3, 7, 9, dtype=torch.float16)
+        out = _op(backend)(x, x, x, torch.empty(5), None, 0.0, 0.03)
+    assert out.shape == x.shape and out.dtype == x.dtype
+
+
+# The interpreter launches kernels eagerly, also while AOTAutograd traces the op's decomposition
+# (test_aot_dispatch_dynamic), so that part of opcheck runs on a GPU only (test_gpu_triton_opcheck).
+_INTERPRETED_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def _triton_opcheck_cases(device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 2, 5, 7, generator=g)
+    x = (x0 + 0.05 * torch.randn(x0.shape, generator=g)).clamp(0, 1)
+    grad = torch.randn(x0.shape, generator=g)
+    a, e = torch.rand(3, generator=g) * 0.02, torch.rand(3, generator=g) * 0.05
+    x, x0, grad, a, e = (t.to(device) for t in (x, x0, grad, a, e))
+    return [(x, x0, grad, None, None, 0.01, 0.03), (x, x0, grad, a, e, 0.0, 0.0)]
+
+
+_TRITON_OPCHECK = textwrap.dedent(f"""
+    import sys
+    import torch
+    import vars_fast.ops.triton.pgd_step  # registers vars_fast::pgd_step_triton[_]
+    sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+    from test_ops_pgd_step import _INTERPRETED_OPCHECK, _triton_opcheck_cases
+    ops = torch.ops.vars_fast
+    for args in _triton_opcheck_cases():
+        torch.library.opcheck(ops.pgd_step_triton.default, args, test_utils=_INTERPRETED_OPCHECK)
+        torch.library.opcheck(ops.pgd_step_triton_.default, (args[0].clone(),) + args[1:], test_utils=_INTERPRETED_OPCHECK)
+    print("OK")
+""")
+
+
+@pytest.mark.slow
+def test_triton_opcheck(run_triton_interpreted):
+    """torch.library.opcheck on the Triton ops (schema, autograd registration, fake kernel),
+    run by the interpreter on CPU."""
+    run_triton_interpreted(_TRITON_OPCHECK)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_triton_opcheck():
+    pytest.importorskip("triton")
+    importlib.import_module("vars_fast.ops.triton.pgd_step")
+    for args in _triton_opcheck_cases("cuda"):
+        torch.library.opcheck(torch.ops.vars_fast.pgd_step_triton.default, args)
+        torch.library.opcheck(torch.ops.vars_fast.pgd_step_triton_.default, (args[0].clone(),) + args[1:])

@@ -6,10 +6,12 @@ forward only). Nearest is exact.
 """
 from __future__ import annotations
 
+import importlib
 import textwrap
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vars_fast.ops import _dispatch
 from vars_fast.ops.random_resize_pad import (draw_resize_pad, random_resize_pad, random_resize_pad_grid_sample,
@@ -235,3 +237,102 @@ def test_ext_large_output_is_an_ordinary_tensor():
             out = random_resize_pad(x, O, LARGE[5], sizes=s, offsets=o, backend="ext")[0]
             del out
         assert rss_mb() - before < 100
+
+
+# ---- fake kernels, and the Triton ops through opcheck and gradcheck -------------------------
+
+def _ops(backend: str):
+    """(forward op, backward op) of the extension or of Triton (skips when missing here)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        importlib.import_module("vars_fast.ops.triton.random_resize_pad")
+        return torch.ops.vars_fast.random_resize_pad_triton, torch.ops.vars_fast.random_resize_pad_triton_backward
+    if not HAS_EXT:
+        pytest.skip("compiled extension without random_resize_pad")
+    return torch.ops.vars_fast.random_resize_pad, torch.ops.vars_fast.random_resize_pad_backward
+
+
+_BAD = {  # what is wrong: (x shape, x dtype, sizes shape, offsets shape, offsets dtype, offsets device, mode, error)
+    "x_3d": ((2, 7, 9), torch.float32, (2,), (2, 2), torch.int64, "cpu", "bilinear", r"x must be \[B, C, H, W\]"),
+    "x_int": ((2, 3, 7, 9), torch.int64, (2,), (2, 2), torch.int64, "cpu", "bilinear", "must be float32/float64"),
+    "sizes": ((2, 3, 7, 9), torch.float32, (3,), (2, 2), torch.int64, "cpu", "bilinear", r"sizes must be \[2\]"),
+    "offsets": ((2, 3, 7, 9), torch.float32, (2,), (2, 3), torch.int64, "cpu", "bilinear", r"offsets must be \[B=2, 2\]"),
+    "offsets_dtype": ((2, 3, 7, 9), torch.float32, (2,), (2, 2), torch.int32, "cpu", "bilinear", "offsets must be torch.int64"),
+    "device": ((2, 3, 7, 9), torch.float32, (2,), (2, 2), torch.int64, "meta", "bilinear", "one device"),
+    "mode": ((2, 3, 7, 9), torch.float32, (2,), (2, 2), torch.int64, "cpu", "bicubic", "mode must be one of"),
+}
+
+
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+@pytest.mark.parametrize("bad", sorted(_BAD))
+def test_fake_kernel_rejects_bad_inputs(backend, bad):
+    fwd, bwd = _ops(backend)
+    xs, xdt, ss, os_, odt, odev, mode, err = _BAD[bad]
+    with FakeTensorMode():
+        x = torch.empty(xs, dtype=xdt)
+        sizes, offsets = torch.empty(ss, dtype=torch.int64), torch.empty(os_, dtype=odt, device=odev)
+        with pytest.raises(RuntimeError, match=err):
+            fwd(x, sizes, offsets, 12, mode)
+        if len(xs) == 4:  # the backward takes grad_out [B, C, O, O] with the same draws
+            with pytest.raises(RuntimeError, match=err.replace("x must", "grad_out must")):
+                bwd(torch.empty(xs[:2] + (12, 12), dtype=xdt), sizes, offsets, 7, 9, mode)
+
+
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+def test_fake_kernel_output_and_non_square_grad(backend):
+    fwd, bwd = _ops(backend)
+    with FakeTensorMode():
+        x, sizes, offsets = torch.empty(2, 3, 7, 9), torch.empty(2, dtype=torch.int64), torch.empty(2, 2, dtype=torch.int64)
+        assert fwd(x, sizes, offsets, 12, "nearest").shape == (2, 3, 12, 12)
+        assert bwd(torch.empty(2, 3, 12, 12), sizes, offsets, 7, 9, "bilinear").shape == (2, 3, 7, 9)
+        with pytest.raises(RuntimeError, match=r"grad_out must be \[B, C, O, O\]"):
+            bwd(torch.empty(2, 3, 12, 11), sizes, offsets, 7, 9, "bilinear")
+
+
+# The interpreter launches kernels eagerly, also while AOTAutograd traces the op's decomposition
+# (test_aot_dispatch_dynamic), so that part of opcheck runs on a GPU only (test_gpu_triton_opcheck).
+# gradcheck in float64 with eps=1e-3: the Triton kernels interpolate in fp32, and the map is
+# linear in x, so a large step costs no truncation error while fp32 rounding stays below atol.
+# fast_mode (random projections of the Jacobian) keeps the interpreter to a few dozen launches.
+_TRITON_OPCHECK = textwrap.dedent("""
+    import torch
+    import vars_fast.ops.triton.random_resize_pad  # registers vars_fast::random_resize_pad_triton*
+    from vars_fast.ops.random_resize_pad import draw_resize_pad, random_resize_pad
+    ops = torch.ops.vars_fast
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 7, 9, generator=g)
+    s, o = draw_resize_pad(2, 12, 4, g)
+    for mode in ("bilinear", "nearest"):
+        torch.library.opcheck(ops.random_resize_pad_triton.default, (x.clone().requires_grad_(True), s, o, 12, mode),
+                              test_utils=utils)
+        gout = torch.randn(2, 3, 12, 12, generator=g, requires_grad=True)
+        torch.library.opcheck(ops.random_resize_pad_triton_backward.default, (gout, s, o, 7, 9, mode), test_utils=utils)
+        xs = torch.rand(1, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        ss, oo = draw_resize_pad(1, 7, 3, g)
+        f = lambda t: random_resize_pad(t, 7, 3, mode=mode, sizes=ss, offsets=oo, backend="triton")[0]
+        assert torch.autograd.gradcheck(f, (xs,), eps=1e-3, atol=1e-4, rtol=1e-3, fast_mode=True)
+        assert torch.autograd.gradgradcheck(f, (xs,), eps=1e-3, atol=1e-4, rtol=1e-3, fast_mode=True)
+    print("OK")
+""")
+
+
+@pytest.mark.slow
+def test_triton_opcheck_and_double_backward(run_triton_interpreted):
+    """The Triton ops under the interpreter: opcheck (schema, autograd registration, fake
+    kernel), gradcheck and gradgradcheck in float64 (the shared autograd's double backward)."""
+    run_triton_interpreted(_TRITON_OPCHECK)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+def test_gpu_opcheck_and_double_backward(backend):
+    fwd, bwd = _ops(backend)
+    x, s, o = _case(2, 3, 7, 9, 12, 4, device="cuda")
+    torch.library.opcheck(fwd.default, (x.requires_grad_(True), s, o, 12, "bilinear"))
+    torch.library.opcheck(bwd.default, (torch.randn(2, 3, 12, 12, device="cuda", requires_grad=True), s, o, 7, 9, "nearest"))
+    xs, ss, oo = _case(1, 2, 5, 4, 7, 3, dtype=torch.float64, device="cuda")
+    f = lambda t: random_resize_pad(t, 7, 3, sizes=ss, offsets=oo, backend=backend)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (xs.requires_grad_(True),), eps=1e-3, atol=1e-4, rtol=1e-3)
+    assert torch.autograd.gradgradcheck(f, (xs,), eps=1e-3, atol=1e-4, rtol=1e-3)

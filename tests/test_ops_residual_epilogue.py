@@ -8,10 +8,12 @@ rounds once more); fp64 gradcheck at the default tolerances.
 """
 from __future__ import annotations
 
+import importlib
 import textwrap
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vars_fast.ops import _dispatch
 from vars_fast.ops.residual_epilogue import residual_epilogue, residual_epilogue_reference
@@ -260,3 +262,107 @@ def test_channels_last_instance_forward_fused_and_unfused_agree_bitwise(C, resid
     want = residual_epilogue_reference(*[t.double() if t is not None else None for t in (y, w, b, r)],
                                        norm="instance", act="relu")
     torch.testing.assert_close(whole, want.float(), atol=1e-4, rtol=1e-4)
+
+
+# ---- fake kernels, and the Triton ops through opcheck ---------------------------------------
+
+def _ops(backend: str):
+    """(forward op, backward op) of the extension or of Triton (skips when missing here)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        importlib.import_module("vars_fast.ops.triton.residual_epilogue")
+        return torch.ops.vars_fast.residual_epilogue_triton, torch.ops.vars_fast.residual_epilogue_triton_backward
+    if not HAS_EXT:
+        pytest.skip("compiled extension without residual_epilogue")
+    return torch.ops.vars_fast.residual_epilogue, torch.ops.vars_fast.residual_epilogue_backward
+
+
+_BAD = {  # what is wrong: forward arguments (y shape, y dtype, weight shape, residual shape, residual dtype,
+    #                       norm, use_input_stats, running stats shape), error
+    "y_1d": ((6,), torch.float32, None, None, None, "instance", True, None, r"y must be \[N, C, ...\]"),
+    "y_int": ((2, 3, 4, 5), torch.int64, None, None, None, "instance", True, None, "must be float32/float64"),
+    "weight": ((2, 3, 4, 5), torch.float32, (4,), None, None, "instance", True, None, r"weight must be \[3\]"),
+    "residual": ((2, 3, 4, 5), torch.float32, None, (2, 3, 5, 4), torch.float32, "instance", True, None,
+                 "residual .* must have the shape of y"),
+    "residual_dtype": ((2, 3, 4, 5), torch.float32, None, (2, 3, 4, 5), torch.float16, "instance", True, None,
+                       "residual dtype torch.float16 must match"),
+    "norm": ((2, 3, 4, 5), torch.float32, None, None, None, "layer", True, None, "norm must be one of"),
+    "instance_eval": ((2, 3, 4, 5), torch.float32, None, None, None, "instance", False, (3,), "instance norm always"),
+    "running": ((2, 3, 4, 5), torch.float32, None, None, None, "batch", False, (2,), r"running_mean must be \[3\]"),
+    "no_running": ((2, 3, 4, 5), torch.float32, None, None, None, "batch", False, None, "needs running_mean"),
+}
+
+
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+@pytest.mark.parametrize("bad", sorted(_BAD))
+def test_fake_kernel_rejects_bad_inputs(backend, bad):
+    fwd, _ = _ops(backend)
+    ys, ydt, ws, rs, rdt, norm, use_input_stats, ss, err = _BAD[bad]
+    with FakeTensorMode():
+        y = torch.empty(ys, dtype=ydt)
+        w = torch.empty(ws) if ws else None
+        r = torch.empty(rs, dtype=rdt) if rs else None
+        rm = rv = torch.empty(ss) if ss else None
+        with pytest.raises(RuntimeError, match=err):
+            fwd(y, w, None, r, rm, rv, norm, True, use_input_stats, 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_fake_backward_checks_and_outputs(backend, norm):
+    fwd, bwd = _ops(backend)
+    with FakeTensorMode():
+        y, w = torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), torch.empty(3)
+        out, mean, rstd = fwd(y, w, w, y, None, None, norm, True, True, 1e-5)
+        assert out.shape == y.shape and out.is_contiguous(memory_format=torch.channels_last)
+        assert mean.shape == rstd.shape == ((3,) if norm == "batch" else (2, 3)) and mean.dtype == torch.float32
+        dy, dw, db = bwd(out, y, w, w, mean, rstd, norm, True, True)
+        assert dy.shape == y.shape and dw.shape == db.shape == (3,)
+        with pytest.raises(RuntimeError, match="grad_out .* must have the shape of y"):
+            bwd(out[:1], y, w, w, mean, rstd, norm, True, True)
+        with pytest.raises(RuntimeError, match="mean must hold"):
+            bwd(out, y, w, w, mean[:1], rstd, norm, True, True)
+        with pytest.raises(RuntimeError, match="one device"):
+            bwd(out, y, w, w, mean, rstd.to("meta"), norm, True, True)
+
+
+# The interpreter launches kernels eagerly, also while AOTAutograd traces the op's decomposition
+# (test_aot_dispatch_dynamic), so that part of opcheck runs on a GPU only (test_gpu_triton_opcheck).
+_TRITON_OPCHECK = textwrap.dedent("""
+    import torch
+    import vars_fast.ops.triton.residual_epilogue  # registers vars_fast::residual_epilogue_triton*
+    ops = torch.ops.vars_fast
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    g = torch.Generator().manual_seed(0)
+    y, r = torch.randn(2, 3, 5, 4, generator=g) + 0.3, torch.randn(2, 3, 5, 4, generator=g)
+    w, b = 1 + 0.3 * torch.randn(3, generator=g), 0.1 * torch.randn(3, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (y, w, b, r)]
+    for norm in ("instance", "batch"):
+        torch.library.opcheck(ops.residual_epilogue_triton.default, (*leaves, None, None, norm, True, True, 1e-5),
+                              test_utils=utils)
+    yc = leaves[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    torch.library.opcheck(ops.residual_epilogue_triton.default,
+                          (yc, *leaves[1:3], None, torch.zeros(3), torch.ones(3), "batch", False, False, 1e-5),
+                          test_utils=utils)
+    out, mean, rstd = ops.residual_epilogue_triton(y, w, b, None, None, None, "instance", True, True, 1e-5)
+    torch.library.opcheck(ops.residual_epilogue_triton_backward.default,
+                          (torch.randn(y.shape, generator=g), y, w, b, mean, rstd, "instance", True, True),
+                          test_utils=utils)
+    print("OK")
+""")
+
+
+@pytest.mark.slow
+def test_triton_opcheck(run_triton_interpreted):
+    """torch.library.opcheck on the Triton ops (schema, autograd registration, fake kernel),
+    run by the interpreter on CPU."""
+    run_triton_interpreted(_TRITON_OPCHECK)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_gpu_triton_opcheck(norm):
+    fwd, _ = _ops("triton")
+    y, w, b, r = (t.requires_grad_(True) for t in _inputs((2, 3, 5, 4), device="cuda"))
+    torch.library.opcheck(fwd.default, (y, w, b, r, None, None, norm, True, True, 1e-5))

@@ -22,6 +22,8 @@
 #include <limits>
 #include <vector>
 
+#include "../common.h"
+
 namespace vars_fast {
 namespace {
 
@@ -63,8 +65,8 @@ inline double exp_nonpos(double x) { return std::exp(x); }
 // Valid: k == p || cg[k] == -1 || cg[k] == gq.
 //
 // fp32: the validity is an all-ones/zero int mask applied with bit operations. `ok ? x : y`
-// on a bool next to float math left gcc with "control flow in loop" for some clones (scalar
-// code, ~8 ns per logit, measured with perf); the bit form vectorises in every clone.
+// on a bool next to float math leaves gcc with "control flow in loop" for some clones (scalar
+// code, seen with perf); the bit form vectorises in every clone.
 __attribute__((always_inline)) inline int32_t valid_mask(int32_t c, int32_t gq, int k, int p) {
   return -static_cast<int32_t>((c == -1) | (c == gq) | (k == p));
 }
@@ -141,19 +143,6 @@ struct Inputs {
   std::vector<int64_t> pos;   // positive index per anchor
 };
 
-void check(const at::Tensor& a, const at::Tensor& c, const at::Tensor& pos, const at::Tensor& ag,
-           const at::Tensor& cg) {
-  TORCH_CHECK(a.dim() == 2 && c.dim() == 2 && a.size(1) == c.size(1), "vars_fast::info_nce: anchors [N, d] ",
-              a.sizes(), " and candidates [M, d] ", c.sizes(), " must share d");
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == a.size(0) && ag.dim() == 1 && ag.size(0) == a.size(0),
-              "vars_fast::info_nce: positive_index ", pos.sizes(), " and anchor_group ", ag.sizes(),
-              " must be [N] with N = ", a.size(0));
-  TORCH_CHECK(cg.dim() == 1 && cg.size(0) == c.size(0), "vars_fast::info_nce: candidate_group ", cg.sizes(),
-              " must be [M] with M = ", c.size(0));
-  TORCH_CHECK(!at::isIntegralType(a.scalar_type(), true) && a.scalar_type() == c.scalar_type(),
-              "vars_fast::info_nce: anchors and candidates must share one floating dtype");
-}
-
 Inputs prepare(const at::Tensor& a, const at::Tensor& c, const at::Tensor& pos, const at::Tensor& ag,
                const at::Tensor& cg, at::ScalarType ct) {
   Inputs in;
@@ -182,7 +171,7 @@ Inputs prepare(const at::Tensor& a, const at::Tensor& c, const at::Tensor& pos, 
 std::tuple<at::Tensor, at::Tensor> info_nce_fwd_cpu(const at::Tensor& anchors, const at::Tensor& candidates,
                                                     const at::Tensor& positive_index, const at::Tensor& anchor_group,
                                                     const at::Tensor& candidate_group, double temperature) {
-  check(anchors, candidates, positive_index, anchor_group, candidate_group);
+  check_info_nce_inputs(anchors, candidates, positive_index, anchor_group, candidate_group);
   const auto ct = anchors.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t N = anchors.size(0), M = candidates.size(0);
   at::Tensor lse = at::empty({N}, anchors.options().dtype(ct));
@@ -230,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_bwd_cpu(const at::Tensor& grad_loss,
                                                     const at::Tensor& candidates, const at::Tensor& positive_index,
                                                     const at::Tensor& anchor_group, const at::Tensor& candidate_group,
                                                     const at::Tensor& lse, double temperature) {
-  check(anchors, candidates, positive_index, anchor_group, candidate_group);
+  check_info_nce_inputs(anchors, candidates, positive_index, anchor_group, candidate_group);
   const auto ct = anchors.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t N = anchors.size(0), M = candidates.size(0), d = anchors.size(1);
   if (N == 0 || M == 0) return {at::zeros_like(anchors), at::zeros_like(candidates)};

@@ -8,6 +8,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "../pgd_step.h"
+
 namespace vars_fast {
 namespace {
 
@@ -56,22 +58,6 @@ void run_span(T* out, const T* xa, const T* x0, const T* g, int64_t i, int64_t j
   }
 }
 
-void check_inputs(const at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad,
-                  const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t) {
-  TORCH_CHECK(x_orig.sizes() == x_adv.sizes() && grad.sizes() == x_adv.sizes(),
-              "vars_fast::pgd_step: x_adv ", x_adv.sizes(), ", x_orig ", x_orig.sizes(), " and grad ",
-              grad.sizes(), " must have the same shape");
-  TORCH_CHECK(x_orig.scalar_type() == x_adv.scalar_type() && grad.scalar_type() == x_adv.scalar_type(),
-              "vars_fast::pgd_step: x_adv, x_orig and grad must share one dtype");
-  TORCH_CHECK(x_adv.dim() >= 1, "vars_fast::pgd_step: inputs need a leading batch dimension");
-  for (const auto* t : {&alpha_t, &eps_t}) {
-    if (t->has_value()) {
-      TORCH_CHECK((*t)->scalar_type() == at::kFloat && (*t)->dim() == 1 && (*t)->numel() == x_adv.size(0),
-                  "vars_fast::pgd_step: per-sample alpha/eps must be float32 [B] with B = ", x_adv.size(0));
-    }
-  }
-}
-
 void pgd_step_into(at::Tensor& out, const at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad,
                    const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t,
                    double alpha, double eps) {
@@ -103,33 +89,11 @@ void pgd_step_into(at::Tensor& out, const at::Tensor& x_adv, const at::Tensor& x
   });
 }
 
-at::Tensor pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad,
-                        const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t,
-                        double alpha, double eps) {
-  check_inputs(x_adv, x_orig, grad, alpha_t, eps_t);
-  auto xa = x_adv.contiguous(), x0 = x_orig.contiguous(), g = grad.contiguous();
-  auto out = at::empty_like(xa, at::MemoryFormat::Contiguous);
-  pgd_step_into(out, xa, x0, g, alpha_t, eps_t, alpha, eps);
-  return out;
-}
-
-void pgd_step_inplace_cpu(at::Tensor x_adv, const at::Tensor& x_orig, const at::Tensor& grad,
-                          const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t,
-                          double alpha, double eps) {
-  check_inputs(x_adv, x_orig, grad, alpha_t, eps_t);
-  TORCH_CHECK(x_adv.is_contiguous(), "vars_fast::pgd_step_: in-place update needs a contiguous x_adv "
-              "(call pgd_step(..., inplace=False) or x_adv.contiguous())");
-  auto x0 = x_orig.contiguous(), g = grad.contiguous();
-  // Reading and writing the same element in one pass is safe: each output depends only on
-  // the same index of the inputs.
-  pgd_step_into(x_adv, x_adv, x0, g, alpha_t, eps_t, alpha, eps);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vars_fast, CPU, m) {
-  m.impl("pgd_step", &pgd_step_cpu);
-  m.impl("pgd_step_", &pgd_step_inplace_cpu);
+  m.impl("pgd_step", &pgd_step_out_of_place<pgd_step_into>);
+  m.impl("pgd_step_", &pgd_step_in_place<pgd_step_into>);
 }
 
 }  // namespace vars_fast

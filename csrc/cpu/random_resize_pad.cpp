@@ -32,6 +32,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../common.h"
 #include "huge_page_alloc.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -83,20 +84,12 @@ std::vector<int64_t> nearest_axis(int64_t in, int64_t out) {
   return idx;
 }
 
-enum class Mode { Bilinear, Nearest };
-
-Mode parse_mode(c10::string_view mode) {
-  if (mode == "bilinear") return Mode::Bilinear;
-  if (mode == "nearest") return Mode::Nearest;
-  TORCH_CHECK(false, "vars_fast::random_resize_pad: mode must be 'bilinear' or 'nearest', got '", std::string(mode), "'");
-}
+using Mode = ResizeMode;
 
 // Draws validated once on the host: each resized sample must fit in the canvas.
-void check_draws(const at::Tensor& sizes, const at::Tensor& offsets, int64_t B, int64_t out_size) {
-  TORCH_CHECK(sizes.dim() == 1 && sizes.size(0) == B && sizes.scalar_type() == at::kLong,
-              "vars_fast::random_resize_pad: sizes must be int64 [B=", B, "], got ", sizes.sizes(), " ", sizes.scalar_type());
-  TORCH_CHECK(offsets.dim() == 2 && offsets.size(0) == B && offsets.size(1) == 2 && offsets.scalar_type() == at::kLong,
-              "vars_fast::random_resize_pad: offsets must be int64 [B=", B, ", 2], got ", offsets.sizes(), " ", offsets.scalar_type());
+void check_draws(const at::Tensor& t, const at::Tensor& sizes, const at::Tensor& offsets, int64_t out_size) {
+  check_resize_draws(t, sizes, offsets);
+  const int64_t B = t.size(0);
   auto s = sizes.accessor<int64_t, 1>();
   auto o = offsets.accessor<int64_t, 2>();
   for (int64_t b = 0; b < B; ++b) {
@@ -247,9 +240,9 @@ __attribute__((target("avx512f"))) void hrow_f32(const float* __restrict src, fl
   }
 }
 
-// Input rows are prefetched this many rows ahead of the horizontal pass (measured on the 2-core
-// Xeon VM, 64x3x224x224 under cpu_block_cache, 2 threads, 3 interleaved process pairs: 4.9-5.7
-// ms with 2 rows vs 5.5-6.2 ms without; 1 thread: 42 vs 46 us per plane, a plain copy 37).
+// Input rows are prefetched this many rows ahead of the horizontal pass, so the next rows' loads
+// overlap the current row's arithmetic; the cpp rows of
+// benchmarks/results/cpu-intel-r-xeon-r-processor-2-50ghz-2-threads-rrp.md run with it.
 constexpr int64_t kPrefetchRows = 2;
 
 // One (sample, channel) plane: in [H, W] -> out [O, O], the resized image at (top, left).
@@ -338,11 +331,11 @@ void backward_plane(const scalar_t* gout, at::opmath_type<scalar_t>* gin, int64_
 at::Tensor random_resize_pad_cpu(const at::Tensor& x_in, const at::Tensor& sizes_in, const at::Tensor& offsets_in,
                                  int64_t out_size, c10::string_view mode_s) {
   TORCH_CHECK(x_in.dim() == 4, "vars_fast::random_resize_pad: x must be [B, C, H, W], got ", x_in.sizes());
-  const Mode mode = parse_mode(mode_s);
+  const Mode mode = parse_resize_mode(mode_s);
   const auto x = x_in.contiguous();
   const auto sizes = sizes_in.contiguous(), offsets = offsets_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = out_size;
-  check_draws(sizes, offsets, B, O);
+  check_draws(x, sizes, offsets, O);
   bool zeroed = false;
   auto out = empty_cpu_large({B, C, O, O}, x.scalar_type(), &zeroed);
   if (out.numel() == 0) return out;
@@ -384,11 +377,11 @@ at::Tensor random_resize_pad_backward_cpu(const at::Tensor& grad_in, const at::T
                                           const at::Tensor& offsets_in, int64_t H, int64_t W, c10::string_view mode_s) {
   TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(2) == grad_in.size(3),
               "vars_fast::random_resize_pad_backward: grad_out must be [B, C, O, O], got ", grad_in.sizes());
-  const Mode mode = parse_mode(mode_s);
+  const Mode mode = parse_resize_mode(mode_s);
   const auto g = grad_in.contiguous();
   const auto sizes = sizes_in.contiguous(), offsets = offsets_in.contiguous();
   const int64_t B = g.size(0), C = g.size(1), O = g.size(2);
-  check_draws(sizes, offsets, B, O);
+  check_draws(g, sizes, offsets, O);
   bool zeroed = false;
   auto gx = empty_cpu_large({B, C, H, W}, g.scalar_type(), &zeroed);
   if (gx.numel() == 0) return gx;

@@ -20,6 +20,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common.h"
+
 namespace vars_fast {
 namespace {
 
@@ -31,12 +33,6 @@ struct Geo {
   int64_t N, C, HW;
   bool cl;  // channels_last: element (n, c, i) lives at (n*HW + i)*C + c, else (n*C + c)*HW + i
 };
-
-bool parse_norm(c10::string_view norm) {
-  TORCH_CHECK(norm == "instance" || norm == "batch",
-              "vars_fast::residual_epilogue: norm must be 'instance' or 'batch', got '", std::string(norm), "'");
-  return norm == "batch";
-}
 
 // y in the layout the kernels handle: NCHW-contiguous or (4-D) channels_last; anything else
 // is copied to NCHW once.
@@ -64,7 +60,7 @@ at::Tensor like(const at::Tensor& t, const at::Tensor& y, const Geo& g, const ch
 // Per-(n,c) sums of f(n*C+c, x[...], z[...]) -> (s1, s2) in fp64, for all N*C pairs. f returns
 // a pair of R: R = double for the forward moments (sum x^2 - mean^2 needs it), R = the compute
 // type for the backward sums, which are centred (no cancellation) and carry the ReLU mask:
-// a float mask next to double accumulators kept gcc from vectorising (3x slower, measured),
+// a float mask next to double accumulators keeps gcc from vectorising the loop,
 // so those accumulate in R over chunks of kChunk elements and fold into fp64 per chunk.
 // z may be null (then x is passed twice, which keeps the loop branch-free).
 constexpr int64_t kChunk = 256;  // short chunks: fp32 partial sums stay ~fp64-accurate
@@ -152,16 +148,16 @@ void nc_map(const Geo& g, T* out, const T* x, const T* z, const F& f) {
   }
 }
 
-// g if h > 0 else 0. fp32 through an integer bit mask: a float select here compiled to a
-// branch (gcc "control flow in loop"), 2-3x slower on random signs, measured.
+// g if h > 0 else 0. fp32 through an integer bit mask: a float select here compiles to a
+// branch (gcc "control flow in loop"), which mispredicts on random signs.
 inline float relu_mask(float g, float h) {
   return std::bit_cast<float>(std::bit_cast<int32_t>(g) & -static_cast<int32_t>(h > 0.0f));
 }
 inline double relu_mask(double g, double h) { return h > 0.0 ? g : 0.0; }
 
 // Calls f(std::true_type{}) or f(std::false_type{}): flags become compile-time constants, so
-// the inner loops carry no runtime branch (a runtime `relu` flag kept the ReLU backward from
-// vectorising: 3.5x slower than the no-ReLU backward, measured).
+// the inner loops carry no runtime branch (a runtime `relu` flag keeps gcc from vectorising
+// the ReLU backward).
 template <typename F>
 void with_flag(bool flag, const F& f) {
   if (flag) f(std::true_type{});
@@ -226,7 +222,8 @@ void instance_fwd_fused(const Geo& g, const scalar_t* y, const scalar_t* r, scal
 // (the caller falls back to the unfused path otherwise).
 // CC: C as a compile-time constant (0: read g.C): with only C = 16 elements per row, a runtime
 // trip count cost a vector-loop setup per row that took longer than the row's arithmetic.
-// NOTE measured (2 threads, 32x16x64x64 fp32, ReLU): unfused 2.3 ms, NCHW fused 1.0 ms.
+// The channels_last rows of benchmarks/results/cpu-intel-r-xeon-r-processor-2-50ghz-2-threads-
+// residual-epilogue.md compare it with the eager and compiled reference.
 template <typename scalar_t, bool RELU, bool RES, int CC>
 void instance_fwd_fused_cl(const Geo& g, const scalar_t* y, const scalar_t* r, scalar_t* out,
                            const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b, double eps,

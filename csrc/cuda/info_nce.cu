@@ -16,6 +16,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../common.h"
+
 namespace vars_fast {
 namespace {
 
@@ -216,10 +218,7 @@ struct Prepared {
 
 Prepared prepare(const at::Tensor& a, const at::Tensor& c, const at::Tensor& pos, const at::Tensor& ag,
                  const at::Tensor& cg, at::ScalarType ct) {
-  TORCH_CHECK(a.dim() == 2 && c.dim() == 2 && a.size(1) == c.size(1), "vars_fast::info_nce: anchors [N, d] ",
-              a.sizes(), " and candidates [M, d] ", c.sizes(), " must share d");
-  TORCH_CHECK(pos.numel() == a.size(0) && ag.numel() == a.size(0) && cg.numel() == c.size(0),
-              "vars_fast::info_nce: positive_index/anchor_group must be [N], candidate_group [M]");
+  check_info_nce_inputs(a, c, pos, ag, cg);
   Prepared p;
   auto af = a.to(ct).contiguous(), cf = c.to(ct).contiguous();
   p.na = af.norm(2, {1});

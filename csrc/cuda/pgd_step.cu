@@ -7,17 +7,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../pgd_step.h"
+#include "common.cuh"
+
 namespace vars_fast {
 namespace {
-
-// SMs of the current device, for grid sizing. (Not at::cuda::getCurrentDeviceProperties: its
-// header pulls cuBLAS/cuSPARSE headers that a minimal CUDA toolkit does not ship.)
-int sm_count() {
-  int dev = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return sms;
-}
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -63,24 +57,6 @@ __global__ void pgd_step_kernel(T* out, const T* xa, const T* x0, const T* g, co
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-void check_inputs(const at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad,
-                  const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t) {
-  TORCH_CHECK(x_orig.sizes() == x_adv.sizes() && grad.sizes() == x_adv.sizes(),
-              "vars_fast::pgd_step: x_adv, x_orig and grad must have the same shape");
-  TORCH_CHECK(x_orig.scalar_type() == x_adv.scalar_type() && grad.scalar_type() == x_adv.scalar_type(),
-              "vars_fast::pgd_step: x_adv, x_orig and grad must share one dtype");
-  TORCH_CHECK(x_orig.device() == x_adv.device() && grad.device() == x_adv.device(),
-              "vars_fast::pgd_step: x_adv, x_orig and grad must be on one device");
-  TORCH_CHECK(x_adv.dim() >= 1, "vars_fast::pgd_step: inputs need a leading batch dimension");
-  for (const auto* t : {&alpha_t, &eps_t}) {
-    if (t->has_value()) {
-      TORCH_CHECK((*t)->scalar_type() == at::kFloat && (*t)->dim() == 1 && (*t)->numel() == x_adv.size(0) &&
-                      (*t)->device() == x_adv.device(),
-                  "vars_fast::pgd_step: per-sample alpha/eps must be float32 [B] on x's device, B = ", x_adv.size(0));
-    }
-  }
-}
-
 void launch(at::Tensor& out, const at::Tensor& xa, const at::Tensor& x0, const at::Tensor& g,
             const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t, double alpha, double eps) {
   const int64_t n = xa.numel();
@@ -93,7 +69,6 @@ void launch(at::Tensor& out, const at::Tensor& xa, const at::Tensor& x0, const a
   const float* ep = e_c.defined() ? e_c.const_data_ptr<float>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int threads = 256;
-  const int sms = sm_count();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xa.scalar_type(), "vars_fast_pgd_step_cuda", [&] {
     constexpr int N = 16 / sizeof(scalar_t);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
@@ -102,7 +77,7 @@ void launch(at::Tensor& out, const at::Tensor& xa, const at::Tensor& x0, const a
     const scalar_t* pg = g.const_data_ptr<scalar_t>();
     const bool vec = aligned16(o) && aligned16(pa) && aligned16(p0) && aligned16(pg);
     const int64_t work = vec ? n / N : n;
-    const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, sms * 8)));
+    const int blocks = grid_stride_blocks(work, threads, 8);
     if (vec) {
       pgd_step_kernel<scalar_t, N><<<blocks, threads, 0, stream>>>(o, pa, p0, pg, ap, ep, alpha, eps, n, per);
     } else {
@@ -112,30 +87,11 @@ void launch(at::Tensor& out, const at::Tensor& xa, const at::Tensor& x0, const a
   });
 }
 
-at::Tensor pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad,
-                         const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t,
-                         double alpha, double eps) {
-  check_inputs(x_adv, x_orig, grad, alpha_t, eps_t);
-  auto xa = x_adv.contiguous(), x0 = x_orig.contiguous(), g = grad.contiguous();
-  auto out = at::empty_like(xa, at::MemoryFormat::Contiguous);
-  launch(out, xa, x0, g, alpha_t, eps_t, alpha, eps);
-  return out;
-}
-
-void pgd_step_inplace_cuda(at::Tensor x_adv, const at::Tensor& x_orig, const at::Tensor& grad,
-                           const std::optional<at::Tensor>& alpha_t, const std::optional<at::Tensor>& eps_t,
-                           double alpha, double eps) {
-  check_inputs(x_adv, x_orig, grad, alpha_t, eps_t);
-  TORCH_CHECK(x_adv.is_contiguous(), "vars_fast::pgd_step_: in-place update needs a contiguous x_adv");
-  auto x0 = x_orig.contiguous(), g = grad.contiguous();
-  launch(x_adv, x_adv, x0, g, alpha_t, eps_t, alpha, eps);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vars_fast, CUDA, m) {
-  m.impl("pgd_step", &pgd_step_cuda);
-  m.impl("pgd_step_", &pgd_step_inplace_cuda);
+  m.impl("pgd_step", &pgd_step_out_of_place<launch>);
+  m.impl("pgd_step_", &pgd_step_in_place<launch>);
 }
 
 }  // namespace vars_fast

@@ -10,17 +10,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common.h"
+#include "common.cuh"
+
 namespace vars_fast {
 namespace {
-
-// SMs of the current device, for grid sizing. (Not at::cuda::getCurrentDeviceProperties: its
-// header pulls cuBLAS/cuSPARSE headers that a minimal CUDA toolkit does not ship.)
-int sm_count() {
-  int dev = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return sms;
-}
 
 template <typename acc_t>
 struct Src {
@@ -103,35 +97,13 @@ __global__ void bwd_kernel(const T* __restrict__ g, at::opmath_type<T>* __restri
   }
 }
 
-bool is_bilinear(c10::string_view mode) {
-  TORCH_CHECK(mode == "bilinear" || mode == "nearest",
-              "vars_fast::random_resize_pad: mode must be 'bilinear' or 'nearest', got '", std::string(mode), "'");
-  return mode == "bilinear";
-}
-
-void check_draws(const at::Tensor& t, const at::Tensor& sizes, const at::Tensor& offsets) {
-  const int64_t B = t.size(0);
-  TORCH_CHECK(sizes.dim() == 1 && sizes.size(0) == B && sizes.scalar_type() == at::kLong && sizes.device() == t.device(),
-              "vars_fast::random_resize_pad: sizes must be int64 [B=", B, "] on ", t.device());
-  TORCH_CHECK(offsets.dim() == 2 && offsets.size(0) == B && offsets.size(1) == 2 && offsets.scalar_type() == at::kLong &&
-                  offsets.device() == t.device(),
-              "vars_fast::random_resize_pad: offsets must be int64 [B=", B, ", 2] on ", t.device());
-  // Values are not range-checked on the GPU (that would sync); out-of-range draws cannot read or
-  // write out of bounds (indices are clamped to the input, writes cover the output exactly).
-}
-
-int blocks_for(int64_t total, int threads) {
-  const int sms = sm_count();
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + threads - 1) / threads, sms * 16)));
-}
-
 at::Tensor rrp_cuda(const at::Tensor& x_in, const at::Tensor& sizes_in, const at::Tensor& offsets_in, int64_t O,
                     c10::string_view mode) {
   TORCH_CHECK(x_in.dim() == 4, "vars_fast::random_resize_pad: x must be [B, C, H, W], got ", x_in.sizes());
-  const bool bilinear = is_bilinear(mode);
+  const bool bilinear = parse_resize_mode(mode) == ResizeMode::Bilinear;
   const at::cuda::OptionalCUDAGuard guard(x_in.device());
   auto x = x_in.contiguous(), sizes = sizes_in.contiguous(), offsets = offsets_in.contiguous();
-  check_draws(x, sizes, offsets);
+  check_resize_draws(x, sizes, offsets);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   auto out = at::empty({B, C, O, O}, x.options());
   const int64_t total = out.numel();
@@ -141,8 +113,8 @@ at::Tensor rrp_cuda(const at::Tensor& x_in, const at::Tensor& sizes_in, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vars_fast_rrp_cuda", [&] {
     auto args = std::make_tuple(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                                 sizes.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), total, C, H, W, O);
-    if (bilinear) std::apply([&](auto... a) { fwd_kernel<scalar_t, true><<<blocks_for(total, threads), threads, 0, stream>>>(a...); }, args);
-    else std::apply([&](auto... a) { fwd_kernel<scalar_t, false><<<blocks_for(total, threads), threads, 0, stream>>>(a...); }, args);
+    if (bilinear) std::apply([&](auto... a) { fwd_kernel<scalar_t, true><<<grid_stride_blocks(total, threads, 16), threads, 0, stream>>>(a...); }, args);
+    else std::apply([&](auto... a) { fwd_kernel<scalar_t, false><<<grid_stride_blocks(total, threads, 16), threads, 0, stream>>>(a...); }, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -152,10 +124,10 @@ at::Tensor rrp_backward_cuda(const at::Tensor& g_in, const at::Tensor& sizes_in,
                              int64_t H, int64_t W, c10::string_view mode) {
   TORCH_CHECK(g_in.dim() == 4 && g_in.size(2) == g_in.size(3),
               "vars_fast::random_resize_pad_backward: grad_out must be [B, C, O, O], got ", g_in.sizes());
-  const bool bilinear = is_bilinear(mode);
+  const bool bilinear = parse_resize_mode(mode) == ResizeMode::Bilinear;
   const at::cuda::OptionalCUDAGuard guard(g_in.device());
   auto g = g_in.contiguous(), sizes = sizes_in.contiguous(), offsets = offsets_in.contiguous();
-  check_draws(g, sizes, offsets);
+  check_resize_draws(g, sizes, offsets);
   const int64_t B = g.size(0), C = g.size(1), O = g.size(2);
   const auto acc_type = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto acc = at::zeros({B, C, H, W}, g.options().dtype(acc_type));
@@ -167,8 +139,8 @@ at::Tensor rrp_backward_cuda(const at::Tensor& g_in, const at::Tensor& sizes_in,
     using acc_t = at::opmath_type<scalar_t>;
     auto args = std::make_tuple(g.const_data_ptr<scalar_t>(), acc.mutable_data_ptr<acc_t>(),
                                 sizes.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), total, C, H, W, O);
-    if (bilinear) std::apply([&](auto... a) { bwd_kernel<scalar_t, true><<<blocks_for(total, threads), threads, 0, stream>>>(a...); }, args);
-    else std::apply([&](auto... a) { bwd_kernel<scalar_t, false><<<blocks_for(total, threads), threads, 0, stream>>>(a...); }, args);
+    if (bilinear) std::apply([&](auto... a) { bwd_kernel<scalar_t, true><<<grid_stride_blocks(total, threads, 16), threads, 0, stream>>>(a...); }, args);
+    else std::apply([&](auto... a) { bwd_kernel<scalar_t, false><<<grid_stride_blocks(total, threads, 16), threads, 0, stream>>>(a...); }, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return acc.to(g.scalar_type());

@@ -12,6 +12,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../common.h"
+
 namespace vars_fast {
 namespace {
 
@@ -140,8 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_epilogue_fwd_cuda(
     const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, c10::string_view norm, bool relu, bool use_input_stats,
     double eps) {
-  TORCH_CHECK(norm == "instance" || norm == "batch", "vars_fast::residual_epilogue: norm must be 'instance' or 'batch'");
-  const bool batch = norm == "batch";
+  const bool batch = parse_norm(norm);
   const c10::cuda::CUDAGuard guard(y_in.device());
   Geo g = geo_of(y_in);
   at::Tensor r;
@@ -194,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_epilogue_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& y_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean_in, const at::Tensor& rstd_in,
     c10::string_view norm, bool relu, bool use_input_stats) {
-  const bool batch = norm == "batch";
+  const bool batch = parse_norm(norm);
   const c10::cuda::CUDAGuard guard(y_in.device());
   Geo g = geo_of(y_in);
   const at::Tensor go = like(grad_out, g, "grad_out");

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vars_fast import _ext
-from vars_fast.ops import _dispatch
+from vars_fast.ops import _checks, _dispatch
 
 
 def info_nce_reference(anchors: Tensor, candidates: Tensor, positive_index: Tensor, anchor_group: Tensor,
@@ -60,13 +60,36 @@ def _kernel_ok(anchors: Tensor, candidates: Tensor, positive_index: Tensor, anch
 
 # ---- autograd + fake kernels, shared by the extension op and the Triton op ----------------
 
-def _fake_fwd(anchors, candidates, positive_index, anchor_group, candidate_group, temperature):
+def check_kernel_inputs(op: str, anchors: Tensor, candidates: Tensor, positive_index: Tensor,
+                        anchor_group: Tensor, candidate_group: Tensor) -> None:
+    """The kernels' conditions (csrc/common.h ``check_info_nce_inputs``) as torch._check, for
+    the fake kernels and the Triton ops."""
+    _checks.ndim(op, "anchors", anchors, 2, "[N, d]")
+    _checks.ndim(op, "candidates", candidates, 2, "[M, d]")
+    torch._check(anchors.shape[1] == candidates.shape[1],
+                 lambda: f"vars_fast::{op}: anchors {tuple(anchors.shape)} and candidates {tuple(candidates.shape)} must share d")
+    _checks.floating(op, "anchors", anchors)
+    _checks.same_dtype(op, ("anchors", "candidates"), (anchors, candidates))
+    n, m = anchors.shape[0], candidates.shape[0]
+    _checks.vector(op, "positive_index", positive_index, n, integer=True)
+    _checks.vector(op, "anchor_group", anchor_group, n, integer=True)
+    _checks.vector(op, "candidate_group", candidate_group, m, integer=True)
+    _checks.same_device(op, anchors, candidates, positive_index, anchor_group, candidate_group)
+
+
+def fake_forward(anchors, candidates, positive_index, anchor_group, candidate_group, temperature):
+    check_kernel_inputs("info_nce", anchors, candidates, positive_index, anchor_group, candidate_group)
     sdt = torch.float64 if anchors.dtype == torch.float64 else torch.float32
     n = anchors.shape[0]
     return anchors.new_empty((n,)), anchors.new_empty((n,), dtype=sdt)
 
 
-def _fake_bwd(grad_loss, anchors, candidates, positive_index, anchor_group, candidate_group, lse, temperature):
+def fake_backward(grad_loss, anchors, candidates, positive_index, anchor_group, candidate_group, lse, temperature):
+    op = "info_nce_backward"
+    check_kernel_inputs(op, anchors, candidates, positive_index, anchor_group, candidate_group)
+    _checks.vector(op, "grad_loss", grad_loss, anchors.shape[0])
+    _checks.vector(op, "lse", lse, anchors.shape[0])
+    _checks.same_device(op, anchors, grad_loss, lse)
     return torch.empty_like(anchors, memory_format=torch.contiguous_format), \
         torch.empty_like(candidates, memory_format=torch.contiguous_format)
 
@@ -90,8 +113,8 @@ def register_autograd(fwd_name: str, backward_op: Callable) -> None:
 
 
 if _ext.has_ops() and hasattr(torch.ops.vars_fast, "info_nce"):
-    torch.library.register_fake("vars_fast::info_nce")(_fake_fwd)
-    torch.library.register_fake("vars_fast::info_nce_backward")(_fake_bwd)
+    torch.library.register_fake("vars_fast::info_nce")(fake_forward)
+    torch.library.register_fake("vars_fast::info_nce_backward")(fake_backward)
     register_autograd("vars_fast::info_nce", torch.ops.vars_fast.info_nce_backward)
 
 

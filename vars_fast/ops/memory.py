@@ -3,9 +3,11 @@
 On a GPU, PyTorch's caching allocator hands a loop the same warm memory every iteration. On
 the CPU each tensor goes to malloc, and glibc serves blocks above its mmap threshold (at most
 32 MiB) with a fresh mapping every time, so a loop that makes a 38.5 MB tensor per step pays
-~9,400 first-touch page faults (the kernel zeroes each 4 KiB page) on every call: on the
-2-core dev VM that is 10-20 ms, more than the arithmetic of a resize or an elementwise op on
-that tensor. jemalloc / tcmalloc (``LD_PRELOAD``, as PyTorch's CPU launcher
+~9,400 first-touch page faults (the kernel zeroes each 4 KiB page) on every call, which can
+cost more than the arithmetic of a resize or an elementwise op on that tensor (the
+``random_resize_pad`` and ``random_resize_pad [malloc]`` tables of
+``benchmarks/results/cpu-intel-r-xeon-r-processor-2-50ghz-2-threads-rrp.md`` are the same
+calls with and without the cache). jemalloc / tcmalloc (``LD_PRELOAD``, as PyTorch's CPU launcher
 ``torch.backends.xeon.run_cpu`` does) avoid it by keeping freed memory; ``cpu_block_cache``
 does the same without a preload::
 

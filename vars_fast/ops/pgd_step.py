@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from vars_fast import _ext
-from vars_fast.ops import _dispatch
+from vars_fast.ops import _checks, _dispatch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -75,14 +75,36 @@ def _kernel_refusal(x_adv: Tensor, x_orig: Tensor, grad: Tensor, inplace: bool) 
     return None
 
 
-if _ext.has_ops() and hasattr(torch.ops.vars_fast, "pgd_step"):
-    @torch.library.register_fake("vars_fast::pgd_step")
-    def _pgd_step_fake(x_adv, x_orig, grad, alpha_t, eps_t, alpha, eps):
-        return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
+def check_kernel_inputs(x_adv: Tensor, x_orig: Tensor, grad: Tensor, alpha_t: Optional[Tensor],
+                        eps_t: Optional[Tensor]) -> None:
+    """The kernels' schema conditions (csrc/common.h ``check_pgd_step_inputs``) as torch._check,
+    for the fake kernels and the Triton ops."""
+    op = "pgd_step"
+    _checks.ndim(op, "x_adv", x_adv, 1, "[B, ...] (a leading batch dimension)", at_least=True)
+    _checks.same_shape(op, ("x_adv", "x_orig", "grad"), (x_adv, x_orig, grad))
+    _checks.same_dtype(op, ("x_adv", "x_orig", "grad"), (x_adv, x_orig, grad))
+    _checks.floating(op, "x_adv", x_adv)
+    _checks.same_device(op, x_adv, x_orig, grad, alpha_t, eps_t)
+    for name, t in (("alpha_t", alpha_t), ("eps_t", eps_t)):
+        if t is not None:
+            _checks.vector(op, name, t, x_adv.shape[0], dtype=torch.float32)
 
-    @torch.library.register_fake("vars_fast::pgd_step_")
-    def _pgd_step_inplace_fake(x_adv, x_orig, grad, alpha_t, eps_t, alpha, eps):
-        return None
+
+# Fake kernels, shared by the extension ops and the Triton ops.
+def fake_pgd_step(x_adv, x_orig, grad, alpha_t, eps_t, alpha, eps):
+    check_kernel_inputs(x_adv, x_orig, grad, alpha_t, eps_t)
+    return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
+
+
+def fake_pgd_step_(x_adv, x_orig, grad, alpha_t, eps_t, alpha, eps):
+    check_kernel_inputs(x_adv, x_orig, grad, alpha_t, eps_t)
+    torch._check(x_adv.is_contiguous(), lambda: "vars_fast::pgd_step_: in-place update needs a contiguous x_adv")
+    return None
+
+
+if _ext.has_ops() and hasattr(torch.ops.vars_fast, "pgd_step"):
+    torch.library.register_fake("vars_fast::pgd_step")(fake_pgd_step)
+    torch.library.register_fake("vars_fast::pgd_step_")(fake_pgd_step_)
 
 
 def pgd_step(x_adv: Tensor, x_orig: Tensor, grad: Tensor, alpha: float | Tensor, eps: float | Tensor,

@@ -6,8 +6,8 @@ the per-sample reference loop below, which is the spec (F.interpolate, align_cor
 antialias=False for bilinear; legacy "nearest"). ``random_resize_pad_grid_sample`` is the
 batched ``grid_sample`` formulation, kept as the second benchmark baseline.
 
-Differentiable w.r.t. ``x`` on every backend (the kernels register a backward kernel through
-``torch.library.register_autograd``; the backward is linear, so it is differentiable too).
+Differentiable w.r.t. ``x`` on every backend, twice and more: ``register_autograd`` below
+wires each backend's forward and backward ops as each other's adjoints.
 Draws are integers and carry no gradient; they are returned so an adaptive attacker can replay
 them (pass ``sizes``/``offsets``) and differentiate through the same transformation.
 Under ``torch.compile(fullgraph=True)`` pass ``sizes``/``offsets`` (draw them outside the graph
@@ -15,14 +15,14 @@ with ``draw_resize_pad``): a ``torch.Generator`` cannot be traced.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from vars_fast import _ext
-from vars_fast.ops import _dispatch
+from vars_fast.ops import _checks, _dispatch
 
 MODES = ("bilinear", "nearest")
 
@@ -71,39 +71,69 @@ def random_resize_pad_grid_sample(x: Tensor, sizes: Tensor, offsets: Tensor, out
     return out * inside.to(out.dtype)
 
 
-if _ext.has_ops() and hasattr(torch.ops.vars_fast, "random_resize_pad"):
-    @torch.library.register_fake("vars_fast::random_resize_pad")
-    def _rrp_fake(x, sizes, offsets, out_size, mode):
-        return x.new_empty(x.shape[0], x.shape[1], out_size, out_size)
+# ---- checks, fake kernels and autograd, shared by the extension op and the Triton op --------
 
-    @torch.library.register_fake("vars_fast::random_resize_pad_backward")
-    def _rrp_bwd_fake(grad_out, sizes, offsets, in_h, in_w, mode):
-        return grad_out.new_empty(grad_out.shape[0], grad_out.shape[1], in_h, in_w)
+def check_draws(op: str, t: Tensor, sizes: Tensor, offsets: Tensor, mode: str, backward: bool = False) -> None:
+    """The kernels' conditions (csrc/common.h ``check_resize_draws``) as torch._check, for the
+    fake kernels and the Triton ops. ``t`` is x [B, C, H, W], or grad_out [B, C, O, O] when
+    ``backward``. Whether each draw fits the canvas is a value check: the CPU kernel does it."""
+    name = "grad_out" if backward else "x"
+    _checks.ndim(op, name, t, 4, "[B, C, O, O]" if backward else "[B, C, H, W]")
+    if backward:
+        torch._check(t.shape[2] == t.shape[3], lambda: f"vars_fast::{op}: grad_out must be [B, C, O, O], got {tuple(t.shape)}")
+    _checks.floating(op, name, t)
+    _checks.one_of(op, "mode", mode, MODES)
+    _checks.vector(op, "sizes", sizes, t.shape[0], dtype=torch.int64)
+    torch._check(offsets.dim() == 2 and offsets.shape[0] == t.shape[0] and offsets.shape[1] == 2,
+                 lambda: f"vars_fast::{op}: offsets must be [B={t.shape[0]}, 2], got shape {tuple(offsets.shape)}")
+    torch._check(offsets.dtype == torch.int64, lambda: f"vars_fast::{op}: offsets must be torch.int64, got {offsets.dtype}")
+    _checks.same_device(op, t, sizes, offsets)
 
-    def _rrp_setup(ctx, inputs, output):
-        x, sizes, offsets, out_size, mode = inputs
+
+def fake_forward(x, sizes, offsets, out_size, mode):
+    check_draws("random_resize_pad", x, sizes, offsets, mode)
+    torch._check(out_size >= 1, lambda: f"vars_fast::random_resize_pad: out_size must be >= 1, got {out_size}")
+    return x.new_empty(x.shape[0], x.shape[1], out_size, out_size)
+
+
+def fake_backward(grad_out, sizes, offsets, in_h, in_w, mode):
+    check_draws("random_resize_pad_backward", grad_out, sizes, offsets, mode, backward=True)
+    return grad_out.new_empty(grad_out.shape[0], grad_out.shape[1], in_h, in_w)
+
+
+def register_autograd(fwd_name: str, fwd_op: Callable, bwd_name: str, bwd_op: Callable) -> None:
+    """Autograd for one backend's op pair (``fwd_op`` has the ``random_resize_pad`` schema,
+    ``bwd_op`` the ``random_resize_pad_backward`` one). The map is linear in x, so the backward
+    is the adjoint of the forward and the forward is the adjoint of the backward: registering
+    both gives double backward (and any higher order)."""
+
+    def fwd_setup(ctx, inputs, output):
+        x, sizes, offsets, _out_size, mode = inputs
         ctx.save_for_backward(sizes, offsets)
         ctx.hw, ctx.mode = (x.shape[2], x.shape[3]), mode
 
-    def _rrp_backward(ctx, grad):
+    def fwd_backward(ctx, grad):
         sizes, offsets = ctx.saved_tensors
-        gx = torch.ops.vars_fast.random_resize_pad_backward(grad.contiguous(), sizes, offsets, *ctx.hw, ctx.mode)
-        return gx, None, None, None, None
+        return bwd_op(grad.contiguous(), sizes, offsets, *ctx.hw, ctx.mode), None, None, None, None
 
-    def _rrp_bwd_setup(ctx, inputs, output):
-        grad_out, sizes, offsets, in_h, in_w, mode = inputs
+    def bwd_setup(ctx, inputs, output):
+        grad_out, sizes, offsets, _in_h, _in_w, mode = inputs
         ctx.save_for_backward(sizes, offsets)
         ctx.out_size, ctx.mode = grad_out.shape[2], mode
 
-    def _rrp_bwd_backward(ctx, gg):
-        # The backward is linear in grad_out; its adjoint is the forward (double backward).
+    def bwd_backward(ctx, gg):
         sizes, offsets = ctx.saved_tensors
-        return (torch.ops.vars_fast.random_resize_pad(gg.contiguous(), sizes, offsets, ctx.out_size, ctx.mode),
-                None, None, None, None, None)
+        return fwd_op(gg.contiguous(), sizes, offsets, ctx.out_size, ctx.mode), None, None, None, None, None
 
-    torch.library.register_autograd("vars_fast::random_resize_pad", _rrp_backward, setup_context=_rrp_setup)
-    torch.library.register_autograd("vars_fast::random_resize_pad_backward", _rrp_bwd_backward,
-                                    setup_context=_rrp_bwd_setup)
+    torch.library.register_autograd(fwd_name, fwd_backward, setup_context=fwd_setup)
+    torch.library.register_autograd(bwd_name, bwd_backward, setup_context=bwd_setup)
+
+
+if _ext.has_ops() and hasattr(torch.ops.vars_fast, "random_resize_pad"):
+    torch.library.register_fake("vars_fast::random_resize_pad")(fake_forward)
+    torch.library.register_fake("vars_fast::random_resize_pad_backward")(fake_backward)
+    register_autograd("vars_fast::random_resize_pad", torch.ops.vars_fast.random_resize_pad,
+                      "vars_fast::random_resize_pad_backward", torch.ops.vars_fast.random_resize_pad_backward)
 
 
 def _kernel_refusal(x: Tensor, mode: str) -> Optional[str]:

@@ -12,6 +12,7 @@ here, in Python, from the returned batch statistics (C numbers, not worth a kern
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vars_fast import _ext
-from vars_fast.ops import _dispatch
+from vars_fast.ops import _checks, _dispatch
 
 _NORMS = ("instance", "batch")
 _ACTS = ("relu", "none")
@@ -58,8 +59,8 @@ def _kernel_ok(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], resi
     if residual is not None and (residual.shape != y.shape or residual.dtype != y.dtype):
         return f"residual {tuple(residual.shape)}/{residual.dtype} does not match y {tuple(y.shape)}/{y.dtype}"
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != y.shape[1]:
-            return f"{name} has {t.numel()} elements, y has C = {y.shape[1]}"
+        if t is not None and (t.dim() != 1 or t.numel() != y.shape[1]):
+            return f"{name} must be [C = {y.shape[1]}], got shape {tuple(t.shape)}"
     return True
 
 
@@ -76,13 +77,57 @@ def out_like(y: Tensor) -> Tensor:
     return torch.empty_like(y, memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
-def _fake_fwd(y, weight, bias, residual, running_mean, running_var, norm, relu, use_input_stats, eps):
+def _check_common(op: str, y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], norm: str) -> None:
+    _checks.ndim(op, "y", y, 2, "[N, C, ...]", at_least=True)
+    _checks.floating(op, "y", y)
+    _checks.one_of(op, "norm", norm, _NORMS)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _checks.vector(op, name, t, y.shape[1])
+    _checks.same_device(op, y, weight, bias)
+
+
+def check_kernel_inputs(op: str, y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        residual: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        norm: str, use_input_stats: bool) -> None:
+    """The forward kernels' conditions as torch._check, for the fake kernels and the Triton ops."""
+    _check_common(op, y, weight, bias, norm)
+    if residual is not None:
+        _checks.same_shape(op, ("y", "residual"), (y, residual))
+        _checks.same_dtype(op, ("y", "residual"), (y, residual))
+    torch._check(norm == "batch" or use_input_stats,
+                 lambda: f"vars_fast::{op}: instance norm always uses input statistics")
+    if not use_input_stats:
+        torch._check(running_mean is not None and running_var is not None,
+                     lambda: f"vars_fast::{op}: batch-norm eval (use_input_stats=False) needs running_mean and running_var")
+        _checks.vector(op, "running_mean", running_mean, y.shape[1])
+        _checks.vector(op, "running_var", running_var, y.shape[1])
+    _checks.same_device(op, y, residual, running_mean, running_var)
+
+
+def check_backward_inputs(op: str, grad_out: Tensor, y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          mean: Tensor, rstd: Tensor, norm: str) -> None:
+    """The backward kernels' conditions as torch._check."""
+    _check_common(op, y, weight, bias, norm)
+    _checks.same_shape(op, ("y", "grad_out"), (y, grad_out))
+    _checks.same_dtype(op, ("y", "grad_out"), (y, grad_out))
+    want = stats_shape(y, norm)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        torch._check(t.numel() == math.prod(want),
+                     lambda: f"vars_fast::{op}: {name} must hold {want} statistics, got shape {tuple(t.shape)}")
+    _checks.same_device(op, y, grad_out, mean, rstd)
+
+
+def fake_forward(y, weight, bias, residual, running_mean, running_var, norm, relu, use_input_stats, eps):
+    check_kernel_inputs("residual_epilogue", y, weight, bias, residual, running_mean, running_var, norm,
+                        use_input_stats)
     sdt = torch.float64 if y.dtype == torch.float64 else torch.float32
     shape = stats_shape(y, norm)
     return out_like(y), y.new_empty(shape, dtype=sdt), y.new_empty(shape, dtype=sdt)
 
 
-def _fake_bwd(grad_out, y, weight, bias, mean, rstd, norm, relu, use_input_stats):
+def fake_backward(grad_out, y, weight, bias, mean, rstd, norm, relu, use_input_stats):
+    check_backward_inputs("residual_epilogue_backward", grad_out, y, weight, bias, mean, rstd, norm)
     sdt = torch.float64 if y.dtype == torch.float64 else torch.float32
     return out_like(y), y.new_empty((y.shape[1],), dtype=sdt), y.new_empty((y.shape[1],), dtype=sdt)
 
@@ -109,8 +154,8 @@ def register_autograd(fwd_name: str, backward_op: Callable) -> None:
 
 
 if _ext.has_ops() and hasattr(torch.ops.vars_fast, "residual_epilogue"):
-    torch.library.register_fake("vars_fast::residual_epilogue")(_fake_fwd)
-    torch.library.register_fake("vars_fast::residual_epilogue_backward")(_fake_bwd)
+    torch.library.register_fake("vars_fast::residual_epilogue")(fake_forward)
+    torch.library.register_fake("vars_fast::residual_epilogue_backward")(fake_backward)
     register_autograd("vars_fast::residual_epilogue", torch.ops.vars_fast.residual_epilogue_backward)
 
 

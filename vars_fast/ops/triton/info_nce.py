@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from vars_fast.ops.info_nce import register_autograd
+from vars_fast.ops.info_nce import check_kernel_inputs, fake_backward, fake_forward, register_autograd
 
 _BN, _BM = 32, 32
 
@@ -128,6 +128,7 @@ def _prep(anchors: Tensor, candidates: Tensor, positive_index: Tensor, anchor_gr
 @triton_op("vars_fast::info_nce_triton", mutates_args=())
 def info_nce_triton(anchors: Tensor, candidates: Tensor, positive_index: Tensor, anchor_group: Tensor,
                     candidate_group: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    check_kernel_inputs("info_nce_triton", anchors, candidates, positive_index, anchor_group, candidate_group)
     za, zc, pos, gq, cg, bd = _prep(anchors, candidates, positive_index, anchor_group, candidate_group)
     N, M, D = za.shape[0], zc.shape[0], za.shape[1]
     lse = torch.empty(N, device=za.device, dtype=torch.float32)
@@ -135,13 +136,15 @@ def info_nce_triton(anchors: Tensor, candidates: Tensor, positive_index: Tensor,
     if N:
         wrap_triton(_fwd_kernel)[(triton.cdiv(N, _BN),)](za, zc, pos, gq, cg, lse, loss, N, M, D, 1.0 / temperature,
                                                          BN=_BN, BM=_BM, BD=bd)
-    return loss.to(anchors.dtype), lse
+    # lse in the extension op's dtype (fp64 for fp64 inputs), so one fake kernel serves both.
+    return loss.to(anchors.dtype), lse.to(torch.float64 if anchors.dtype == torch.float64 else torch.float32)
 
 
 @triton_op("vars_fast::info_nce_triton_backward", mutates_args=())
 def info_nce_triton_backward(grad_loss: Tensor, anchors: Tensor, candidates: Tensor, positive_index: Tensor,
                              anchor_group: Tensor, candidate_group: Tensor, lse: Tensor,
                              temperature: float) -> tuple[Tensor, Tensor]:
+    check_kernel_inputs("info_nce_triton_backward", anchors, candidates, positive_index, anchor_group, candidate_group)
     za, zc, pos, gq, cg, bd = _prep(anchors, candidates, positive_index, anchor_group, candidate_group)
     N, M, D = za.shape[0], zc.shape[0], za.shape[1]
     g = grad_loss.float().contiguous()
@@ -166,3 +169,9 @@ def _normalize_backward(x: Tensor, z: Tensor, dz: Tensor) -> Tensor:
 
 
 register_autograd("vars_fast::info_nce_triton", info_nce_triton_backward)
+
+
+# The extension ops' fake kernels (the default one of a triton_op runs its body, which under
+# TRITON_INTERPRET=1 would launch the interpreted kernel on fake tensors).
+info_nce_triton.register_fake(fake_forward)
+info_nce_triton_backward.register_fake(fake_backward)

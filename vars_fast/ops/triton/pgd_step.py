@@ -13,6 +13,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from vars_fast.ops.pgd_step import check_kernel_inputs, fake_pgd_step, fake_pgd_step_
+
 _BLOCK = 2048
 
 
@@ -58,6 +60,7 @@ def _launch(out: Tensor, x_adv: Tensor, x_orig: Tensor, grad: Tensor, alpha_t: O
 @triton_op("vars_fast::pgd_step_triton", mutates_args=())
 def pgd_step_triton(x_adv: Tensor, x_orig: Tensor, grad: Tensor, alpha_t: Optional[Tensor],
                     eps_t: Optional[Tensor], alpha: float, eps: float) -> Tensor:
+    check_kernel_inputs(x_adv, x_orig, grad, alpha_t, eps_t)
     x_adv, x_orig, grad = x_adv.contiguous(), x_orig.contiguous(), grad.contiguous()
     out = torch.empty_like(x_adv)
     _launch(out, x_adv, x_orig, grad, alpha_t, eps_t, alpha, eps)
@@ -67,6 +70,13 @@ def pgd_step_triton(x_adv: Tensor, x_orig: Tensor, grad: Tensor, alpha_t: Option
 @triton_op("vars_fast::pgd_step_triton_", mutates_args={"x_adv"})
 def pgd_step_triton_(x_adv: Tensor, x_orig: Tensor, grad: Tensor, alpha_t: Optional[Tensor],
                      eps_t: Optional[Tensor], alpha: float, eps: float) -> None:
-    # x_adv must be contiguous (the dispatcher refuses otherwise); each element is read
-    # before it is written by the same program, so aliasing out and x_adv is safe.
+    check_kernel_inputs(x_adv, x_orig, grad, alpha_t, eps_t)
+    torch._check(x_adv.is_contiguous(), lambda: "vars_fast::pgd_step_triton_: in-place update needs a contiguous x_adv")
+    # Each element is read before it is written by the same program, so out may alias x_adv.
     _launch(x_adv, x_adv, x_orig.contiguous(), grad.contiguous(), alpha_t, eps_t, alpha, eps)
+
+
+# The extension ops' fake kernels (the default one of a triton_op runs its body, which under
+# TRITON_INTERPRET=1 would launch the interpreted kernel on fake tensors).
+pgd_step_triton.register_fake(fake_pgd_step)
+pgd_step_triton_.register_fake(fake_pgd_step_)

@@ -3,7 +3,8 @@ nearest gather with F.interpolate's index rules; backward scatters with fp32 (fp
 atomics into a zeroed buffer, then casts.
 
 Registered as ``vars_fast::random_resize_pad_triton`` (+ ``_backward``) through
-``torch.library.triton_op``, with autograd wired by ``register_autograd``.
+``torch.library.triton_op``; input checks and autograd (double backward included) are the
+extension op's, from ``vars_fast.ops.random_resize_pad``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
+
+from vars_fast.ops.random_resize_pad import check_draws, fake_backward, fake_forward, register_autograd
 
 _BLOCK = 512
 
@@ -91,6 +94,8 @@ def _bwd_kernel(g_ptr, acc_ptr, sizes_ptr, offsets_ptr, C, H, W, O, BILINEAR: tl
 
 @triton_op("vars_fast::random_resize_pad_triton", mutates_args=())
 def random_resize_pad_triton(x: Tensor, sizes: Tensor, offsets: Tensor, out_size: int, mode: str) -> Tensor:
+    check_draws("random_resize_pad_triton", x, sizes, offsets, mode)
+    torch._check(out_size >= 1, lambda: f"vars_fast::random_resize_pad_triton: out_size must be >= 1, got {out_size}")
     x, sizes, offsets = x.contiguous(), sizes.contiguous(), offsets.contiguous()
     B, C, H, W = x.shape
     out = torch.empty(B, C, out_size, out_size, dtype=x.dtype, device=x.device)
@@ -104,6 +109,7 @@ def random_resize_pad_triton(x: Tensor, sizes: Tensor, offsets: Tensor, out_size
 @triton_op("vars_fast::random_resize_pad_triton_backward", mutates_args=())
 def random_resize_pad_triton_backward(grad_out: Tensor, sizes: Tensor, offsets: Tensor, in_h: int, in_w: int,
                                       mode: str) -> Tensor:
+    check_draws("random_resize_pad_triton_backward", grad_out, sizes, offsets, mode, backward=True)
     grad_out, sizes, offsets = grad_out.contiguous(), sizes.contiguous(), offsets.contiguous()
     B, C, O, _ = grad_out.shape
     acc_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
@@ -115,15 +121,9 @@ def random_resize_pad_triton_backward(grad_out: Tensor, sizes: Tensor, offsets: 
     return acc.to(grad_out.dtype)
 
 
-def _setup(ctx, inputs, output):
-    x, sizes, offsets, out_size, mode = inputs
-    ctx.save_for_backward(sizes, offsets)
-    ctx.hw, ctx.mode = (x.shape[2], x.shape[3]), mode
-
-
-def _backward(ctx, grad):
-    sizes, offsets = ctx.saved_tensors
-    return random_resize_pad_triton_backward(grad, sizes, offsets, *ctx.hw, ctx.mode), None, None, None, None
-
-
-random_resize_pad_triton.register_autograd(_backward, setup_context=_setup)
+register_autograd("vars_fast::random_resize_pad_triton", random_resize_pad_triton,
+                  "vars_fast::random_resize_pad_triton_backward", random_resize_pad_triton_backward)
+# The extension ops' fake kernels (the default one of a triton_op runs its body, which under
+# TRITON_INTERPRET=1 would launch the interpreted kernel on fake tensors).
+random_resize_pad_triton.register_fake(fake_forward)
+random_resize_pad_triton_backward.register_fake(fake_backward)

@@ -20,7 +20,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from vars_fast.ops.residual_epilogue import out_like, register_autograd
+from vars_fast.ops.residual_epilogue import (check_backward_inputs, check_kernel_inputs, fake_backward, fake_forward,
+                                             out_like, register_autograd)
 
 _BLOCK = 1024
 
@@ -123,6 +124,8 @@ def _per_nc(t: Tensor, N: int, C: int, batch: bool) -> Tensor:
 def residual_epilogue_triton(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                              running_mean: Optional[Tensor], running_var: Optional[Tensor], norm: str, relu: bool,
                              use_input_stats: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    check_kernel_inputs("residual_epilogue_triton", y, weight, bias, residual, running_mean, running_var, norm,
+                        use_input_stats)
     batch = norm == "batch"
     y, cl, N, C, HW, (sN, sC, sHW) = _layout(y)
     out = out_like(y)
@@ -160,13 +163,16 @@ def residual_epilogue_triton(y: Tensor, weight: Optional[Tensor], bias: Optional
         grid = (triton.cdiv(y.numel(), _BLOCK),)
         wrap_triton(_apply_kernel)[grid](y, r if r is not None else y, out, a, bb, a, a, a, y.numel(), C, HW,
                                          CL=cl, HAS_Z=r is not None, RELU=relu, BACKWARD=False, BLOCK=_BLOCK)
-    return out, mean, rstd
+    # Statistics in the extension op's dtype (fp64 for fp64 y), so one fake kernel serves both.
+    sdt = torch.float64 if y.dtype == torch.float64 else torch.float32
+    return out, mean.to(sdt), rstd.to(sdt)
 
 
 @triton_op("vars_fast::residual_epilogue_triton_backward", mutates_args=())
 def residual_epilogue_triton_backward(grad_out: Tensor, y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                                       mean: Tensor, rstd: Tensor, norm: str, relu: bool,
                                       use_input_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+    check_backward_inputs("residual_epilogue_triton_backward", grad_out, y, weight, bias, mean, rstd, norm)
     batch = norm == "batch"
     y, cl, N, C, HW, (sN, sC, sHW) = _layout(y)
     g = grad_out.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
@@ -200,7 +206,13 @@ def residual_epilogue_triton_backward(grad_out: Tensor, y: Tensor, weight: Optio
         grid = (triton.cdiv(y.numel(), _BLOCK),)
         wrap_triton(_apply_kernel)[grid](y, g, dy, a, bb, k1, k2, k3, y.numel(), C, HW,
                                          CL=cl, HAS_Z=True, RELU=relu, BACKWARD=True, BLOCK=_BLOCK)
-    return dy, dw.float(), db.float()
+    sdt = torch.float64 if y.dtype == torch.float64 else torch.float32
+    return dy, dw.to(sdt), db.to(sdt)
 
 
 register_autograd("vars_fast::residual_epilogue_triton", residual_epilogue_triton_backward)
+
+# The extension ops' fake kernels (the default one of a triton_op runs its body, which under
+# TRITON_INTERPRET=1 would launch the interpreted kernel on fake tensors).
+residual_epilogue_triton.register_fake(fake_forward)
+residual_epilogue_triton_backward.register_fake(fake_backward)
