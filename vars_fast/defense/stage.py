@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from vars_fast import memory
 from vars_fast.defense import save_defense
 from vars_fast.defense.training import (LOSS_KEYS, calibrate_threshold, restoration_check, split_items,
                                         train_defense, variant_config)
@@ -88,7 +89,6 @@ def _use_lanes(ctx, variants: list[str], n_train: int) -> bool:
     """Two lanes when asked for, useful (CPU, >= 2 threads, no DDP) and when both fit in memory
     together: each lane holds what this process holds plus its training step
     (``memory.defense_lane_bytes``)."""
-    from vars_fast import memory
     from vars_fast.distributed import ddp
 
     if not (bool(getattr(ctx.cfg.defense, "parallel_variants", False)) and len(_lanes(variants)) > 1
@@ -107,7 +107,6 @@ def check_memory(ctx, n_train: int) -> None:
     """Before any training: one CPU training step must fit the available memory, else a
     ConfigError names the settings that size it. (GPU memory is not checked: the CPU
     measurements behind the estimate do not carry over to CUDA kernels and bf16.)"""
-    from vars_fast import memory
     from vars_fast.config import ConfigError
 
     if ctx.device.type != "cpu":
@@ -173,6 +172,9 @@ def run_stage(ctx) -> None:
     variants = _variants(dcfg)
     check_memory(ctx, len(split["train"]))
     lane_s = train_in_lanes(ctx, variants, split) if _use_lanes(ctx, variants, len(split["train"])) else {}
+    # the checks attack the recommender (input gradients through the backbone) and purify
+    bs = min(memory.loop_batch(cfg, ctx.device, cfg.eval.batch_size, grad=True, denoiser=False),
+             memory.loop_batch(cfg, ctx.device, cfg.eval.batch_size, grad=False))
     for variant in variants:
         vcfg = variant_config(dcfg, variant)
         name = checkpoint_name(variant)
@@ -185,14 +187,14 @@ def run_stage(ctx) -> None:
         if defense.detector is not None:
             thr, val = calibrate_threshold(defense, rec, cat, split["val"], vcfg,
                                            ctx.generator(f"defense-val-{variant}"), ctx.device,
-                                           batch_size=cfg.eval.batch_size)
+                                           batch_size=bs)
             defense.threshold = thr
             info["val_detection"] = {k: val[k] for k in ("accuracy", "auc", "tpr", "fpr", "threshold")}
             log.info(f"defense[{variant}]: threshold {thr:.4f} ({vcfg.threshold_rule}) "
                      f"on {len(split['val'])} val items: "
                      + " ".join(f"{k}={val[k]:.3f}" for k in ("accuracy", "auc", "tpr", "fpr")))
         check = restoration_check(defense, rec, cat, split["val"], vcfg, ctx.generator(f"defense-check-{variant}"),
-                                  ctx.device, batch_size=cfg.eval.batch_size)
+                                  ctx.device, batch_size=bs)
         info["restoration"] = check
         log.info(f"defense[{variant}]: BPR loss on val items (eps {check['eps']:g}): "
                  + " ".join(f"{k}={v:.4f}" for k, v in check.items() if k not in ("eps", "items")))
