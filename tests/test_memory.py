@@ -37,7 +37,7 @@ def _rec_loss(x):
     return (x.pow(2) * w).mean(dim=(1, 2, 3)) * 10
 
 
-@pytest.mark.parametrize("rand, eot, max_images", [(True, 5, 3), (True, 5, 6), (True, 4, 1), (False, 1, 1)])
+@pytest.mark.parametrize("rand, eot, max_images", [(True, 5, 3), (True, 5, 6), (True, 4, 1), (True, 3, 9), (False, 1, 1)])
 def test_eot_chunks_equal_the_unchunked_gradient(rand, eot, max_images):
     d = _Defense()
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -128,8 +128,10 @@ class DefendedLoss:
         detector hinge) once. Same draws, same result as differentiating ``__call__`` up to
         float summation order; live images: B denoised + B x (draws per chunk)."""
         B = x.shape[0]
+        per_chunk = self.eot if self.max_images is None else max(1, min(self.eot, self.max_images // max(B, 1)))
+        if per_chunk >= self.eot:  # every draw fits: one graph, exactly as differentiating __call__
+            return self._loss_and_grad_whole(x)
         draws = self.draws(B, x.shape[-1], x.device) if self.rand else [None]
-        per_chunk = len(draws) if self.max_images is None else max(1, min(len(draws), self.max_images // max(B, 1)))
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             den = self.defense.denoiser(xr)
@@ -137,9 +139,7 @@ class DefendedLoss:
             loss = torch.zeros(B, device=x.device, dtype=torch.float32)
             g_den = torch.zeros_like(leaf)
             for k in range(0, len(draws), per_chunk):
-                part = self._eot_loss(leaf, draws[k:k + per_chunk]) / len(draws)
-                if part.dim() != 1 or part.shape[0] != B:
-                    raise ValueError(f"rec_loss must return one loss per sample [B={B}], got {tuple(part.shape)}")
+                part = _per_sample(self._eot_loss(leaf, draws[k:k + per_chunk]) / len(draws), B)
                 (g,) = torch.autograd.grad(part.sum(), leaf)
                 g_den += g
                 loss += part.detach()
@@ -150,6 +150,19 @@ class DefendedLoss:
                 loss -= penalty.detach()
             (grad,) = torch.autograd.grad(objective, xr)
         return loss, grad
+
+    def _loss_and_grad_whole(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            loss = _per_sample(self(xr), x.shape[0])
+            (grad,) = torch.autograd.grad(loss.float().sum(), xr)
+        return loss.detach(), grad
+
+
+def _per_sample(loss: Tensor, batch: int) -> Tensor:
+    if loss.dim() != 1 or loss.shape[0] != batch:
+        raise ValueError(f"rec_loss must return one loss per sample [B={batch}], got {tuple(loss.shape)}")
+    return loss
 
 
 class AdaptivePGD(PGD):
