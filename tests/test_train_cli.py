@@ -27,7 +27,8 @@ def test_bad_arguments_give_one_clear_error(argv, needle, capsys, tmp_path):
 
 def test_missing_earlier_stage_is_reported(tmp_path, capsys):
     rc = main(["--preset", "quick", "--out", str(tmp_path / "r"), "--stages", "evaluate", "--no-progress"])
-    assert rc == 1
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: ")
 
 
 @pytest.mark.slow

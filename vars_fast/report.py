@@ -18,15 +18,20 @@ from typing import Any, Optional
 
 import numpy as np
 
+from vars_fast.cli import add_debug_flag, user_errors_exit
+
 ARRAYS = "eval_arrays.npz"
 METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 DEF_NAME = {"none": None, "denoise": "OURS", "denoise+rand": "OURS-rand", "detect+denoise": "OURS-gated"}
 
 
 # ------------------------------------------------------------------ small helpers
+NOT_RUN = "–"  # a table cell whose point was not run (its row is absent from metrics.json)
+
+
 def _fmt(v: Any) -> str:
     if v is None:
-        return "NaN"
+        return NOT_RUN
     if isinstance(v, float):
         return "NaN" if v != v else f"{v:.4f}"
     return str(v)
@@ -406,14 +411,15 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
     return out
 
 
+@user_errors_exit()
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vars_fast.report", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run folder holding metrics.json")
     p.add_argument("--no-figures", action="store_true", help="tables only")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     if not (Path(args.run_dir) / "metrics.json").is_file():
-        print(f"error: {Path(args.run_dir) / 'metrics.json'} not found", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"{Path(args.run_dir) / 'metrics.json'} not found")
     print(write_report(args.run_dir, figures=not args.no_figures))
     return 0
 

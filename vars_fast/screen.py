@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from vars_fast.cli import USER_ERRORS, add_debug_flag, user_errors_exit
 from vars_fast.io import atomic_write_json
 from vars_fast.screening.output import marker_path, summarise
 from vars_fast.screening.plan import InputError, build_plan, plan_path, read_meta
@@ -179,7 +180,10 @@ def screen(input: str, checkpoint: Optional[str], out: str, *, limit: Optional[i
     return summarise(out_dir, n_shards, screener.threshold, config, versions(engine), ips, stats["seconds"])
 
 
+@user_errors_exit(USER_ERRORS + (InputError, KeyError, ValueError))
 def main(argv: Optional[list[str]] = None) -> int:
+    """Bad input (no such path, a manifest without its columns, a checkpoint that is not a
+    defence, settings that clash with ``--out``) ends in ``error: <message>`` and exit code 2."""
     ap = argparse.ArgumentParser(prog="python -m vars_fast.screen", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="image folder, manifest .csv/.parquet, .tar shard(s) or a glob")
@@ -206,17 +210,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--batch-threads", type=int, default=0,
                     help="batches run in parallel on CPU, one intra-op thread each (0: one per torch thread)")
     ap.add_argument("--no-progress", action="store_true")
+    add_debug_flag(ap)
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        s = screen(a.input, a.checkpoint, a.out, limit=a.limit, batch_size=a.batch_size, workers=a.workers,
-                   device=a.device, shard_size=a.shard_size, compile=a.compile, amp=a.amp,
-                   channels_last=a.channels_last, write_denoised=a.write_denoised, engine=a.engine, root=a.root,
-                   id_col=a.id_col, path_col=a.path_col, max_bytes=a.max_bytes, progress=not a.no_progress,
-                   ray_actors=a.ray_actors, threads=a.threads, batch_threads=a.batch_threads)
-    except (InputError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"screen: error: {e}", file=sys.stderr)
-        return 2
+    s = screen(a.input, a.checkpoint, a.out, limit=a.limit, batch_size=a.batch_size, workers=a.workers,
+               device=a.device, shard_size=a.shard_size, compile=a.compile, amp=a.amp,
+               channels_last=a.channels_last, write_denoised=a.write_denoised, engine=a.engine, root=a.root,
+               id_col=a.id_col, path_col=a.path_col, max_bytes=a.max_bytes, progress=not a.no_progress,
+               ray_actors=a.ray_actors, threads=a.threads, batch_threads=a.batch_threads)
     ips = s["images_per_s"]
     print(f"screened {s['rows']} items in {time.perf_counter() - t0:.1f}s "
           f"({'%.1f img/s' % ips if ips else 'nothing left to do'}); status {s['counts']}; "

@@ -17,6 +17,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from vars_fast.cli import add_debug_flag, user_errors_exit
+
 STAGES = ("recommender", "attack", "defense", "evaluate")
 
 
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="compute device (run.device)")
     p.add_argument("--seed", type=int, help="global seed (run.seed)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_debug_flag(p)
     return p
 
 
@@ -92,16 +95,12 @@ def versions() -> dict:
             "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()}
 
 
+@user_errors_exit()
 def main(argv: list[str] | None = None) -> int:
+    """A ``ConfigError`` or ``FileNotFoundError`` from any stage ends the run with ``error: <message>``
+    on stderr and exit code 2 (``vars_fast.cli``)."""
     args = build_parser().parse_args(argv)
-    from vars_fast.config import ConfigError
-
-    try:
-        cfg = resolve_config(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run(cfg, args.out)
+    return run(resolve_config(args), args.out)
 
 
 def run(cfg, out: str | None = None) -> int:
@@ -133,10 +132,13 @@ def run(cfg, out: str | None = None) -> int:
     if ddp.is_main():
         save_yaml(cfg, path / "config.yaml")
         run_folder.update_meta(config=cfg.to_dict(), versions=versions())
-    log.info("run folder %s (preset %s, device %s%s)", path, cfg.preset, device,
-             f", {ddp.world_size()} ranks" if ddp.is_distributed() else "")
     seed_everything(cfg.run.seed)
     ctx = Context(cfg=cfg, run=run_folder, device=device, log=log)
+    # every stage reads the data: read it before the first log line, so that bad input (a missing
+    # file, absent columns, too few interactions) ends the run in one line, before any work
+    _ = ctx.catalogue
+    log.info("run folder %s (preset %s, device %s%s)", path, cfg.preset, device,
+             f", {ddp.world_size()} ranks" if ddp.is_distributed() else "")
 
     timings = dict(run_folder.load_metrics().get("meta", {}).get("timings", {}))
     for stage in STAGES:
@@ -147,11 +149,7 @@ def run(cfg, out: str | None = None) -> int:
             continue
         log.info("stage %s: start", stage)
         t0 = time.perf_counter()
-        try:
-            _stage_fn(stage)(ctx)
-        except FileNotFoundError as e:
-            log.error("stage %s: %s", stage, e)
-            return 1
+        _stage_fn(stage)(ctx)
         dt = time.perf_counter() - t0
         timings[f"stage_{stage}_s"] = round(dt, 2)
         if ddp.is_main():

@@ -70,11 +70,15 @@ class DefendedLoss:
         eot: draws per step (ignored without ``rand``).
         detect_weight: w; 0 drops the detector term (or when the defence has no detector).
         margin: m, target distance as a fraction of the threshold.
+        max_images: bound on the transformed images held for the gradient at once (items x
+            EOT draws per chunk, ``loss_and_grad``); None: all K draws in one graph.
+            ``vars_fast.memory.attack_images`` sizes it for the device.
     """
 
     def __init__(self, rec_loss: LossFn, defense, rand: bool = True, eot: int = 4, detect_weight: float = 1.0,
-                 margin: float = 0.9, generator: Optional[torch.Generator] = None):
+                 margin: float = 0.9, generator: Optional[torch.Generator] = None, max_images: Optional[int] = None):
         self.rec_loss, self.defense = rec_loss, defense
+        self.max_images = None if max_images is None else max(1, int(max_images))
         self.rand, self.eot = bool(rand), max(1, int(eot)) if rand else 1
         self.detect_weight, self.margin = float(detect_weight), float(margin)
         self.generator = generator
@@ -91,33 +95,94 @@ class DefendedLoss:
         tau = max(float(self.defense.threshold), 1e-8)
         return torch.relu(d - self.margin * tau) / tau
 
+    def draws(self, batch: int, size: int, device) -> list[tuple[Tensor, Tensor]]:
+        """The K resize-pad draws of one step, in the order the generator yields them."""
+        lo = rand_min_size(self.defense)
+        return [draw_transforms(batch, size, lo, self.generator, device) for _ in range(self.eot)]
+
+    def _eot_loss(self, den: Tensor, draws: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Sum over ``draws`` of the recommender loss of the transformed ``den``, [B] (not yet / K)."""
+        if not self.rand:
+            return self.rec_loss(den).float()
+        S, lo = den.shape[-1], rand_min_size(self.defense)
+        loss = 0.0
+        for sizes, offsets in draws:
+            loss = loss + self.rec_loss(resize_pad_st(den, S, lo, sizes, offsets)).float()
+        return loss
+
     def __call__(self, x: Tensor) -> Tensor:
         den = self.defense.denoiser(x)
-        if self.rand:
-            S, lo = x.shape[-1], rand_min_size(self.defense)
-            loss = 0.0
-            for _ in range(self.eot):
-                sizes, offsets = draw_transforms(x.shape[0], S, lo, self.generator, x.device)
-                loss = loss + self.rec_loss(resize_pad_st(den, S, lo, sizes, offsets)).float()
-            loss = loss / self.eot
-        else:
-            loss = self.rec_loss(den).float()
+        draws = self.draws(x.shape[0], x.shape[-1], x.device) if self.rand else [None]
+        loss = self._eot_loss(den, draws) / len(draws)
         if self.use_detector:
             loss = loss - self.detect_weight * self.detector_penalty(x, den)
         return loss
 
+    def loss_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss [B] detached, d loss.sum() / dx), holding at most ``max_images`` transformed
+        images in the autograd graph at once.
+
+        The gradient is taken in two stages: the EOT term's gradient with respect to the
+        denoised images D(x) is accumulated over chunks of draws (each chunk's recommender graph
+        is freed before the next is built), then pulled back through the denoiser (and the
+        detector hinge) once. Same draws, same result as differentiating ``__call__`` up to
+        float summation order; live images: B denoised + B x (draws per chunk)."""
+        B = x.shape[0]
+        per_chunk = self.eot if self.max_images is None else max(1, min(self.eot, self.max_images // max(B, 1)))
+        if per_chunk >= self.eot:  # every draw fits: one graph, exactly as differentiating __call__
+            return self._loss_and_grad_whole(x)
+        draws = self.draws(B, x.shape[-1], x.device) if self.rand else [None]
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            den = self.defense.denoiser(xr)
+            leaf = den.detach().requires_grad_(True)
+            loss = torch.zeros(B, device=x.device, dtype=torch.float32)
+            g_den = torch.zeros_like(leaf)
+            for k in range(0, len(draws), per_chunk):
+                part = _per_sample(self._eot_loss(leaf, draws[k:k + per_chunk]) / len(draws), B)
+                (g,) = torch.autograd.grad(part.sum(), leaf)
+                g_den += g
+                loss += part.detach()
+            objective = (den * g_den).sum()  # d/dx = J_D(x)^T g_den
+            if self.use_detector:
+                penalty = self.detect_weight * self.detector_penalty(xr, den)
+                objective = objective - penalty.sum()
+                loss -= penalty.detach()
+            (grad,) = torch.autograd.grad(objective, xr)
+        return loss, grad
+
+    def _loss_and_grad_whole(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            loss = _per_sample(self(xr), x.shape[0])
+            (grad,) = torch.autograd.grad(loss.float().sum(), xr)
+        return loss.detach(), grad
+
+
+def _per_sample(loss: Tensor, batch: int) -> Tensor:
+    if loss.dim() != 1 or loss.shape[0] != batch:
+        raise ValueError(f"rec_loss must return one loss per sample [B={batch}], got {tuple(loss.shape)}")
+    return loss
+
 
 class AdaptivePGD(PGD):
     """PGD on ``DefendedLoss``: ``AdaptivePGD(rec_loss, defense, eps, alpha=None, steps=10,
-    eot=4, rand=True, detect_weight=1.0, margin=0.9, random_start=True, generator=None)(x)``.
+    eot=4, rand=True, detect_weight=1.0, margin=0.9, random_start=True, generator=None,
+    max_images=None)(x)``.
 
     eps, alpha in pixel units; the result satisfies ||x_adv - x||_inf <= eps and lies in [0,1]
-    (the projection is ``vars_fast.ops.pgd_step``, as for plain PGD).
+    (the projection is ``vars_fast.ops.pgd_step``, as for plain PGD). ``max_images`` bounds the
+    EOT images in the graph at once (``DefendedLoss.loss_and_grad``); the caller bounds the
+    items per call (``vars_fast.memory.attack_images``).
     """
 
     def __init__(self, rec_loss: LossFn, defense, eps: float, alpha: float | None = None, steps: int = 10,
                  eot: int = 4, rand: bool = True, detect_weight: float = 1.0, margin: float = 0.9,
-                 random_start: bool = True, generator: Optional[torch.Generator] = None):
+                 random_start: bool = True, generator: Optional[torch.Generator] = None,
+                 max_images: Optional[int] = None):
         loss = DefendedLoss(rec_loss, defense, rand=rand, eot=eot, detect_weight=detect_weight,
-                            margin=margin, generator=generator)
+                            margin=margin, generator=generator, max_images=max_images)
         super().__init__(loss, eps, alpha=alpha, steps=steps, random_start=random_start, generator=generator)
+
+    def loss_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.loss_fn.loss_and_grad(x)

@@ -9,8 +9,11 @@ full model only in the ablated term); the resumable per-epoch states are
 detector is idle there), so it is taken from ``checkpoints/defense_phase1.pt``.
 
 With ``defense.parallel_variants`` on a CPU with >= 2 threads (no DDP), the variants train in
-two spawned processes ("lanes") at half the threads each: lane 1 trains ``full`` then
-``no-detector`` (from full's phase 1), lane 2 the other ablations. Small-batch training on 2
+two spawned processes ("lanes") at half the threads each, when both lanes' estimated peak
+memory fits what is available (``vars_fast.memory``): lane 1 trains ``full`` then
+``no-detector`` (from full's phase 1), lane 2 the other ablations. A CPU training step that
+does not fit even alone stops the stage before training, with an error that names
+``defense.batch_size``. Small-batch training on 2
 cores scales poorly across threads (one epoch: 13.1 s at 2 threads, 16.6 s at 1), so two
 1-thread processes finish the three variants sooner than one 2-thread process. The lanes
 write the usual per-epoch states; this process then loads the finished ones (no retraining),
@@ -26,6 +29,7 @@ import time
 
 import torch
 
+from vars_fast import memory
 from vars_fast.defense import save_defense
 from vars_fast.defense.training import (LOSS_KEYS, calibrate_threshold, restoration_check, split_items,
                                         train_defense, variant_config)
@@ -81,11 +85,42 @@ def _lane_main(cfg_dict: dict, run_path: str, variants: list[str], threads: int,
         _train_variant(ctx, v, split, log, progress=False)
 
 
-def _use_lanes(ctx, variants: list[str]) -> bool:
+def _use_lanes(ctx, variants: list[str], n_train: int) -> bool:
+    """Two lanes when asked for, useful (CPU, >= 2 threads, no DDP) and when both fit in memory
+    together: each lane holds what this process holds plus its training step
+    (``memory.defense_lane_bytes``)."""
     from vars_fast.distributed import ddp
 
-    return (bool(getattr(ctx.cfg.defense, "parallel_variants", False)) and len(_lanes(variants)) > 1
-            and ctx.device.type == "cpu" and torch.get_num_threads() >= 2 and not ddp.is_distributed())
+    if not (bool(getattr(ctx.cfg.defense, "parallel_variants", False)) and len(_lanes(variants)) > 1
+            and ctx.device.type == "cpu" and torch.get_num_threads() >= 2 and not ddp.is_distributed()):
+        return False
+    need = len(_lanes(variants)) * memory.defense_lane_bytes(ctx.cfg, n_train)
+    avail = memory.available_bytes(ctx.device)
+    if need > avail:
+        ctx.log.info(f"defense: {len(_lanes(variants))} parallel lanes would need ~{memory.gib(need)} "
+                     f"({memory.gib(avail)} available): training the variants in this process")
+        return False
+    return True
+
+
+def check_memory(ctx, n_train: int) -> None:
+    """Before any training: one CPU training step must fit the available memory, else a
+    ConfigError names the settings that size it. (GPU memory is not checked: the CPU
+    measurements behind the estimate do not carry over to CUDA kernels and bf16.)"""
+    from vars_fast.config import ConfigError
+
+    if ctx.device.type != "cpu":
+        return
+    cfg = ctx.cfg
+    step = memory.defense_lane_bytes(cfg, n_train, baseline=0)
+    avail = memory.available_bytes(ctx.device)
+    if step > avail:
+        d = cfg.defense
+        raise ConfigError(
+            f"defense.batch_size={d.batch_size}: one defence training step at {cfg.data.image_size} px "
+            f"(denoiser width {d.width} x {d.n_res_blocks} blocks, {cfg.backbone.name}) needs "
+            f"~{memory.gib(step)} and {memory.gib(avail)} is available; lower defense.batch_size "
+            f"(or defense.contrastive_items, defense.width)")
 
 
 def train_in_lanes(ctx, variants: list[str], split: dict) -> dict[str, dict]:
@@ -135,7 +170,11 @@ def run_stage(ctx) -> None:
     log.info(f"defense: item split train {len(split['train'])} / val {len(split['val'])} / test {len(split['test'])}")
     summary, histories = {}, {}
     variants = _variants(dcfg)
-    lane_s = train_in_lanes(ctx, variants, split) if _use_lanes(ctx, variants) else {}
+    check_memory(ctx, len(split["train"]))
+    lane_s = train_in_lanes(ctx, variants, split) if _use_lanes(ctx, variants, len(split["train"])) else {}
+    # the checks attack the recommender (input gradients through the backbone) and purify
+    bs = min(memory.loop_batch(cfg, ctx.device, cfg.eval.batch_size, grad=True, denoiser=False),
+             memory.loop_batch(cfg, ctx.device, cfg.eval.batch_size, grad=False))
     for variant in variants:
         vcfg = variant_config(dcfg, variant)
         name = checkpoint_name(variant)
@@ -148,14 +187,14 @@ def run_stage(ctx) -> None:
         if defense.detector is not None:
             thr, val = calibrate_threshold(defense, rec, cat, split["val"], vcfg,
                                            ctx.generator(f"defense-val-{variant}"), ctx.device,
-                                           batch_size=cfg.eval.batch_size)
+                                           batch_size=bs)
             defense.threshold = thr
             info["val_detection"] = {k: val[k] for k in ("accuracy", "auc", "tpr", "fpr", "threshold")}
             log.info(f"defense[{variant}]: threshold {thr:.4f} ({vcfg.threshold_rule}) "
                      f"on {len(split['val'])} val items: "
                      + " ".join(f"{k}={val[k]:.3f}" for k in ("accuracy", "auc", "tpr", "fpr")))
         check = restoration_check(defense, rec, cat, split["val"], vcfg, ctx.generator(f"defense-check-{variant}"),
-                                  ctx.device, batch_size=cfg.eval.batch_size)
+                                  ctx.device, batch_size=bs)
         info["restoration"] = check
         log.info(f"defense[{variant}]: BPR loss on val items (eps {check['eps']:g}): "
                  + " ".join(f"{k}={v:.4f}" for k, v in check.items() if k not in ("eps", "items")))
