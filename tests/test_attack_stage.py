@@ -25,6 +25,7 @@ def ctx(tmp_path_factory):
         "attack.models": ["VBPR", "DVBPR", "AMR"], "attack.eps": [8], "attack.pgd_steps": 2,
         "attack.triples_per_item": 2, "attack.batch_size": 16, "attack.n_targets": 3,
         "attack.target_eps": [4, 16], "attack.insa_users": 0, "attack.random_start": False,
+        "attack.objective": ["train", "eval"], "eval.oracle_users": 5, "eval.oracle_models": ["VBPR"],
         "run.progress": False})
     run = RunFolder(tmp_path_factory.mktemp("run"))
     c = Context(cfg=cfg, run=run, device=torch.device("cpu"), log=logging.getLogger("test_attack_stage"))
@@ -44,8 +45,19 @@ def test_attack_stage_writes_files_rows_and_figure(ctx):
             a = np.load(run.attack_file(model, method, 8))
             assert a.dtype == np.uint8 and a.shape == tuple(cat.images.shape)
             assert np.abs(a.astype(int) - cat.images.numpy().astype(int)).max() <= 8
-            (row,) = run.rows("ranking", model=model, attack=method, eps=8, defense="none")
+            (row,) = run.rows("ranking", model=model, attack=method, eps=8, defense="none", objective="train")
             assert 0.0 <= row["HR@10"] <= 1.0 and "NDCG@20" in row
+    # the evaluation-aware objective: per-user images of each user's list, its own rows
+    users = json.loads((run.path / "attacks" / "oracle_users.json").read_text())["users"]
+    assert len(users) == 5
+    for method in ("fgsm", "pgd"):
+        a = np.load(run.attack_file("VBPR", f"{method}-eval", 8))
+        assert a.shape == (5, 1 + cat.negatives.shape[1]) + tuple(cat.images.shape[1:])
+        (row,) = run.rows("ranking", model="VBPR", attack=method, eps=8, objective="eval")
+        assert row["n_users"] == 5
+    assert run.rows("ranking", model="VBPR", attack="clean", objective="eval")
+    assert not run.rows("ranking", model="DVBPR", objective="eval")
+    assert all(r["objective"] in ("train", "eval") for r in run.load_metrics()["ranking"])
     assert not run.attack_file("AMR", "fgsm", 8).exists()  # not trained: skipped with a warning
     info = json.loads((run.path / "attacks" / "targets.json").read_text())
     assert len(info["targets"]) == 3 and isinstance(info["hook"], int)

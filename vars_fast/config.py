@@ -149,6 +149,11 @@ class AttackConfig:
     target_warm_start: bool = True
     insa_users: int = 256  # AIP-INSA averages the score over at most this many users (seeded sample; 0: all)
     models: list = field(default_factory=lambda: ["VBPR", "AMR", "DVBPR"])
+    # threat models (README "Threat models"): "train" crafts one image per item from training
+    # triples (what an uploader can do, attacks/catalogue.py); "eval" crafts per-user images
+    # on each evaluated user's candidate list (the paper's protocol, an oracle upper bound,
+    # attacks/oracle.py) for eval.oracle_models on eval.oracle_users
+    objective: list = field(default_factory=lambda: ["train", "eval"])
     # False: models outside eval.curve_models are attacked at eval.table_eps only (the rows the
     # evaluation reads for them); True: every model at every attack.eps
     all_models_all_eps: bool = False
@@ -238,6 +243,11 @@ class EvalConfig:
     addition_sigma: float = 0.05
     addition_change: float = 0.2
     addition_users: int = 256
+    # the "eval" attack objective: 1 + data.n_negatives images per user and attack, so a seeded
+    # subset of users (clean HR is reported on the same subset)
+    oracle_users: int = 100  # 0: every user
+    oracle_models: list = field(default_factory=lambda: ["VBPR", "DVBPR"])
+    oracle_eps: list = field(default_factory=list)  # /255; empty: eval.table_eps
     # adaptive attacker: on/off, EOT draws per step against denoise+rand, and its eps
     adaptive: bool = True
     adaptive_eot: int = 4
@@ -314,6 +324,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval.adaptive_items": 48,
         "eval.curve_eps": [],
         "eval.adaptive_steps": 3,
+        "eval.oracle_users": 24,
     },
     "paper": {
         "data.image_size": 224,
@@ -333,6 +344,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "defense.contrastive_items": 0,
         "attack.batch_size": 64,
         "attack.pgd_steps": 10,
+        "attack.objective": ["eval"],  # the protocol the paper's tables imply (attacks/oracle.py)
+        "eval.oracle_users": 0,
         "run.device": "auto",
         "run.amp": True,
         "run.channels_last": True,
@@ -494,6 +507,9 @@ def validate(cfg: Config) -> None:
     check(set(cfg.recommender.models) <= known, "recommender.models", f"entries must be in {sorted(known)}")
     check(all(0 < float(e) <= 255 for e in cfg.attack.eps), "attack.eps", "entries must be in (0, 255] (/255 units)")
     check(cfg.attack.pgd_steps >= 1, "attack.pgd_steps", "must be >= 1")
+    check(len(cfg.attack.objective) > 0 and set(cfg.attack.objective) <= {"train", "eval"}, "attack.objective",
+          "entries must be train or eval")
+    check(cfg.eval.oracle_users >= 0, "eval.oracle_users", "must be >= 0 (0: every user)")
     check(set(cfg.attack.untargeted) <= {"fgsm", "pgd"}, "attack.untargeted", "entries must be fgsm or pgd")
     check(set(cfg.attack.targets) <= {"aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"}, "attack.targets",
           "entries must be aip-insa, aip-expa, taamr-fgsm or taamr-pgd")

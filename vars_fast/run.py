@@ -6,7 +6,9 @@ runs/<name>/
 
 metrics.json = {"meta": {...}, "ranking": [...], "detection": [...], "targeted": [...]}
 Rows are replaced, not duplicated, when a stage is re-run: a row's identity is its
-non-metric fields (see ``_KEYS``).
+non-metric fields (see ``_KEYS``). Every ranking row names its attack objective
+(``"objective": "train" | "eval"``, docs/CONTRACTS.md); a row that does not say is a
+catalogue-wide row on every user, i.e. ``"train"``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any
 from vars_fast.io import atomic_write_json
 
 _KEYS = {
-    "ranking": ("model", "defense", "attack", "eps", "variant"),
+    "ranking": ("model", "defense", "attack", "eps", "variant", "objective"),
     "detection": ("detector", "attack", "eps", "variant", "model"),
     "targeted": ("attack", "eps", "defense", "model", "variant"),
 }
@@ -61,6 +63,8 @@ class RunFolder:
         with self._lock:
             m = self.load_metrics()
             keys = _KEYS[kind]
+            if kind == "ranking":
+                rows = [r if "objective" in r else {**r, "objective": "train"} for r in rows]
             ident = lambda r: tuple(r.get(k) for k in keys)  # noqa: E731
             new = {ident(r) for r in rows}
             m[kind] = [r for r in m.get(kind, []) if ident(r) not in new] + list(rows)

@@ -5,7 +5,12 @@ For each model in ``attack.models`` (trained by the recommender stage), each met
 the table eps for the others unless ``attack.all_models_all_eps``; see ``eps_for``): attack the whole catalogue
 (``catalogue.attack_catalogue``), save it as uint8 ``run.attack_file(model, method, eps)``,
 re-encode it with the model and add a ranking row ``{"model", "defense": "none", "attack",
-"eps", HR/NDCG@N}``. Then the targeted attacks on VBPR (``targeted.py``): targeted rows, the
+"eps", "objective": "train", HR/NDCG@N}``. With ``"eval"`` in ``attack.objective``, the
+models in ``eval.oracle_models`` are also attacked with the evaluation-aware objective
+(``oracle.py``) on a seeded subset of users: per-user images saved as
+``run.attack_file(model, f"{method}-eval", eps)`` ([U, 1 + C, 3, S, S] uint8), the users in
+``attacks/oracle_users.json``, and rows with ``"objective": "eval"`` (clean included, on the
+same users). Then the targeted attacks on VBPR (``targeted.py``): targeted rows, the
 targets' adversarial images and ``attacks/targets.json`` for the evaluation stage.
 Existing attack files are reused, so a killed stage resumes where it stopped.
 """
@@ -85,6 +90,10 @@ def run_stage(ctx) -> None:
         if not _available(ctx, name):
             continue
         rec = ctx.recommender(name)
+        if "eval" in acfg.objective and name in cfg.eval.oracle_models:
+            run_oracle(ctx, name, rec, topk, timing)
+        if "train" not in acfg.objective:
+            continue
         triples = sample_item_triples(cat, acfg.triples_per_item, ctx.generator(f"attack:{name}:triples"),
                                       acfg.triple_roles)
         clean = ranking_metrics(rec, cat, topk=topk)
@@ -104,7 +113,8 @@ def run_stage(ctx) -> None:
                     ctx.log.info(f"attack {name} {method} eps={eps}: {dt:.1f}s ({cat.n_items / dt:.0f} items/s)")
                 with torch.no_grad():
                     m = ranking_metrics(rec, cat, visual=_encode(ctx, rec, adv), topk=topk)
-                rows.append({"model": name, "defense": "none", "attack": method, "eps": _eps_key(eps), **m})
+                rows.append({"model": name, "defense": "none", "attack": method, "eps": _eps_key(eps),
+                             "objective": "train", **m})
                 made.append((name, method, eps))
                 ctx.log.info(f"attack {name} {method} eps={eps}: HR@10 {clean.get('HR@10', float('nan')):.4f} -> "
                              f"{m.get('HR@10', float('nan')):.4f}")
@@ -117,6 +127,65 @@ def run_stage(ctx) -> None:
             attack_figure(ctx, made)
         except Exception as e:  # noqa: BLE001 - a figure must not lose the stage's results
             ctx.log.warning(f"attack: figure failed ({type(e).__name__}: {e})")
+
+
+def oracle_eps(cfg, model: str) -> list:
+    """The eps of the evaluation-aware attack: ``eval.oracle_eps`` (default: the table eps)."""
+    return list(cfg.eval.oracle_eps) or [cfg.eval.table_eps]
+
+
+def load_oracle_users(run) -> torch.Tensor | None:
+    """The users the evaluation-aware attack ran on (None before the attack stage ran it)."""
+    import json
+
+    path = run.path / "attacks" / "oracle_users.json"
+    if not path.is_file():
+        return None
+    return torch.tensor(json.loads(path.read_text())["users"], dtype=torch.long)
+
+
+def oracle_users_for(ctx) -> torch.Tensor:
+    """The seeded user subset of the "eval" objective, saved once so that every stage and a
+    resumed run use the same users."""
+    from vars_fast.attacks.oracle import oracle_users
+
+    users = load_oracle_users(ctx.run)
+    if users is None:
+        users = oracle_users(ctx.catalogue, ctx.cfg.eval.oracle_users, ctx.generator("attack:oracle-users"))
+        atomic_write_json(ctx.run.path / "attacks" / "oracle_users.json", {"users": users.tolist()})
+    return users
+
+
+def run_oracle(ctx, name: str, rec, topk, timing: dict) -> None:
+    """The "eval" objective on one model: per-user images and their ranking rows."""
+    from vars_fast.attacks.oracle import attack_eval_lists, encode_lists, list_ranking
+
+    cfg, acfg, run, cat = ctx.cfg, ctx.cfg.attack, ctx.run, ctx.catalogue
+    users = oracle_users_for(ctx)
+    shape = (users.numel(), 1 + cat.negatives.shape[1]) + tuple(cat.images.shape[1:])
+    base = {"model": name, "defense": "none", "objective": "eval", "n_users": int(users.numel())}
+    rows = [{**base, "attack": "clean", "eps": 0, **list_ranking(rec, cat, users, topk=topk)}]
+    encoder = ctx.encoder(rec.name)
+    for method in acfg.untargeted:
+        for eps in oracle_eps(cfg, name):
+            path = run.attack_file(name, f"{method}-eval", eps)
+            adv = load_npy(path, shape)
+            if adv is None:
+                t0 = time.perf_counter()
+                adv = attack_eval_lists(rec, cat, users, method, eps, acfg,
+                                        ctx.generator(f"attack:{name}:{method}-eval:{eps}"), ctx.device,
+                                        cfg.run.progress)
+                dt = time.perf_counter() - t0
+                timing[f"{name}/{method}-eval/{_eps_key(eps)}"] = round(dt, 2)
+                save_npy(path, adv)
+                ctx.log.info(f"attack {name} {method}-eval eps={eps}: {dt:.1f}s ({adv.shape[0] * adv.shape[1] / dt:.0f} images/s)")
+            feats = encode_lists(encoder.encode, adv, acfg.batch_size * 2, ctx.device)
+            m = list_ranking(rec, cat, users, feats, topk)
+            rows.append({**base, "attack": method, "eps": _eps_key(eps), **m})
+            ctx.log.info(f"attack {name} {method}-eval eps={eps} ({users.numel()} users): HR@10 "
+                         f"{rows[0].get('HR@10', float('nan')):.4f} -> {m.get('HR@10', float('nan')):.4f}")
+    run.add_rows("ranking", rows)
+    run.update_meta(attack_seconds=timing)
 
 
 def run_targeted(ctx, amp: bool, topk, timing: dict) -> None:
