@@ -28,6 +28,9 @@ def _metrics():
     R.append(_rank("VBPR", "denoise+rand", "pgd", 8, 0.20, variant="no-perceptual"))
     R.append(_rank("VBPR", "denoise", "adaptive-pgd", 8, 0.02, n_adaptive_items=50, eot=1))
     R.append(_rank("VBPR", "denoise+rand", "adaptive-pgd", 8, 0.05, n_adaptive_items=50, eot=4))
+    for d in ("none", "denoise", "denoise+rand"):  # the evaluation-aware objective, on 40 users
+        R.append(_rank("VBPR", d, "clean", 0, 0.45, objective="eval", n_users=40))
+        R.append(_rank("VBPR", d, "pgd", 8, 0.01 if d == "none" else 0.3, objective="eval", n_users=40))
     D = []
     for det in ("ours", "addition"):
         for e in (8, 16, 32, 64):
@@ -67,8 +70,11 @@ def test_full_report(tmp_path):
     text = write_report(tmp_path).read_text()
     for title in ("## Targets", "## Table 2: recommendation under attack (VBPR", "## Table 3: recommendation under "
                   "attack (DVBPR", "## Table 4", "Gaussian noise", "## Table 5", "## Table 6", "Adaptive attacker",
-                  "HR@10 versus eps"):
+                  "HR@10 versus eps", "evaluation-aware attacker"):
         assert title in text, title
+    # the oracle rows have their own table and never leak into Tables 2/3
+    assert "| VBPR | none | 40 | 0.4500 | 0.0100 |" in text
+    assert "0.4500" not in text.split("## The paper's protocol")[0]
     assert "_Not available" not in text
     assert "| FGSM | OURS-rand | 0.2500 |" in text
     assert "remove perceptual loss | 0.8500 |" in text

@@ -22,7 +22,7 @@ def ranking(ev: Evaluation) -> None:
     for name in [m for m in ev.models if m in ev.cfg.eval.models]:
         rec = ev.ctx.recommender(name)
         rows = []
-        if not ev.run.rows("ranking", model=name, defense="none", attack="clean"):
+        if not ev.run.rows("ranking", model=name, defense="none", attack="clean", objective="train"):
             rows.append({"model": name, "defense": "none", "attack": "clean", "eps": 0,
                          **ev.rank(rec, ev.cat.images)})
         for dname, imgs in zip(RANK_DEFENSES, (den_c, rnd_c)):
