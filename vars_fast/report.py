@@ -184,7 +184,7 @@ def adaptive_table(m: dict) -> str:
     R, D = m.get("ranking", []), m.get("detection", [])
     A = [r for r in R if r.get("attack") == "adaptive-pgd"]
     if not A:
-        return _missing("no adaptive-attack rows (defense.adaptive off or not run)")
+        return _missing("no adaptive-attack rows (eval.adaptive off or not run)")
     rows = []
     for r in A:
         e = r["eps"]
@@ -365,8 +365,8 @@ def make_figures(run: Path, m: dict, a: dict) -> dict[str, str]:
         perp = float(max(2, min(30, (Z.shape[0] - 1) // 3)))
         from threadpoolctl import threadpool_limits
 
-        # NOTE one thread: Barnes-Hut's OpenMP loop took 70 ms per iteration on 48 points on a
-        # loaded 2-core machine (oversubscription); single-threaded, 300 points take ~5 s
+        # one thread: Barnes-Hut's OpenMP loop oversubscribes a small, busy machine, and a few
+        # hundred points are seconds of work single-threaded
         with threadpool_limits(1):
             Y = TSNE(n_components=2, perplexity=perp, init="pca", random_state=0, max_iter=500).fit_transform(Z)
         fig, ax = plt.subplots(figsize=(5, 4.5))
