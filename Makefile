@@ -6,9 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench cuda-build device-wheels clean
+.PHONY: install demo test bench cuda-build cmake-build device-wheels clean
 
-$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja setuptools wheel
@@ -34,6 +34,19 @@ bench: install
 cuda-build: install
 	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} VARS_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" \
 		$(BIN)/python setup.py build_ext --build-temp build/cuda-temp --build-lib build/cuda-lib
+
+# The CPU extension built by CMakeLists.txt against the venv's libtorch, in build/cmake (the
+# tests keep importing the setuptools-built vars_fast/_C*.so), then loaded and checked against
+# the reference ops. Uses the cmake on PATH (3.18+), else installs one into the venv from PyPI.
+CMAKE_DIR ?= build/cmake
+CMAKE_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+cmake-build: install
+	@PATH="$(abspath $(BIN)):$$PATH" cmake --version >/dev/null 2>&1 || $(BIN)/python -m pip install -q "cmake>=3.18"
+	PATH="$(abspath $(BIN)):$$PATH" cmake -S . -B $(CMAKE_DIR) -DCMAKE_BUILD_TYPE=Release \
+		-DPython_EXECUTABLE="$(abspath $(BIN)/python)" \
+		-DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+	PATH="$(abspath $(BIN)):$$PATH" cmake --build $(CMAKE_DIR) --parallel $(CMAKE_JOBS)
+	VARS_FAST_NO_EXT=1 PYTHONPATH="$(CURDIR)" $(BIN)/python tests/test_ops_cmake_build.py $(CMAKE_DIR)/vars_fast/_C.so
 
 # Pure-Python wheels that a lent GPU machine's image lacks (Python 3.12 there), for
 # benchmarks/device_check.sh: carry .whl (git ignores it) with the call.

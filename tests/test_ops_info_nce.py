@@ -252,8 +252,6 @@ _TRITON_OPCHECK = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_triton_opcheck(run_triton_interpreted):
-    """torch.library.opcheck on the Triton ops (schema, autograd registration, fake kernel),
-    run by the interpreter on CPU."""
     run_triton_interpreted(_TRITON_OPCHECK)
 
 
