@@ -18,13 +18,22 @@ def gaussian_noise(x: Tensor, sigma: float, generator: torch.Generator | None = 
 
 
 def jpeg(x: Tensor, quality: int) -> Tensor:
-    """Each image encoded as a JPEG at ``quality`` (1-100) and decoded again (torchvision.io,
-    libjpeg): the 8-bit rounding plus the codec's block quantisation."""
-    from torchvision.io import decode_jpeg, encode_jpeg
+    """Each image encoded as a JPEG at ``quality`` (1-100, Pillow's libjpeg, 4:2:0 chroma
+    subsampling as Pillow's default) and decoded again: the 8-bit rounding plus the codec's
+    block quantisation. Pillow rather than torchvision.io, whose codecs are deprecated."""
+    import io
+
+    import numpy as np
+    from PIL import Image
 
     q = int(quality)
     if not 1 <= q <= 100:
         raise ValueError(f"jpeg quality must be in [1, 100] (got {quality})")
-    u8 = torch.round(x.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu()
-    out = decode_jpeg(encode_jpeg(list(u8), quality=q))
-    return torch.stack(out).to(x.device, torch.float32) / 255.0
+    u8 = torch.round(x.detach().float().clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for img in u8:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=q)
+        buf.seek(0)
+        out.append(np.asarray(Image.open(buf).convert("RGB")))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, torch.float32) / 255.0
