@@ -5,28 +5,13 @@ import pytest
 import torch
 
 import vars_fast.defense.training as training
+# the tiny VBPR (random-weight EfficientNet-Lite0) of the defence training tests
+from test_defense_training import BB, setup  # noqa: F401
 from vars_fast.config import DefenseConfig, make_config
 from vars_fast.detect_generalisation import ROW_KEYS, generalisation_rows, markdown_table, seen_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE = ROOT / "configs" / "detector_single_eps.yaml"
-BB = {"name": "efficientnet_lite0", "weights": "none", "input_size": 0}
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_catalogue):
-    from vars_fast.backbones import build_backbone
-    from vars_fast.config import BackboneConfig, RecommenderConfig
-    from vars_fast.recommenders import build_recommender, encode_catalogue
-
-    torch.manual_seed(0)
-    bb = build_backbone(BackboneConfig(**BB))
-    rec = build_recommender("VBPR", tiny_catalogue.n_users, tiny_catalogue.n_items, RecommenderConfig(k=8), bb)
-    feats = encode_catalogue(rec, tiny_catalogue.images, 64, "cpu", False)
-    rec.set_item_visual(feats)
-    rec.fit_feature_norm(feats)
-    rec.eval().requires_grad_(False)
-    return tiny_catalogue, rec, bb
 
 
 def tiny_single_eps_dcfg() -> DefenseConfig:
