@@ -141,8 +141,8 @@ def generalisation_rows(defense, rec, cat, items, generator: torch.Generator, dc
                "side": "benign" if benign else "adversarial", **_metrics(d_clean, d, thr, benign), **extra}
         rows.append(row)
         if log is not None:
-            log.info("detection generalisation: %s eps=%s seen=%s accuracy %.3f auc %.3f", attack, eps,
-                     row["seen"], row["accuracy"], row["auc"])
+            log.info("detection generalisation: %s %s seen=%s accuracy %.3f auc %.3f", attack,
+                     f"eps={eps}" if eps is not None else extra, row["seen"], row["accuracy"], row["auc"])
 
     with frozen(rec, getattr(rec, "backbone", None)):
         for e in fgsm_eps:
