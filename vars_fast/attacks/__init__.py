@@ -9,8 +9,11 @@ from vars_fast.attacks.catalogue import (ItemTriples, attack_catalogue, bpr_imag
                                          sample_item_triples)
 from vars_fast.attacks.fgsm import FGSM
 from vars_fast.attacks.pgd import PGD, default_alpha
+from vars_fast.attacks.pgd_l2 import PGDL2, l2_radius
 from vars_fast.attacks.taamr import popular_class, taamr_loss
+from vars_fast.attacks.transfer import build_surrogate, feature_shift_loss, transfer_attack
 
 __all__ = ["Attack", "FGSM", "PGD", "frozen", "quantize_within", "default_alpha", "bpr_image_loss",
            "attack_catalogue", "sample_item_triples", "ItemTriples", "item_loss_fn", "insa_loss",
-           "expa_loss", "taamr_loss", "popular_class"]
+           "expa_loss", "taamr_loss", "popular_class", "PGDL2", "l2_radius", "transfer_attack",
+           "feature_shift_loss", "build_surrogate"]
