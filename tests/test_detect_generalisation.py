@@ -8,7 +8,7 @@ import vars_fast.defense.training as training
 # the tiny VBPR (random-weight EfficientNet-Lite0) of the defence training tests
 from test_defense_training import BB, setup  # noqa: F401
 from vars_fast.config import DefenseConfig, make_config
-from vars_fast.detect_generalisation import ROW_KEYS, generalisation_rows, markdown_table, seen_inputs
+from vars_fast.evaluate.generalisation import ROW_KEYS, generalisation_rows, markdown_table, seen_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE = ROOT / "configs" / "detector_single_eps.yaml"

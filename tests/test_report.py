@@ -39,6 +39,11 @@ def _metrics():
         for s in (0.05, 0.1):
             D.append({"detector": det, "attack": "gaussian", "eps": s, "clean_rate": 0.97, "accuracy": 0.97,
                       "fpr": 0.03, "threshold": 0.3})
+    for e, seen in ((16, True), (64, False)):  # the seen / unseen table, kept out of Table 4
+        D.append({"detector": "ours", "attack": "fgsm", "eps": e, "seen": seen, "side": "adversarial",
+                  "accuracy": 0.123, "auc": 0.5, "tpr": 0.2, "fpr": 0.1, "n_clean": 10, "n_adv": 10})
+    D.append({"detector": "ours", "attack": "jpeg", "eps": None, "quality": 50, "seen": False, "side": "benign",
+              "accuracy": 0.9, "auc": 0.6, "tpr": None, "fpr": 0.1, "flagged": 0.1, "n_clean": 10, "n_adv": 0})
     D.append({"detector": "ours", "attack": "pgd", "eps": 8, "variant": "full", "accuracy": 0.94})
     D.append({"detector": "ours", "attack": "pgd", "eps": 8, "variant": "no-perceptual", "accuracy": 0.85})
     D.append({"detector": "ours", "attack": "adaptive-pgd", "eps": 8, "variant": "denoise+rand", "tpr": 0.3,
@@ -70,11 +75,14 @@ def test_full_report(tmp_path):
     text = write_report(tmp_path).read_text()
     for title in ("## Targets", "## Table 2: recommendation under attack (VBPR", "## Table 3: recommendation under "
                   "attack (DVBPR", "## Table 4", "Gaussian noise", "## Table 5", "## Table 6", "Adaptive attacker",
-                  "HR@10 versus eps", "evaluation-aware attacker"):
+                  "HR@10 versus eps", "evaluation-aware attacker", "Seen / unseen"):
         assert title in text, title
     # the oracle rows have their own table and never leak into Tables 2/3
     assert "| VBPR | none | 40 | 0.4500 | 0.0100 |" in text
     assert "0.4500" not in text.split("## The paper's protocol")[0]
+    table4 = text.split("## Table 4")[1].split("## Does the detector generalise")[0]
+    assert "0.123" not in table4
+    assert "| fgsm | 64/255 | unseen | 0.123 |" in text and "| jpeg | quality 50 | unseen |" in text
     assert "_Not available" not in text
     assert "| FGSM | OURS-rand | 0.2500 |" in text
     assert "remove perceptual loss | 0.8500 |" in text

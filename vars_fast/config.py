@@ -248,6 +248,10 @@ class EvalConfig:
     oracle_users: int = 100  # 0: every user
     oracle_models: list = field(default_factory=lambda: ["VBPR", "DVBPR"])
     oracle_eps: list = field(default_factory=list)  # /255; empty: eval.table_eps
+    # the "seen / unseen" detection table (evaluate/generalisation.py): FGSM at these eps, PGD at
+    # table_eps, PGD-L2, a ResNet18-surrogate transfer attack, Gaussian noise and JPEG
+    generalisation: bool = True
+    generalisation_fgsm_eps: list = field(default_factory=lambda: [4, 8, 16, 32, 64])
     # adaptive attacker: on/off, EOT draws per step against denoise+rand, and its eps
     adaptive: bool = True
     adaptive_eot: int = 4

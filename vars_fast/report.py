@@ -88,6 +88,12 @@ def ranking_table(m: dict, model: str, eps: float) -> str:
     return _table(["attack", "method"] + list(METRICS), out)
 
 
+def general_markdown(rows: list[dict]) -> str:
+    from vars_fast.evaluate.generalisation import markdown_table
+
+    return markdown_table(rows)
+
+
 def oracle_table(rows: list[dict]) -> str:
     """The evaluation-aware attacker: HR@10 per model, defence and attack on the oracle users."""
     if not rows:
@@ -388,7 +394,10 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
     m = json.loads(mp.read_text()) if mp.is_file() else {"meta": {}, "ranking": [], "detection": [], "targeted": []}
     # every table below reads the realistic objective's rows; the oracle's have their own table
     oracle_rows = [r for r in m.get("ranking", []) if r.get("objective") == "eval"]
-    m = {**m, "ranking": [r for r in m.get("ranking", []) if r.get("objective", "train") == "train"]}
+    # the seen / unseen rows are their own table, not Table 4's
+    general_rows = [r for r in m.get("detection", []) if "seen" in r]
+    m = {**m, "ranking": [r for r in m.get("ranking", []) if r.get("objective", "train") == "train"],
+         "detection": [r for r in m.get("detection", []) if "seen" not in r]}
     eps = _table_eps(m)
     figs: dict[str, str] = {}
     fig_note = ""
@@ -415,6 +424,11 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
               "## HR@10 versus eps (Fig. 6)", "", curve_table(m), "",
               "## Table 4: detection accuracy (FGSM, held-out test items)", "", detection_table(m), "",
               "### Gaussian noise must be judged clean", "", gaussian_table(m), "",
+              "## Does the detector generalise? Seen / unseen attacks (VBPR, held-out test items)", "",
+              "`seen`: that attack and eps are among the detector's training inputs (`defense.detector_eps`, "
+              "`defense.train_eps`); benign rows (Gaussian noise, JPEG) give the share flagged. Train the "
+              "detector on one eps with `--config configs/detector_single_eps.yaml`.", "",
+              (general_markdown(general_rows) if general_rows else _missing("eval.generalisation off or not run")), "",
               f"## Table 5: ablation (PGD, VBPR, eps = {eps:g})", "", ablation_table(m, eps), "",
               "## Table 6: targeted attacks, mean average prediction shift (VBPR)", "", targeted_table(m), "",
               "## Adaptive attacker (beyond the paper)", "",

@@ -21,7 +21,7 @@ from vars_fast.io import atomic_write_json
 
 _KEYS = {
     "ranking": ("model", "defense", "attack", "eps", "variant", "objective"),
-    "detection": ("detector", "attack", "eps", "variant", "model"),
+    "detection": ("detector", "attack", "eps", "variant", "model", "seen", "quality"),
     "targeted": ("attack", "eps", "defense", "model", "variant"),
 }
 

@@ -4,7 +4,7 @@
 
 Reads RUN_DIR's config, catalogue cache, VBPR checkpoint and ``checkpoints/defense.pt``, takes
 the defence's held-out test items (seeded order, at most ``defense.n_detect_items``, as the
-evaluate stage does) and prints ``vars_fast.detect_generalisation.generalisation_rows`` as a
+evaluate stage does) and prints ``vars_fast.evaluate.generalisation.generalisation_rows`` as a
 Markdown table; the attack sizes follow the run's config (``attack.pgd_steps``,
 ``attack.triples_per_item``, ``eval.batch_size``). ``--json`` also writes the rows.
 """
@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from vars_fast.config import from_dict
-    from vars_fast.detect_generalisation import generalisation_rows, markdown_table
+    from vars_fast.evaluate.generalisation import generalisation_rows, markdown_table
     from vars_fast.pipeline import Context
     from vars_fast.run import RunFolder
 

@@ -14,12 +14,13 @@ from vars_fast.evaluate.adaptive import adaptive
 from vars_fast.evaluate.common import ARRAYS, Evaluation
 from vars_fast.evaluate.detection import detection
 from vars_fast.evaluate.embeddings import embeddings
+from vars_fast.evaluate.generalisation import generalisation
 from vars_fast.evaluate.oracle import oracle
 from vars_fast.evaluate.ranking import ranking
 from vars_fast.evaluate.targeted import targeted
 
 SECTIONS: tuple[tuple[str, Callable[[Evaluation], None]], ...] = (
-    ("ranking", ranking), ("oracle", oracle), ("detection", detection), ("ablation", ablation),
+    ("ranking", ranking), ("oracle", oracle), ("detection", detection), ("generalisation", generalisation), ("ablation", ablation),
     ("targeted", targeted), ("adaptive", adaptive), ("embeddings", embeddings))
 
 

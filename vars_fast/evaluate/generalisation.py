@@ -1,4 +1,5 @@
-"""Does the detector generalise beyond what it trained on? The "seen / unseen" detection table.
+"""Does the detector generalise beyond what it trained on? The "seen / unseen" detection table
+(evaluation section ``generalisation``; rows in ``detection`` carry ``"seen"``).
 
 The paper trains its detector on FGSM at one eps and reports (Table 4) that its accuracy holds
 at other eps. ``generalisation_rows`` measures that claim on the defence's held-out test items
@@ -29,13 +30,12 @@ separation of the benign images from the originals (0.5: it cannot tell them apa
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from vars_fast.attacks.base import frozen, quantize_within
-from vars_fast.attacks.catalogue import item_loss_fn, sample_item_triples
+from vars_fast.attacks.catalogue import attack_items, sample_item_triples
 from vars_fast.attacks.fgsm import FGSM
 from vars_fast.attacks.pgd import PGD
 from vars_fast.attacks.pgd_l2 import PGDL2, l2_radius
@@ -68,16 +68,6 @@ def _distances(defense, images: Tensor, batch_size: int, device) -> Tensor:
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         out.append(defense.distance(x).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
-
-
-def _craft(cat, items: Tensor, make: Callable[[Tensor, Tensor], Tensor], batch_size: int, device,
-           quantize: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """uint8 [n,3,S,S]: ``make(item_ids, x float [B,3,S,S]) -> x_adv`` per batch, then ``quantize(x_adv, clean_u8)``."""
-    out = torch.empty((items.numel(),) + tuple(cat.images.shape[1:]), dtype=torch.uint8)
-    for s in range(0, items.numel(), batch_size):
-        it = items[s:s + batch_size]
-        out[s:s + it.numel()] = quantize(make(it, cat.item_batch(it, device)).cpu(), cat.images[it])
-    return out
 
 
 def _metrics(d_clean: Tensor, d_x: Tensor, threshold: float, benign: bool) -> dict:
@@ -127,12 +117,10 @@ def generalisation_rows(defense, rec, cat, items, generator: torch.Generator, dc
     tr = sample_item_triples(cat, triples_per_item, generator, triple_roles)
     rows: list[dict] = []
 
-    def objective(it: Tensor):  # the catalogue attack's per-item BPR loss for items ``it``
-        d = lambda t: t[it].to(device)  # noqa: E731
-        return item_loss_fn(rec, it.to(device), d(tr.users), d(tr.others), d(tr.sign))
-
-    def linf(eps255: float):
-        return lambda x_adv, c: quantize_within(x_adv, c, eps255)
+    def craft(attack, eps255: float) -> Tensor:
+        """uint8 images of ``items`` from ``attack(loss_fn, x, idx)`` through the catalogue loop
+        (the per-item BPR objective on ``tr``; ``eps255`` bounds the uint8 rounding)."""
+        return attack_items(rec, cat, items, attack, tr, eps255, device, B)
 
     def add(attack: str, eps, images: Tensor, benign: bool = False, seen_flag: Optional[bool] = None, **extra):
         d = _distances(defense, images, B, device)
@@ -144,17 +132,14 @@ def generalisation_rows(defense, rec, cat, items, generator: torch.Generator, dc
             log.info("detection generalisation: %s %s seen=%s accuracy %.3f auc %.3f", attack,
                      f"eps={eps}" if eps is not None else extra, row["seen"], row["accuracy"], row["auc"])
 
-    with frozen(rec, getattr(rec, "backbone", None)):
-        for e in fgsm_eps:
-            add("fgsm", e, _craft(cat, items, lambda it, x: FGSM(objective(it), e / 255.0)(x), B, device, linf(e)))
-        for e in pgd_eps:
-            add("pgd", e, _craft(cat, items, lambda it, x: PGD(objective(it), e / 255.0, steps=pgd_steps,
-                                                                generator=generator)(x), B, device, linf(e)))
-        S = tuple(cat.images.shape[1:])
-        for r in l2_rms:
-            rad = l2_radius(r, S)
-            add("pgd-l2", r, _craft(cat, items, lambda it, x: PGDL2(objective(it), rad, steps=l2_steps)(x),
-                                    B, device, lambda x_adv, c: _u8(x_adv)), l2=rad)
+    for e in fgsm_eps:
+        add("fgsm", e, craft(lambda fn, x, _: FGSM(fn, e / 255.0)(x), e))
+    for e in pgd_eps:
+        add("pgd", e, craft(lambda fn, x, _: PGD(fn, e / 255.0, steps=pgd_steps, generator=generator)(x), e))
+    S = tuple(cat.images.shape[1:])
+    for r in l2_rms:
+        rad = l2_radius(r, S)  # an L2 ball: the uint8 rounding only clamps to [0, 255]
+        add("pgd-l2", r, craft(lambda fn, x, _: PGDL2(fn, rad, steps=l2_steps)(x), 255), l2=rad)
 
     if transfer_eps:
         if surrogate is None:
@@ -163,8 +148,8 @@ def generalisation_rows(defense, rec, cat, items, generator: torch.Generator, dc
                 surrogate = build_surrogate(surrogate_name, surrogate_weights, device)
         name = getattr(surrogate, "name", type(surrogate).__name__)
         for e in transfer_eps:
-            adv = _craft(cat, items, lambda it, x: transfer_attack(surrogate, x, e / 255.0, transfer_steps, generator),
-                         B, device, linf(e))
+            # the surrogate's own feature objective: the loop's recommender loss goes unused
+            adv = craft(lambda fn, x, _: transfer_attack(surrogate, x, e / 255.0, transfer_steps, generator), e)
             add("transfer", e, adv, seen_flag=False, surrogate=name)
 
     x_clean = clean.float() / 255.0
@@ -196,3 +181,17 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| {r['attack']} | {budget(r)} | {'seen' if r['seen'] else 'unseen'} | {f(r['accuracy'])} | "
                      f"{f(r['auc'])} | {f(r['tpr'])} | {f(r['fpr'])} | {r['n_clean']} | {r['n_adv']} |")
     return "\n".join(lines)
+
+
+def generalisation(ev) -> None:
+    """The evaluation section: the seen / unseen rows for VBPR on the defence's test items."""
+    cfg = ev.cfg
+    if not cfg.eval.generalisation or not ev.has_detector or "VBPR" not in ev.models:
+        return
+    rows = generalisation_rows(
+        ev.defense, ev.ctx.recommender("VBPR"), ev.cat, ev.test_items, ev.ctx.generator("evaluate:generalisation"),
+        cfg.defense, fgsm_eps=cfg.eval.generalisation_fgsm_eps, pgd_eps=[cfg.eval.table_eps],
+        pgd_steps=cfg.attack.pgd_steps, noise_sigmas=cfg.eval.noise_sigmas,
+        triples_per_item=cfg.attack.triples_per_item, triple_roles=cfg.attack.triple_roles,
+        batch_size=ev.bs, device=ev.dev, log=ev.log)
+    ev.run.add_rows("detection", [{**r, "model": "VBPR"} for r in rows])
