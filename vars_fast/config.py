@@ -215,6 +215,21 @@ class EvalConfig:
     curve_models: list = field(default_factory=lambda: ["VBPR"])
     curve_eps: list = field(default_factory=lambda: [8, 32])  # defended Fig. 6 points; empty: every attack.eps
     addition_users: int = 256  # users whose score change ADDITION measures (seeded subset)
+    # ADDITION (defense/addition.py): noise-level range of its noise-injection module, the size of
+    # its FFDNet-like denoiser and its training; measured in docs/results/addition.md
+    addition_sigma_min: float = 0.02
+    addition_sigma_max: float = 0.2
+    addition_hidden: int = 64  # noise-level MLP width
+    addition_width: int = 48
+    addition_depth: int = 5
+    addition_train_eps: list = field(default_factory=lambda: [8, 16, 32])  # FGSM training examples, /255
+    addition_triples_per_item: int = 4
+    addition_denoiser_epochs: int = 6
+    addition_noise_epochs: int = 3
+    addition_batch_size: int = 16
+    addition_lr: float = 1e-3
+    addition_lambda_score: float = 1.0  # recommender-guided term of the denoiser loss
+    addition_lambda_sigma: float = 0.01  # preference for the smallest sufficient noise
     # adaptive attacker (defense.adaptive switches it on; defense.adaptive_eot draws per step)
     adaptive_eps: int = 0  # /255; 0: table_eps
     # NOTE every adaptive step is a denoiser forward+backward per item (~3 purification passes):
