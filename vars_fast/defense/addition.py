@@ -52,6 +52,7 @@ Checkpoint (``save`` / ``load``; atomic, loads with ``weights_only=True``)::
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -414,3 +415,138 @@ def _batches(n: int, bs: int, generator: torch.Generator):
     perm = torch.randperm(n, generator=generator)
     for s in range(0, n, bs):
         yield perm[s:s + bs]
+
+
+# ---------------------------------------------------------------------- a run folder's Table 4 rows
+
+def evaluate_in_run(ctx, model: str = "VBPR", refit: bool = False) -> dict:
+    """Fit (or load) ADDITION for ``model`` in a run folder and measure it as Table 4 does.
+
+    Items: the defence's seeded split (``defense.training.split_items`` with the defence
+    stage's generator tag), so ADDITION trains on the defence's training items, chooses its
+    threshold on the same validation items and is tested on the same held-out items as ours.
+    The threshold: ``defense.threshold_rule`` on validation score changes, clean vs FGSM at
+    ``defense.detector_eps`` (the attack ours is calibrated on). Test: clean items vs the attack
+    stage's saved FGSM images at each ``defense.eval_eps`` (crafted now when absent), and
+    Gaussian-noised clean images (``defense.noise_sigmas``). Every row is given at the paper's
+    criterion (``threshold_source: "criterion"``) and at the validation threshold
+    (``"validation"``). Returns {"rows", "validation", "history", "seconds"}."""
+    import numpy as np
+
+    from vars_fast.defense.training import split_items
+    from vars_fast.metrics import detection_metrics
+
+    cfg, cat, dev, log = ctx.cfg, ctx.catalogue, ctx.device, ctx.log
+    dcfg, ecfg = cfg.defense, cfg.eval
+    t_start = time.perf_counter()
+    split = split_items(cat, ctx.generator("defense-split"), dcfg.train_item_frac, dcfg.val_item_frac)
+    rec = ctx.recommender(model)
+    path = ctx.run.checkpoint(f"addition_{model}")
+    if path.is_file() and not refit:
+        add = Addition.load(path, rec, dev)
+        log.info("addition: loaded %s", path)
+    else:
+        users = torch.randperm(cat.n_users, generator=ctx.generator("evaluate:addition-users"))
+        add = build_addition(rec, users[: int(ecfg.addition_users)], ecfg, change=float(dcfg.addition_change),
+                             seed=int(torch.randint(0, 2**31, (1,), generator=ctx.generator("addition-noise"))),
+                             device=dev)
+        add.fit(cat, split["train"], ecfg, ctx.generator("addition-fit"), log=log)
+    t_fit = time.perf_counter() - t_start
+
+    # validation threshold, by the rule that chooses ours
+    bs = int(ecfg.batch_size)
+    val = torch.as_tensor(split["val"], dtype=torch.long)
+    c_val = add.score_change_all(cat.images[val], val, bs)
+    adv_val, _ = fgsm_examples(rec, cat, val, [float(e) for e in dcfg.detector_eps],
+                               ctx.generator("addition-val"), dev, triples_per_item=int(dcfg.triples_per_item))
+    a_val = add.score_change_all(adv_val, val, bs)
+    thr = add.choose_threshold(c_val, a_val, rule=dcfg.threshold_rule)
+    add.save(path)
+    validation = {"rule": dcfg.threshold_rule, "eps": list(dcfg.detector_eps), "n": int(val.numel()),
+                  **{k: v for k, v in detection_metrics(c_val, a_val, thr).items()}}
+    log.info("addition: validation threshold %.4f (%s): FPR %.3f TPR %.3f AUC %.4f", thr, dcfg.threshold_rule,
+             validation["fpr"], validation["tpr"], validation["auc"])
+
+    # held-out test items, drawn as the evaluation stage draws them for ours
+    test = torch.as_tensor(split["test"], dtype=torch.long)
+    test = test[torch.randperm(test.numel(), generator=ctx.generator("evaluate:detect-items"))]
+    test = test[: int(dcfg.n_detect_items)]
+    c_clean = add.score_change_all(cat.images[test], test, bs)
+    rows = []
+    for eps in dcfg.eval_eps:
+        f = ctx.run.attack_file(model, "fgsm", eps)
+        if f.is_file():
+            adv, source = torch.from_numpy(np.load(f))[test], "attack stage"
+        else:
+            adv, _ = fgsm_examples(rec, cat, test, [float(eps)], ctx.generator(f"addition-test-{eps}"), dev,
+                                   triples_per_item=int(cfg.attack.triples_per_item))
+            source = "crafted"
+        c_adv = add.score_change_all(adv, test, bs)
+        for src, t in (("criterion", add.change), ("validation", thr)):
+            m = detection_metrics(c_clean, c_adv, t)
+            rows.append({"detector": "addition", "model": model, "attack": "fgsm", "eps": eps,
+                         "threshold_source": src, "images": source, "n_clean": int(c_clean.numel()),
+                         "n_adv": int(c_adv.numel()), **m})
+    g = ctx.generator("evaluate:gaussian")
+    x = cat.images[test].float() / 255.0
+    for sigma in dcfg.noise_sigmas:
+        noisy = (x + float(sigma) * torch.randn(x.shape, generator=g)).clamp(0, 1)
+        c = add.score_change_all(noisy, test, bs)
+        for src, t in (("criterion", add.change), ("validation", thr)):
+            share = float((c <= t).float().mean())
+            rows.append({"detector": "addition", "model": model, "attack": "gaussian", "eps": sigma,
+                         "threshold_source": src, "clean_rate": share, "accuracy": share, "fpr": 1.0 - share,
+                         "threshold": float(t), "n_clean": int(c.numel())})
+    return {"rows": rows, "validation": validation, "history": add.extra.get("history", {}),
+            "mean_sigma_test_clean": float(add.noise_level(_to_float(cat.images[test[:64]], dev)).mean()),
+            "seconds": {"fit_or_load": round(t_fit, 1), "total": round(time.perf_counter() - t_start, 1)}}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """python -m vars_fast.defense.addition RUN_DIR: fit + measure ADDITION in a run folder that
+    holds the recommender (and, optionally, attack) stages; writes RUN_DIR/addition.json."""
+    import argparse
+    import logging
+
+    from vars_fast.config import ConfigError, apply_overrides, from_dict, load_yaml, parse_set, validate
+    from vars_fast.io import atomic_write_json
+    from vars_fast.pipeline import Context
+    from vars_fast.run import RunFolder
+    from vars_fast.utils import get_device, setup_logging
+
+    p = argparse.ArgumentParser(prog="python -m vars_fast.defense.addition", description=main.__doc__.split("\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--model", default="VBPR")
+    p.add_argument("--refit", action="store_true", help="train again even when checkpoints/addition_<model>.pt exists")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override the run's config (repeatable), e.g. --set eval.addition_noise_epochs=2")
+    args = p.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        print(f"error: {run_dir}/config.yaml not found (not a run folder)", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = from_dict(load_yaml(run_dir / "config.yaml"))
+        apply_overrides(cfg, parse_set(args.set))
+        validate(cfg)
+        check_config(cfg.eval)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log = setup_logging(str(run_dir / "log.txt"))
+    ctx = Context(cfg=cfg, run=RunFolder(run_dir), device=get_device(cfg.run.device), log=log)
+    try:
+        out = evaluate_in_run(ctx, args.model, refit=args.refit)
+    except FileNotFoundError as e:
+        logging.getLogger().error("addition: %s", e)
+        return 1
+    atomic_write_json(run_dir / "addition.json", out)
+    log.info("addition: wrote %s", run_dir / "addition.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
