@@ -36,12 +36,16 @@ x_adv made by the project's FGSM on the training-triple objective (``attacks.cat
   ``L_D = E ||D(clip(x~ + sigma n), sigma) - x||_1 + lambda_s E Delta(D(...), x)``
   (pixel reconstruction of the *clean* image, plus the recommender-guided term: the denoised
   view must score as the clean image does);
-* stage 2, the noise-level network, with D frozen and the noise reparameterised so that the
-  loss is differentiable in sigma:
+* stage 2, the noise-level network, with the noise reparameterised so that the loss is
+  differentiable in sigma:
   ``L_N = E Delta(D(clip(x~ + sigma(x~) n), sigma(x~)), x) + lambda_sigma E (sigma(x~) - sigma_min) / (sigma_max - sigma_min)``.
   On a clean x, more noise only loses detail; on an x_adv, more noise drowns the perturbation:
   the network learns an image-dependent trade-off, and the second term prefers the smallest
-  noise that is enough.
+  noise that is enough. With ``eval.addition_joint`` the denoiser keeps training in this
+  stage on ``L_D`` at the predicted levels (``L_N`` plus the pixel term, over both networks):
+  stage 1 asks D to remove an adversarial perturbation at *every* level, including the small
+  ones that clean images end up with, which makes it smooth clean images too; at the
+  predicted levels it can leave small-sigma (clean) inputs alone.
 
 Checkpoint (``save`` / ``load``; atomic, loads with ``weights_only=True``)::
 
@@ -282,10 +286,16 @@ class Addition:
         self.denoiser.eval().requires_grad_(False)
         t_den = time.perf_counter() - t1
 
-        # stage 2: the noise-level network through the frozen denoiser (reparameterised noise)
+        # stage 2: the noise-level network through the denoiser (reparameterised noise); the
+        # denoiser too when joint (module docstring)
         t2 = time.perf_counter()
         self.noise_net.train()
-        opt = torch.optim.Adam(self.noise_net.mlp.parameters(), lr=float(cfg.addition_lr))
+        joint = bool(cfg.addition_joint)
+        params = list(self.noise_net.mlp.parameters())
+        if joint:
+            self.denoiser.train().requires_grad_(True)
+            params += list(self.denoiser.parameters())
+        opt = torch.optim.Adam(params, lr=float(cfg.addition_lr))
         for _ in range(int(cfg.addition_noise_epochs)):
             tot, n, sc, sa = 0.0, 0, [], []
             for idx in _batches(items.numel(), bs, generator):
@@ -299,6 +309,8 @@ class Addition:
                 out = self.denoiser(z, sigma)
                 loss = (relative_change(self.scores(out, it), s_ref).mean()
                         + lam_sig * ((sigma - smin) / (smax - smin)).mean())
+                if joint:
+                    loss = loss + (out - x).abs().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -312,6 +324,7 @@ class Addition:
                 log.info("addition noise epoch %d: loss %.4f, mean sigma clean %.4f adv %.4f", len(hist["noise"]),
                          hist["noise"][-1], hist["sigma_clean"][-1], hist["sigma_adv"][-1])
         self.noise_net.eval().requires_grad_(False)
+        self.denoiser.eval().requires_grad_(False)
         hist["seconds"] = {"adversarial_examples": round(t_adv, 2), "denoiser": round(t_den, 2),
                            "noise": round(time.perf_counter() - t2, 2)}
         hist["train_items"] = int(items.numel())
@@ -419,41 +432,36 @@ def _batches(n: int, bs: int, generator: torch.Generator):
 
 # ---------------------------------------------------------------------- a run folder's Table 4 rows
 
-def evaluate_in_run(ctx, model: str = "VBPR", refit: bool = False) -> dict:
-    """Fit (or load) ADDITION for ``model`` in a run folder and measure it as Table 4 does.
+def fit_in_run(ctx, model: str = "VBPR", refit: bool = False) -> tuple[Addition, dict]:
+    """ADDITION for recommender ``model`` of a run folder, trained and thresholded as ours is.
 
     Items: the defence's seeded split (``defense.training.split_items`` with the defence
-    stage's generator tag), so ADDITION trains on the defence's training items, chooses its
-    threshold on the same validation items and is tested on the same held-out items as ours.
-    The threshold: ``defense.threshold_rule`` on validation score changes, clean vs FGSM at
-    ``defense.detector_eps`` (the attack ours is calibrated on). Test: clean items vs the attack
-    stage's saved FGSM images at each ``defense.eval_eps`` (crafted now when absent), and
-    Gaussian-noised clean images (``defense.noise_sigmas``). Every row is given at the paper's
-    criterion (``threshold_source: "criterion"``) and at the validation threshold
-    (``"validation"``). Returns {"rows", "validation", "history", "seconds"}."""
-    import numpy as np
-
+    stage's generator tag), so ADDITION trains on the defence's training items and chooses its
+    threshold on the same validation items. The threshold: ``defense.threshold_rule`` on
+    validation score changes, clean vs FGSM at ``defense.detector_eps`` (the attack ours is
+    calibrated on). Loads ``checkpoints/addition_<model>.pt`` when present (unless ``refit``),
+    else fits and saves it. Returns (the detector, {"validation", "split", "seconds"})."""
     from vars_fast.defense.training import split_items
     from vars_fast.metrics import detection_metrics
 
     cfg, cat, dev, log = ctx.cfg, ctx.catalogue, ctx.device, ctx.log
     dcfg, ecfg = cfg.defense, cfg.eval
-    t_start = time.perf_counter()
+    t0 = time.perf_counter()
     split = split_items(cat, ctx.generator("defense-split"), dcfg.train_item_frac, dcfg.val_item_frac)
     rec = ctx.recommender(model)
     path = ctx.run.checkpoint(f"addition_{model}")
     if path.is_file() and not refit:
         add = Addition.load(path, rec, dev)
         log.info("addition: loaded %s", path)
-    else:
-        users = torch.randperm(cat.n_users, generator=ctx.generator("evaluate:addition-users"))
-        add = build_addition(rec, users[: int(ecfg.addition_users)], ecfg, change=float(dcfg.addition_change),
-                             seed=int(torch.randint(0, 2**31, (1,), generator=ctx.generator("addition-noise"))),
-                             device=dev)
-        add.fit(cat, split["train"], ecfg, ctx.generator("addition-fit"), log=log)
-    t_fit = time.perf_counter() - t_start
+        return add, {"validation": add.extra.get("validation", {}), "split": split,
+                     "seconds": {"fit": 0.0, "threshold": 0.0}}
+    users = torch.randperm(cat.n_users, generator=ctx.generator("evaluate:addition-users"))
+    add = build_addition(rec, users[: int(ecfg.addition_users)], ecfg, change=float(dcfg.addition_change),
+                         seed=int(torch.randint(0, 2**31, (1,), generator=ctx.generator("addition-noise"))),
+                         device=dev)
+    add.fit(cat, split["train"], ecfg, ctx.generator("addition-fit"), log=log)
+    t_fit = time.perf_counter() - t0
 
-    # validation threshold, by the rule that chooses ours
     bs = int(ecfg.batch_size)
     val = torch.as_tensor(split["val"], dtype=torch.long)
     c_val = add.score_change_all(cat.images[val], val, bs)
@@ -461,11 +469,31 @@ def evaluate_in_run(ctx, model: str = "VBPR", refit: bool = False) -> dict:
                                ctx.generator("addition-val"), dev, triples_per_item=int(dcfg.triples_per_item))
     a_val = add.score_change_all(adv_val, val, bs)
     thr = add.choose_threshold(c_val, a_val, rule=dcfg.threshold_rule)
-    add.save(path)
     validation = {"rule": dcfg.threshold_rule, "eps": list(dcfg.detector_eps), "n": int(val.numel()),
-                  **{k: v for k, v in detection_metrics(c_val, a_val, thr).items()}}
+                  **detection_metrics(c_val, a_val, thr)}
+    add.save(path, extra={"validation": validation})
     log.info("addition: validation threshold %.4f (%s): FPR %.3f TPR %.3f AUC %.4f", thr, dcfg.threshold_rule,
              validation["fpr"], validation["tpr"], validation["auc"])
+    return add, {"validation": validation, "split": split,
+                 "seconds": {"fit": round(t_fit, 1), "threshold": round(time.perf_counter() - t0 - t_fit, 1)}}
+
+
+def evaluate_in_run(ctx, model: str = "VBPR", refit: bool = False) -> dict:
+    """Fit (or load) ADDITION with ``fit_in_run`` and measure it as Table 4 does, on the held-out
+    test items the evaluation stage draws for ours: clean items vs the attack stage's saved FGSM
+    images at each ``defense.eval_eps`` (crafted now when absent), and Gaussian-noised clean
+    images (``defense.noise_sigmas``). Every row is given at the paper's criterion
+    (``threshold_source: "criterion"``) and at the validation threshold (``"validation"``).
+    Returns {"rows", "validation", "history", "mean_sigma_test_clean", "seconds"}."""
+    import numpy as np
+
+    from vars_fast.metrics import detection_metrics
+
+    cfg, cat, dev = ctx.cfg, ctx.catalogue, ctx.device
+    dcfg = cfg.defense
+    t_start = time.perf_counter()
+    add, info = fit_in_run(ctx, model, refit)
+    rec, split, thr, bs = add.rec, info["split"], add.threshold, int(cfg.eval.batch_size)
 
     # held-out test items, drawn as the evaluation stage draws them for ours
     test = torch.as_tensor(split["test"], dtype=torch.long)
@@ -497,9 +525,9 @@ def evaluate_in_run(ctx, model: str = "VBPR", refit: bool = False) -> dict:
             rows.append({"detector": "addition", "model": model, "attack": "gaussian", "eps": sigma,
                          "threshold_source": src, "clean_rate": share, "accuracy": share, "fpr": 1.0 - share,
                          "threshold": float(t), "n_clean": int(c.numel())})
-    return {"rows": rows, "validation": validation, "history": add.extra.get("history", {}),
+    return {"rows": rows, "validation": info["validation"], "history": add.extra.get("history", {}),
             "mean_sigma_test_clean": float(add.noise_level(_to_float(cat.images[test[:64]], dev)).mean()),
-            "seconds": {"fit_or_load": round(t_fit, 1), "total": round(time.perf_counter() - t_start, 1)}}
+            "seconds": {**info["seconds"], "total": round(time.perf_counter() - t_start, 1)}}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
