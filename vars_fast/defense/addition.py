@@ -16,8 +16,8 @@ changes too much between the image and its processed version:
    adversarial) and returns an estimate of the benign image: ``A(x) = clip(D(z, sigma(x)))``.
    It is FFDNet-like (the noise level enters as a constant input map, the image is
    pixel-unshuffled 2x so that a few 3x3 conv layers see a wide context, the network predicts
-   the residual noise); ``eval.addition_width`` x ``eval.addition_depth`` is a small network
-   next to the deep denoisers of the original, sized for the 2-core default run.
+   the residual noise); ``eval.addition_width`` x ``eval.addition_depth`` (48 x 5, 73k
+   parameters) is small next to FFDNet/DnCNN-sized denoisers, to fit the 2-core default run.
 
 The recommender criterion (the paper's Sec. 4.5): with ``s_u(x)`` user u's score of the item
 when the item's image is x, over a fixed seeded set of users U,
@@ -27,6 +27,10 @@ when the item's image is x, over a fixed seeded set of users U,
 and x is flagged when ``Delta(A(x), x) > change`` (0.2: "more than 20%"). The continuous
 ``Delta(A(x), x)`` is also the score of a ROC curve, and ``choose_threshold`` picks a
 threshold on validation items by the rule the project uses for its own detector.
+
+The losses below are this project's formulation of the two stages as the VARS paper describes
+them; ADDITION's own text was not available to check them against (docs/results/addition.md,
+which also holds the measurements behind the ``eval.addition_*`` defaults).
 
 Training (``Addition.fit``), on the training items only, with adversarial training examples
 x_adv made by the project's FGSM on the training-triple objective (``attacks.catalogue``) at
