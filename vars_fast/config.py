@@ -93,10 +93,13 @@ class RecommenderConfig:
     amr_epochs: int = 5
     amr_lr: float = 1e-3
     # DVBPR (Kang et al. 2017): the CNN is trained end to end with the recommender
-    dvbpr_epochs: int = 5  # default data, lr 1e-2: HR@10 .34 (BPR .27, VBPR .40)
-    dvbpr_lr: float = 1e-2  # 5 epochs: 1e-2 -> HR@10 .338, 3e-3 -> .307
-    dvbpr_cnn_width: int = 32
-    dvbpr_input_size: int = 32  # Phi sees images area-downsampled to this (0: as stored); 4x cheaper than 64
+    # (numbers: docs/results/dvbpr.md)
+    dvbpr_cnn: str = "backbone"  # backbone: the ImageNet backbone.name fine-tuned; small: a CNN from scratch
+    dvbpr_train_blocks: int = 5  # backbone: trailing blocks that train (Lite0: 5 = the stride-32 stage)
+    dvbpr_epochs: int = 5
+    dvbpr_lr: float = 1e-2
+    dvbpr_cnn_width: int = 32  # small only
+    dvbpr_input_size: int = 0  # Phi sees images resized to this (0: the data's image size)
     dvbpr_batch_size: int = 256  # triples per step: Phi runs on the batch's distinct items, so small batches
     # give more CNN updates for the same number of images encoded
 
@@ -466,6 +469,8 @@ def validate(cfg: Config) -> None:
           "must be resnet50, resnet18 or efficientnet_lite0")
     known = {"VBPR", "AMR", "DVBPR", "BPR", "Pop"}
     check(set(cfg.recommender.models) <= known, "recommender.models", f"entries must be in {sorted(known)}")
+    check(cfg.recommender.dvbpr_cnn in ("backbone", "small"), "recommender.dvbpr_cnn", "must be backbone or small")
+    check(cfg.recommender.dvbpr_train_blocks >= 0, "recommender.dvbpr_train_blocks", "must be >= 0")
     check(all(0 < float(e) <= 255 for e in cfg.attack.eps), "attack.eps", "entries must be in (0, 255] (/255 units)")
     check(cfg.attack.pgd_steps >= 1, "attack.pgd_steps", "must be >= 1")
     check(set(cfg.attack.untargeted) <= {"fgsm", "pgd"}, "attack.untargeted", "entries must be fgsm or pgd")
