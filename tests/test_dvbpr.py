@@ -7,7 +7,7 @@ import torch
 from vars_fast.backbones import build_backbone
 from vars_fast.config import BackboneConfig, ConfigError, RecommenderConfig, make_config
 from vars_fast.recommenders import build_recommender, load_recommender, save_recommender
-from vars_fast.recommenders.dvbpr import DVBPR, BackboneCNN, SmallCNN
+from vars_fast.recommenders.dvbpr import DVBPR, BackboneCNN, SmallCNN, lr_multiplier
 from vars_fast.report import ranking_table
 
 
@@ -74,6 +74,19 @@ def test_fit_changes_the_trained_blocks_only_and_caches_phi(tiny_catalogue, lite
     with torch.no_grad():
         torch.testing.assert_close(m.item_visual[:5], m.encode(cat.item_batch(torch.arange(5))),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_lr_multiplier_scales_the_adam_step_and_leaves_plain_parameters():
+    slow, fast = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    w_slow, w_fast = slow.weight.detach().clone(), fast.weight.detach().clone()
+    with lr_multiplier([slow], 0.1):
+        torch.testing.assert_close(slow.weight, w_slow)  # same function inside the block
+        opt = torch.optim.Adam([*slow.parameters(), *fast.parameters()], lr=0.5)
+        (slow(torch.ones(1, 3)) + fast(torch.ones(1, 3))).sum().backward()
+        opt.step()
+    torch.testing.assert_close((slow.weight - w_slow).abs(), torch.full((2, 3), 0.05))
+    torch.testing.assert_close((fast.weight - w_fast).abs(), torch.full((2, 3), 0.5))
+    assert [n for n, _ in slow.named_parameters()] == ["weight", "bias"] and type(slow) is torch.nn.Linear
 
 
 def test_small_cnn_option_still_trains(tiny_catalogue):

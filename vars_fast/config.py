@@ -95,9 +95,10 @@ class RecommenderConfig:
     # DVBPR (Kang et al. 2017): the CNN is trained end to end with the recommender
     # (numbers: docs/results/dvbpr.md)
     dvbpr_cnn: str = "backbone"  # backbone: the ImageNet backbone.name fine-tuned; small: a CNN from scratch
-    dvbpr_train_blocks: int = 5  # backbone: trailing blocks that train (Lite0: 5 = the stride-32 stage)
+    dvbpr_train_blocks: int = 1  # backbone: trailing blocks that train (cost: docs/results/dvbpr.md)
     dvbpr_epochs: int = 5
-    dvbpr_lr: float = 1e-2
+    dvbpr_lr: float = 1e-2  # theta and the projection
+    dvbpr_backbone_lr_mult: float = 0.1  # the pretrained blocks train at this x dvbpr_lr
     dvbpr_cnn_width: int = 32  # small only
     dvbpr_input_size: int = 0  # Phi sees images resized to this (0: the data's image size)
     dvbpr_batch_size: int = 256  # triples per step: Phi runs on the batch's distinct items, so small batches
@@ -470,6 +471,7 @@ def validate(cfg: Config) -> None:
     known = {"VBPR", "AMR", "DVBPR", "BPR", "Pop"}
     check(set(cfg.recommender.models) <= known, "recommender.models", f"entries must be in {sorted(known)}")
     check(cfg.recommender.dvbpr_cnn in ("backbone", "small"), "recommender.dvbpr_cnn", "must be backbone or small")
+    check(cfg.recommender.dvbpr_backbone_lr_mult > 0, "recommender.dvbpr_backbone_lr_mult", "must be > 0")
     check(cfg.recommender.dvbpr_train_blocks >= 0, "recommender.dvbpr_train_blocks", "must be >= 0")
     check(all(0 < float(e) <= 255 for e in cfg.attack.eps), "attack.eps", "entries must be in (0, 255] (/255 units)")
     check(cfg.attack.pgd_steps >= 1, "attack.pgd_steps", "must be >= 1")

@@ -9,9 +9,11 @@
   ImageNet statistics (a step sees a few hundred items, and eval-mode BN makes Φ the same
   function in training, at encode time and under attack). Because the frozen prefix is a
   fixed function of the clean image, ``fit`` runs it once per item and trains on its cached
-  output, so a step costs only the trainable suffix; the trained blocks run on the stride-32
-  map (2 x 2 at 64 px). The trained blocks move at ``dvbpr_backbone_lr``, below the lr of θ
-  and of the projection, so that the ImageNet features are adapted rather than overwritten.
+  output, so a step costs only the trainable suffix (on Lite0 at 64 px the last blocks run on
+  a 2 x 2 map; cost per block count in docs/results/dvbpr.md). The pretrained weights train at
+  ``dvbpr_backbone_lr_mult`` x the lr of θ and of the projection, so that the ImageNet
+  features are adapted rather than overwritten: with one lr of 1e-2 for θ and the block, the
+  pairwise loss stayed at ln 2 for two epochs (docs/results/dvbpr.md).
 * ``small``: four stride-2 conv blocks of width w, 2w, 4w, 4w + global pooling + a linear
   map to K, trained from scratch (Kang et al.'s CNN-F is ~40 M parameters; this one trains
   in a minute on a CPU but reaches only BPR-level accuracy on the default data).
@@ -22,18 +24,56 @@ Per step, Φ runs once on the *distinct* items of the batch's triples. After tra
 """
 from __future__ import annotations
 
-import math
+import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from vars_fast.distributed import ddp
 from vars_fast.recommenders.base import Recommender, sq, train_bpr
 
 # Above this many bytes the frozen prefix's output is recomputed per batch instead of cached.
 _PREFIX_CACHE_BYTES = 2 << 30
+
+
+class _Scaled(nn.Module):
+    """``w = s * w_stored``. Adam's step does not depend on the gradient's scale, so a weight
+    stored as ``w / s`` moves ``s`` times as fast as the others under the same optimizer: a
+    per-parameter learning-rate multiplier for a training loop that has a single lr."""
+
+    def __init__(self, s: float):
+        super().__init__()
+        self.s = float(s)
+
+    def forward(self, w: Tensor) -> Tensor:
+        return w * self.s
+
+    def right_inverse(self, w: Tensor) -> Tensor:
+        return w / self.s
+
+
+@contextlib.contextmanager
+def lr_multiplier(modules: list[nn.Module], mult: float):
+    """Within the block, the trainable parameters of ``modules`` train at ``mult`` x the lr
+    (see ``_Scaled``); afterwards they are plain parameters again, holding the trained values."""
+    if mult == 1.0:
+        yield
+        return
+    done: list[tuple[nn.Module, str]] = []
+    try:
+        # listed first: registering adds modules (the parametrizations) to the tree
+        targets = [(m, name) for root in modules for m in root.modules()
+                   for name, p in m.named_parameters(recurse=False) if p.requires_grad]
+        for m, name in targets:
+            parametrize.register_parametrization(m, name, _Scaled(mult))
+            done.append((m, name))
+        yield
+    finally:
+        for m, name in done:
+            parametrize.remove_parametrizations(m, name, leave_parametrized=True)
 
 
 class SmallCNN(nn.Module):
@@ -65,6 +105,9 @@ class SmallCNN(nn.Module):
     def trainable_parameters(self):
         return list(self.parameters())
 
+    def backbone_modules(self) -> list[nn.Module]:
+        return []
+
     def dense_parameters(self):
         return list(self.parameters())
 
@@ -95,12 +138,15 @@ class BackboneCNN(nn.Module):
             return [b for layer in (n.layer1, n.layer2, n.layer3, n.layer4) for b in layer]
         return list(n._blocks)
 
-    def _suffix_trunk_parameters(self) -> list[nn.Parameter]:
-        ps = [p for b in self._blocks()[self.split:] for p in b.parameters()]
+    def backbone_modules(self) -> list[nn.Module]:
+        """The pretrained modules that train: the last blocks and EfficientNet's head conv + BN."""
+        mods = self._blocks()[self.split:]
         if not self.trunk.is_resnet:
-            n = self.trunk.net
-            ps += list(n._conv_head.parameters()) + list(n._bn1.parameters())
-        return ps
+            mods += [self.trunk.net._conv_head, self.trunk.net._bn1]
+        return mods
+
+    def _suffix_trunk_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.backbone_modules() for p in m.parameters()]
 
     def prefix(self, x: Tensor) -> Tensor:
         t, n = self.trunk, self.trunk.net
@@ -211,10 +257,11 @@ class DVBPR(Recommender):
             s_j = self._score(u, triples[:, 2], phi[inv[:, 1]])
             return F.softplus(s_j - s_i).mean() + self.reg(triples)
 
-        hist = train_bpr(self, cat, loss, epochs=cfg.dvbpr_epochs, lr=cfg.dvbpr_lr, lr_low=cfg.dvbpr_lr * 0.1,
-                         lr_drop_frac=cfg.lr_drop_frac, batch_size=cfg.dvbpr_batch_size, generator=generator,
-                         params=[self.theta, *self.cnn.trainable_parameters()], desc=self.name,
-                         show_progress=show_progress, log=log, threads=cfg.threads)
+        with lr_multiplier(self.cnn.backbone_modules(), cfg.dvbpr_backbone_lr_mult):
+            hist = train_bpr(self, cat, loss, epochs=cfg.dvbpr_epochs, lr=cfg.dvbpr_lr, lr_low=cfg.dvbpr_lr * 0.1,
+                             lr_drop_frac=cfg.lr_drop_frac, batch_size=cfg.dvbpr_batch_size, generator=generator,
+                             params=[self.theta, *self.cnn.trainable_parameters()], desc=self.name,
+                             show_progress=show_progress, log=log, threads=cfg.threads)
         self.eval()
         with torch.no_grad():
             n = cat.n_items
