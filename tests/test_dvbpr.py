@@ -142,3 +142,20 @@ def test_table3_holds_dvbpr_rows_only():
     assert {ln.split("|")[2].strip() for ln in body} == {"DVBPR", "OURS"}
     vb = ranking_table({"ranking": rows}, "VBPR", 8)
     assert sum("| AMR |" in ln for ln in vb.splitlines()) == 3  # AMR stays beside VBPR
+
+
+def test_attack_reaches_dvbpr_through_its_cnn(tiny_catalogue, lite0):
+    """FGSM through the fine-tuned CNN (the attack stage's BN-folded fast copy) moves Φ."""
+    from vars_fast.attacks.catalogue import attack_catalogue
+    from vars_fast.config import AttackConfig
+    from vars_fast.recommenders import encode_catalogue
+
+    cat = tiny_catalogue
+    m = build_recommender("DVBPR", cat.n_users, cat.n_items, rcfg(), backbone=lite0, seed=0)
+    m.fit(cat, rcfg(), torch.Generator().manual_seed(0), show_progress=False)
+    m.eval().requires_grad_(False)
+    acfg = AttackConfig(triples_per_item=2, batch_size=40, random_start=False, fast_encoder=True)
+    adv = attack_catalogue(m, cat, "fgsm", 8, acfg, torch.Generator().manual_seed(0), progress=False)
+    assert (adv.int() - cat.images.int()).abs().max() <= 8 and not torch.equal(adv, cat.images)
+    phi_adv = encode_catalogue(m, adv, progress=False)
+    assert (phi_adv - m.item_visual).norm(dim=1).mean() > 1e-3 * m.item_visual.norm(dim=1).mean()
