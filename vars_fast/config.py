@@ -97,8 +97,8 @@ class RecommenderConfig:
     dvbpr_cnn: str = "backbone"  # backbone: the ImageNet backbone.name fine-tuned; small: a CNN from scratch
     dvbpr_train_blocks: int = 1  # backbone: trailing blocks that train (cost: docs/results/dvbpr.md)
     dvbpr_epochs: int = 5
-    dvbpr_lr: float = 1e-2  # theta and the projection
-    dvbpr_backbone_lr_mult: float = 0.1  # the pretrained blocks train at this x dvbpr_lr
+    dvbpr_lr: float = 1e-3  # theta and the projection (1e-2 overfits theta; docs/results/dvbpr.md)
+    dvbpr_backbone_lr_mult: float = 1.0  # the pretrained blocks train at this x dvbpr_lr
     dvbpr_cnn_width: int = 32  # small only
     dvbpr_input_size: int = 0  # Phi sees images resized to this (0: the data's image size)
     dvbpr_batch_size: int = 256  # triples per step: Phi runs on the batch's distinct items, so small batches
