@@ -67,7 +67,7 @@ def bb():
 
 def rcfg(**kw):
     base = dict(k=4, visual_k=3, epochs=6, batch_size=16, lr=0.05, lr_low=0.01, amr_epochs=1, dvbpr_epochs=1,
-                dvbpr_cnn_width=4, threads=0)
+                dvbpr_cnn="small", dvbpr_cnn_width=4, threads=0)
     return RecommenderConfig(**{**base, **kw})
 
 

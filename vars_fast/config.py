@@ -113,10 +113,14 @@ class RecommenderConfig:
     amr_epochs: int = 5
     amr_lr: float = 1e-3
     # DVBPR (Kang et al. 2017): the CNN is trained end to end with the recommender
-    dvbpr_epochs: int = 5  # with dvbpr_lr: docs/results/defaults.md
-    dvbpr_lr: float = 1e-2
-    dvbpr_cnn_width: int = 32
-    dvbpr_input_size: int = 32  # Phi sees images area-downsampled to this (0: as stored); 4x cheaper than 64
+    # (numbers: docs/results/dvbpr.md)
+    dvbpr_cnn: str = "backbone"  # backbone: the ImageNet backbone.name fine-tuned; small: a CNN from scratch
+    dvbpr_train_blocks: int = 1  # backbone: trailing blocks that train (cost: docs/results/dvbpr.md)
+    dvbpr_epochs: int = 5
+    dvbpr_lr: float = 1e-3  # theta and the projection (1e-2 overfits theta; docs/results/dvbpr.md)
+    dvbpr_backbone_lr_mult: float = 1.0  # the pretrained blocks train at this x dvbpr_lr
+    dvbpr_cnn_width: int = 32  # small only
+    dvbpr_input_size: int = 0  # Phi sees images resized to this (0: the data's image size)
     dvbpr_batch_size: int = 256  # triples per step: Phi runs on the batch's distinct items, so small batches
     # give more CNN updates for the same number of images encoded
 
@@ -524,6 +528,9 @@ def validate(cfg: Config) -> None:
           "must be resnet50, resnet18 or efficientnet_lite0")
     known = {"VBPR", "AMR", "DVBPR", "BPR", "Pop"}
     check(set(cfg.recommender.models) <= known, "recommender.models", f"entries must be in {sorted(known)}")
+    check(cfg.recommender.dvbpr_cnn in ("backbone", "small"), "recommender.dvbpr_cnn", "must be backbone or small")
+    check(cfg.recommender.dvbpr_backbone_lr_mult > 0, "recommender.dvbpr_backbone_lr_mult", "must be > 0")
+    check(cfg.recommender.dvbpr_train_blocks >= 0, "recommender.dvbpr_train_blocks", "must be >= 0")
     check(all(0 < float(e) <= 255 for e in cfg.attack.eps), "attack.eps", "entries must be in (0, 255] (/255 units)")
     check(cfg.attack.pgd_steps >= 1, "attack.pgd_steps", "must be >= 1")
     check(len(cfg.attack.objective) > 0 and set(cfg.attack.objective) <= {"train", "eval"}, "attack.objective",

@@ -72,12 +72,16 @@ def _table_eps(m: dict) -> float:
 
 # ------------------------------------------------------------------ tables
 def ranking_table(m: dict, model: str, eps: float) -> str:
-    """Tables 2/3: {Clean, FGSM, PGD} x {model, AMR, OURS, OURS-rand}."""
+    """Tables 2/3: {Clean, FGSM, PGD} x {model, AMR, OURS, OURS-rand}.
+
+    AMR is adversarially trained VBPR, so its rows belong in VBPR's table only: every other
+    model's table holds that model's rows and nothing else."""
     R = m.get("ranking", [])
     out = []
+    amr = (("AMR", "AMR", "none"),) if model == "VBPR" else ()
     for attack in ("clean", "fgsm", "pgd"):
         e = 0 if attack == "clean" else eps
-        for label, mod, d in ((model, model, "none"), ("AMR", "AMR", "none"),
+        for label, mod, d in ((model, model, "none"), *amr,
                               ("OURS", model, "denoise"), ("OURS-rand", model, "denoise+rand"),
                               ("OURS-gated (denoise flagged only)", model, "detect+denoise")):
             r = _find(R, model=mod, defense=d, attack=attack, eps=e)

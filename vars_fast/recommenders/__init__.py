@@ -48,8 +48,11 @@ def build_recommender(name: str, n_users: int, n_items: int, cfg, backbone: Opti
                 kw.update(amr_eps=cfg.amr_eps, amr_lambda=cfg.amr_lambda)
             return REGISTRY[name](n_users, n_items, fdim, **kw)
         if name == "DVBPR":
+            if cfg.dvbpr_cnn == "backbone" and backbone is None:
+                raise ValueError("DVBPR with recommender.dvbpr_cnn=backbone needs the backbone to fine-tune")
             return DVBPR(n_users, n_items, k=cfg.k, width=cfg.dvbpr_cnn_width, reg=cfg.weight_decay,
-                         init_std=cfg.init_std, input_size=cfg.dvbpr_input_size)
+                         init_std=cfg.init_std, input_size=cfg.dvbpr_input_size, cnn=cfg.dvbpr_cnn,
+                         train_blocks=cfg.dvbpr_train_blocks, backbone=backbone)
         if name == "BPR":
             return BPR(n_users, n_items, k=cfg.k, biases=cfg.biases, reg=cfg.weight_decay, init_std=cfg.init_std)
         return Pop(n_users, n_items)

@@ -74,7 +74,7 @@ def run_stage(ctx) -> None:
             rec = AMR.from_vbpr(trained["VBPR"], rc.amr_eps, rc.amr_lambda)
         else:
             rec = build_recommender(name, cat.n_users, cat.n_items, rc,
-                                    backbone=ctx.backbone if name == "VBPR" else None, seed=seed,
+                                    backbone=ctx.backbone if name in ("VBPR", "DVBPR") else None, seed=seed,
                                     feature_dim=None if feats is None else feats.shape[1]).to(ctx.device)
             ddp.broadcast_module(rec)
         kw = {"features": feats} if name == "VBPR" else {}
