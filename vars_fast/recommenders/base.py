@@ -22,7 +22,6 @@ drops to ``lr_low`` from the best weights so far and stops at the next plateau (
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vars_fast.data import Catalogue
 from vars_fast.distributed import ddp
 from vars_fast.utils import progress as progress_bar
 
@@ -132,33 +132,39 @@ class Holdout:
         return hr_ndcg(s[:, 0], s[:, 1:], topk=(k,))[f"NDCG@{k}"]
 
 
-def holdout_split(cat, n_negatives: int, generator: torch.Generator, min_train: int = 3):
-    """``(fold, holdout)``: one training interaction per user with ``>= min_train`` of them is
-    held out; ``fold`` is ``cat`` with the rest as its training pairs.
+class TrainFold:
+    """What the training loop sees of a catalogue: the training pairs minus a holdout, the
+    images, and the *full* training-positive set for negative sampling (a held-out item is
+    never drawn as a negative of its user). It has no test items and no test negatives."""
 
-    Only ``cat.train`` is read. The held-out pairs stay training positives for negative
-    sampling (``fold`` keeps the full positive set), so the model is never taught to rank a
-    held-out item low; otherwise each user's negatives would be biased against their own
-    validation item.
-    """
+    sample_triples = Catalogue.sample_triples  # reads only .train, .n_items, .is_train_positive
+
+    def __init__(self, cat, train: Tensor):
+        self.n_users, self.n_items, self.train = int(cat.n_users), int(cat.n_items), train
+        self.images, self.item_batch, self.is_train_positive = cat.images, cat.item_batch, cat.is_train_positive
+
+
+def holdout_split(cat, n_negatives: int, generator: torch.Generator, min_train: int = 3) -> tuple[TrainFold, Holdout]:
+    """``(fold, holdout)``: one training interaction of each user with ``>= min_train`` of them
+    is held out and ranked against ``n_negatives`` items that are not training positives of
+    the user; ``fold`` trains on the rest. Reads ``cat.train`` (and images for the fold), never
+    the test split."""
     train = cat.train
-    n_users = int(cat.n_users)
-    counts = torch.bincount(train[:, 0], minlength=n_users)
+    counts = torch.bincount(train[:, 0], minlength=int(cat.n_users))
     order = torch.argsort(train[:, 0], stable=True)
     offsets = torch.cumsum(counts, 0) - counts
     users = torch.nonzero(counts >= min_train).flatten()
     pick = order[offsets[users] + (torch.rand(len(users), generator=generator) * counts[users]).long()]
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[pick] = False
-    fold = dataclasses.replace(cat, train=train[keep])
-    fold._keys = cat._train_keys()  # the full positive set: held-out items are never negatives
-    negatives = torch.randint(0, int(cat.n_items), (len(users), n_negatives), generator=generator)
+    fold = TrainFold(cat, train[keep])
+    negatives = torch.randint(0, fold.n_items, (len(users), n_negatives), generator=generator)
     for _ in range(1000):
         bad = cat.is_train_positive(users[:, None].expand_as(negatives), negatives)
         nb = int(bad.sum())
         if nb == 0:
             break
-        negatives[bad] = torch.randint(0, int(cat.n_items), (nb,), generator=generator)
+        negatives[bad] = torch.randint(0, fold.n_items, (nb,), generator=generator)
     else:
         raise RuntimeError("holdout_split: could not sample validation negatives (a user has most items)")
     return fold, Holdout(train=fold.train, users=users, items=train[pick, 1], negatives=negatives)
