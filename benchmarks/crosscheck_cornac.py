@@ -20,7 +20,8 @@ Cornac's settings: VBPR k = k2 = 32, 40 epochs, Adam lr 0.005, batch 100, Cornac
 regularisation, L2-normalised features (the setting that beat vars_fast on a real catalogue);
 BPR k = 64 (as ours), 100 epochs, the best of a small SGD learning-rate grid on the test
 split (an optimistic bar for Cornac). Training time is wall time of ``fit`` for Cornac and of
-build + fit (validation included) for vars_fast, both on this machine's CPU threads.
+build + fit (validation included) for vars_fast, both with ``recommender.threads`` torch
+threads (Cornac's BPR is Cython with one thread when seeded).
 
 Writes ``benchmarks/results/crosscheck_cornac.{md,json}``.
 """
@@ -107,9 +108,11 @@ def _index_maps(ds, cat):
     return uidx, iidx
 
 
-def run_cornac_vbpr(cat, feats: np.ndarray, seed: int) -> dict:
+def run_cornac_vbpr(cat, feats: np.ndarray, seed: int, threads: int) -> dict:
     import cornac
     from cornac.data import ImageModality
+
+    from vars_fast.recommenders.base import cpu_threads
 
     f = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)  # L2-normalised rows
     ds = cornac_dataset(cat, seed)
@@ -119,9 +122,10 @@ def run_cornac_vbpr(cat, feats: np.ndarray, seed: int) -> dict:
     ds.add_modalities(item_image=ImageModality(features=f[order]))
     model = cornac.models.VBPR(k=32, k2=32, n_epochs=40, batch_size=100, learning_rate=0.005,
                                use_gpu=False, verbose=False, seed=seed)
-    t = time.perf_counter()
-    model.fit(ds)
-    dt = time.perf_counter() - t
+    with cpu_threads(threads):  # the same torch thread count as our training loop
+        t = time.perf_counter()
+        model.fit(ds)
+        dt = time.perf_counter() - t
     theta_all = f @ model.emb_matrix  # [N, k2]: E f_i for every item, known or not
     vbias_all = (f @ model.beta_prime).ravel()
 
@@ -166,7 +170,7 @@ def crosscheck(preset: str, work: Path, sets: dict) -> dict:
     ours, out = run_ours(preset, work, sets)
     cfg, cat, feats = load_split_and_features(out)
     seed = int(cfg.run.seed)
-    cv = run_cornac_vbpr(cat, feats, seed)
+    cv = run_cornac_vbpr(cat, feats, seed, cfg.recommender.threads)
     cb = run_cornac_bpr(cat, seed)
     return {"preset": preset, "n_users": cat.n_users, "n_items": cat.n_items, "n_train": int(len(cat.train)),
             "items_without_train": int(cat.meta.get("items_without_train", -1)),

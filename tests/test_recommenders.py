@@ -308,3 +308,16 @@ def test_early_stopping_drops_lr_then_stops_and_keeps_the_best_weights(cat):
     assert len(hist) == 6 and len(seen) == 6
     for k, v in seen[1].items():
         torch.testing.assert_close(m.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_real_photos_below_native_size_warn(caplog):
+    from vars_fast.config import make_config
+    from vars_fast.recommenders.stage import warn_small_images
+
+    log = logging.getLogger("test.size")
+    assert not warn_small_images(make_config("default"), log)  # synthetic: 64 px is enough
+    cfg = make_config("default", overrides={"data.source": "generic"})
+    with caplog.at_level(logging.WARNING, logger="test.size"):
+        assert warn_small_images(cfg, log)
+    assert "data.image_size=64" in caplog.text and "224" in caplog.text
+    assert not warn_small_images(make_config("default", overrides={"data.source": "amazon", "data.image_size": 224}), log)
