@@ -166,12 +166,32 @@ def run_cornac_bpr(cat, seed: int) -> dict:
     return best
 
 
+def cornac_results(out: Path, cfg, cat, feats: np.ndarray) -> dict:
+    """Cornac's VBPR and BPR on a run folder's split and features, reused from
+    ``<run>/cornac.json`` when split, features, settings and Cornac version are unchanged
+    (re-running the cross-check after changing our training does not retrain Cornac)."""
+    import hashlib
+
+    import cornac
+
+    key = {"split": cat.meta.get("split_key"), "features": hashlib.blake2b(feats.tobytes(), digest_size=16).hexdigest(),
+           "cornac": cornac.__version__, "bpr_lrs": list(CORNAC_BPR_LRS), "threads": int(cfg.recommender.threads),
+           "seed": int(cfg.run.seed)}
+    path = out / "cornac.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["results"]
+    res = {"VBPR": run_cornac_vbpr(cat, feats, key["seed"], key["threads"]), "BPR": run_cornac_bpr(cat, key["seed"])}
+    path.write_text(json.dumps({"key": key, "results": res}, indent=2))
+    return res
+
+
 def crosscheck(preset: str, work: Path, sets: dict) -> dict:
     ours, out = run_ours(preset, work, sets)
     cfg, cat, feats = load_split_and_features(out)
-    seed = int(cfg.run.seed)
-    cv = run_cornac_vbpr(cat, feats, seed, cfg.recommender.threads)
-    cb = run_cornac_bpr(cat, seed)
+    c = cornac_results(out, cfg, cat, feats)
+    cv, cb = c["VBPR"], c["BPR"]
     return {"preset": preset, "n_users": cat.n_users, "n_items": cat.n_items, "n_train": int(len(cat.train)),
             "items_without_train": int(cat.meta.get("items_without_train", -1)),
             "feature_dim": int(feats.shape[1]), "backbone": cfg.backbone.name, "image_size": cat.image_size,
