@@ -50,15 +50,28 @@ def _import_cornac():
     return cornac
 
 
-def run_ours(preset: str, work: Path, sets: dict) -> tuple[dict, Path]:
-    """vars_fast's recommender stage for Pop, BPR, VBPR; returns (rows by model, run folder)."""
+def _finished(out: Path, cfg) -> bool:
+    """The run folder already holds this exact configuration's finished recommender stage."""
+    from vars_fast.config import from_dict, load_yaml
+
+    try:
+        same = from_dict(load_yaml(out / "config.yaml")).to_dict() == cfg.to_dict()
+        done = "stage_recommender_s" in json.loads((out / "metrics.json").read_text())["meta"]["timings"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return same and done
+
+
+def run_ours(preset: str, work: Path, sets: dict, reuse: bool = False) -> tuple[dict, Path]:
+    """vars_fast's recommender stage for Pop, BPR, VBPR; returns (rows by model, run folder).
+    ``reuse``: keep a finished stage of the identical configuration instead of retraining."""
     from vars_fast.config import make_config
     from vars_fast.train import run
 
     out = work / preset
     cfg = make_config(preset, overrides={"recommender.models": ["Pop", "BPR", "VBPR"],
                                          "run.stages": ["recommender"], "run.progress": False, **sets})
-    if run(cfg, str(out)) != 0:
+    if not (reuse and _finished(out, cfg)) and run(cfg, str(out)) != 0:
         sys.exit(f"vars_fast recommender stage failed for preset {preset} (see {out}/log.txt)")
     metrics = json.loads((out / "metrics.json").read_text())
     timings = metrics["meta"]["timings"]
@@ -187,8 +200,8 @@ def cornac_results(out: Path, cfg, cat, feats: np.ndarray) -> dict:
     return res
 
 
-def crosscheck(preset: str, work: Path, sets: dict) -> dict:
-    ours, out = run_ours(preset, work, sets)
+def crosscheck(preset: str, work: Path, sets: dict, reuse: bool = False) -> dict:
+    ours, out = run_ours(preset, work, sets, reuse)
     cfg, cat, feats = load_split_and_features(out)
     c = cornac_results(out, cfg, cat, feats)
     cv, cb = c["VBPR"], c["BPR"]
@@ -235,12 +248,14 @@ def main(argv=None) -> int:
                    help="output path without suffix (.md and .json are written)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override for both libraries' data / our training (repeatable)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep a finished vars_fast stage of the identical config in --work (Cornac is always cached)")
     args = p.parse_args(argv)
     _import_cornac()
     from vars_fast.config import parse_set
 
     sets = parse_set(args.set)
-    results = [crosscheck(pr.strip(), Path(args.work), sets) for pr in args.presets.split(",") if pr.strip()]
+    results = [crosscheck(pr.strip(), Path(args.work), sets, args.reuse) for pr in args.presets.split(",") if pr.strip()]
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_results(results, out, "python benchmarks/crosscheck_cornac.py " + " ".join(argv or sys.argv[1:]))
