@@ -56,7 +56,8 @@ def _finished(out: Path, cfg) -> bool:
 
     try:
         same = from_dict(load_yaml(out / "config.yaml")).to_dict() == cfg.to_dict()
-        done = "stage_recommender_s" in json.loads((out / "metrics.json").read_text())["meta"]["timings"]
+        done = {"stage_recommender_s", "train_BPR_s", "train_VBPR_s"} <= set(
+            json.loads((out / "metrics.json").read_text())["meta"]["timings"])
     except (OSError, ValueError, KeyError):
         return False
     return same and done
