@@ -220,11 +220,14 @@ def write_results(results: list[dict], path: Path, command: str) -> None:
     import cornac
 
     env = {"cornac": cornac.__version__, "torch": torch.__version__, "numpy": np.__version__,
-           "python": platform.python_version(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+           "python": platform.python_version(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "load_average_1min": round(os.getloadavg()[0], 1)}
     path.with_suffix(".json").write_text(json.dumps({"command": command, "env": env, "results": results}, indent=2))
     lines = ["# vars_fast vs Cornac: VBPR and BPR on the same split and features", "",
              f"Reproduce: `{command}` (cornac {env['cornac']}, torch {env['torch']}, numpy {env['numpy']}, "
-             f"{env['cpus']} CPUs). What each side runs is in the script's docstring.", ""]
+             f"{env['cpus']} CPUs, load average {env['load_average_1min']} when written). What each side runs is in "
+             "the script's docstring. Training seconds are wall time of whenever each side ran (Cornac's results "
+             "are cached per split and features): on a shared machine compare them only at equal load.", ""]
     for r in results:
         o, c = r["vars_fast"], r["cornac"]
         lines += [f"## preset `{r['preset']}`: {r['n_users']} users, {r['n_items']} items, {r['n_train']} training "
