@@ -242,3 +242,82 @@ def test_checkpoint_refuses_another_data_split(tmp_path, cat, bb):
     load_recommender(path, split_key="aaaa")  # same split: fine
     with pytest.raises(ValueError, match="split"):
         load_recommender(path, split_key="bbbb")
+
+
+class TrainingOnlyCatalogue:
+    """A catalogue whose test split cannot be read: training must not touch it."""
+
+    def __init__(self, cat):
+        self._cat = cat
+
+    def __getattr__(self, name):
+        if name in ("test", "negatives"):
+            raise AssertionError(f"training read cat.{name} (the test split)")
+        return getattr(self._cat, name)
+
+
+@pytest.mark.parametrize("name", ["BPR", "VBPR"])
+def test_early_stopping_uses_only_training_interactions(cat, bb, name):
+    """No split leakage: early stopping never reads the test split, so the trained model is
+    the same whatever the test items and their negatives are."""
+    import dataclasses
+
+    feats = encode_catalogue(VBPR(1, 1, FDIM, backbone=bb), cat.images, progress=False)
+    kw = {"features": feats} if name == "VBPR" else {}
+    cfg = rcfg(early_stopping=True, patience=1, epochs=10)
+    g = torch.Generator().manual_seed(0)
+    other = dataclasses.replace(cat, test=cat.test.flip(0), negatives=cat.negatives.roll(1, dims=0))
+    states = []
+    for c in (TrainingOnlyCatalogue(cat), other):
+        m = build_recommender(name, cat.n_users, cat.n_items, cfg, backbone=bb, seed=0)
+        m.fit(c, cfg, torch.Generator().manual_seed(0), show_progress=False, **kw)
+        states.append(m.state_dict())
+    for k, v in states[0].items():
+        torch.testing.assert_close(v, states[1][k], rtol=0, atol=0)
+
+
+def test_holdout_is_carved_from_training_pairs(cat):
+    from vars_fast.recommenders.base import holdout_split
+
+    fold, val = holdout_split(TrainingOnlyCatalogue(cat), 5, torch.Generator().manual_seed(0))
+    train = {tuple(p) for p in cat.train.tolist()}
+    held = list(zip(val.users.tolist(), val.items.tolist()))
+    assert len(held) == cat.n_users == len(set(val.users.tolist()))  # one per user (each has 4 here)
+    assert set(held) <= train and not set(held) & {tuple(p) for p in fold.train.tolist()}
+    assert len(fold.train) + len(held) == len(cat.train)
+    assert not cat.is_train_positive(val.users[:, None].expand_as(val.negatives), val.negatives).any()
+    # held-out items are never sampled as negatives of their user while training on the fold
+    t = fold.sample_triples(4000, torch.Generator().manual_seed(1))
+    assert not set(zip(t[:, 0].tolist(), t[:, 2].tolist())) & set(held)
+
+
+def test_early_stopping_drops_lr_then_stops_and_keeps_the_best_weights(cat):
+    from vars_fast.recommenders.base import train_bpr
+
+    m = build_recommender("BPR", cat.n_users, cat.n_items, rcfg(), seed=0)
+    scores = iter([0.1, 0.3, 0.2, 0.2, 0.25, 0.1, 0.9, 0.9])
+    seen = []
+
+    def validate():
+        seen.append({k: v.clone() for k, v in m.state_dict().items()})
+        return next(scores)
+
+    hist = train_bpr(m, cat, m.loss, epochs=20, lr=0.05, lr_low=0.01, lr_drop_frac=0.8, batch_size=16,
+                     generator=torch.Generator().manual_seed(0), show_progress=False, validate=validate, patience=2)
+    # best 0.3 after epoch 2; two stale epochs -> lr drop; two more -> stop after epoch 6
+    assert len(hist) == 6 and len(seen) == 6
+    for k, v in seen[1].items():
+        torch.testing.assert_close(m.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_real_photos_below_native_size_warn(caplog):
+    from vars_fast.config import make_config
+    from vars_fast.recommenders.stage import warn_small_images
+
+    log = logging.getLogger("test.size")
+    assert not warn_small_images(make_config("default"), log)  # synthetic: 64 px is enough
+    cfg = make_config("default", overrides={"data.source": "generic"})
+    with caplog.at_level(logging.WARNING, logger="test.size"):
+        assert warn_small_images(cfg, log)
+    assert "data.image_size=64" in caplog.text and "224" in caplog.text
+    assert not warn_small_images(make_config("default", overrides={"data.source": "amazon", "data.image_size": 224}), log)

@@ -151,7 +151,9 @@ def run(cfg, out: str | None = None) -> int:
         t0 = time.perf_counter()
         _stage_fn(stage)(ctx)
         dt = time.perf_counter() - t0
-        timings[f"stage_{stage}_s"] = round(dt, 2)
+        # re-read: the stage may have added its own entries (train_<model>_s, ...) meanwhile
+        timings = {**run_folder.load_metrics().get("meta", {}).get("timings", {}), **timings,
+                   f"stage_{stage}_s": round(dt, 2)}
         if ddp.is_main():
             run_folder.update_meta(timings=timings)
         log.info("stage %s: done in %.1f s", stage, dt)

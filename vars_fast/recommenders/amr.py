@@ -62,5 +62,5 @@ class AMR(VBPR):
         if features is not None:
             self.set_item_visual(features)
         return train_bpr(self, cat, self.loss, epochs=cfg.amr_epochs, lr=cfg.amr_lr, lr_low=cfg.amr_lr,
-                         lr_drop_frac=1.0, batch_size=cfg.batch_size, generator=generator,
+                         lr_drop_frac=1.0, batch_size=cfg.amr_batch_size, generator=generator,
                          desc=self.name, show_progress=show_progress, log=log, threads=cfg.threads)

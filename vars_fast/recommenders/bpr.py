@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from vars_fast.recommenders.base import Recommender, bpr_loss, sq, train_bpr
+from vars_fast.recommenders.base import Recommender, bpr_loss, fit_bpr, sq
 
 
 class BPR(Recommender):
@@ -37,6 +37,5 @@ class BPR(Recommender):
         return bpr_loss(self, triples) + self.reg(triples)
 
     def fit(self, cat, cfg, generator: torch.Generator, show_progress: bool = True, log=None) -> list[float]:
-        return train_bpr(self, cat, self.loss, epochs=cfg.epochs, lr=cfg.lr, lr_low=cfg.lr_low,
-                         lr_drop_frac=cfg.lr_drop_frac, batch_size=cfg.batch_size, generator=generator,
-                         desc=self.name, show_progress=show_progress, log=log, threads=cfg.threads)
+        return fit_bpr(self, cat, cfg, self.loss, generator, epochs=cfg.epochs, lr=cfg.lr, lr_low=cfg.lr_low,
+                       batch_size=cfg.batch_size, show_progress=show_progress, log=log)

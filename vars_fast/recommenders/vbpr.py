@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vars_fast.distributed import ddp
-from vars_fast.recommenders.base import Recommender, sq, train_bpr
+from vars_fast.recommenders.base import Recommender, fit_bpr, sq
 
 
 class VBPR(Recommender):
@@ -138,6 +138,5 @@ class VBPR(Recommender):
         if self.item_visual is None:
             raise RuntimeError("VBPR.fit: pass features= (clean backbone features [N, F])")
         self.fit_feature_norm(self.item_visual)
-        return train_bpr(self, cat, self.loss, epochs=cfg.epochs, lr=cfg.lr, lr_low=cfg.lr_low,
-                         lr_drop_frac=cfg.lr_drop_frac, batch_size=cfg.batch_size, generator=generator,
-                         desc=self.name, show_progress=show_progress, log=log, threads=cfg.threads)
+        return fit_bpr(self, cat, cfg, self.loss, generator, epochs=cfg.epochs, lr=cfg.lr, lr_low=cfg.lr_low,
+                       batch_size=cfg.batch_size, show_progress=show_progress, log=log)
