@@ -99,3 +99,61 @@ def test_cli_and_empty_folder(tmp_path, capsys):
     (tmp_path / "metrics.json").write_text(json.dumps({"meta": {}, "ranking": [], "detection": [], "targeted": []}))
     assert main([str(tmp_path), "--no-figures"]) == 0
     assert "_Not available" in (tmp_path / "report.md").read_text()
+
+
+def test_targets_table_damage_recovered_and_too_weak(tmp_path):
+    from vars_fast.report import targets_summary
+
+    R = [_rank("VBPR", "none", "clean", 0, 0.40), _rank("VBPR", "denoise", "clean", 0, 0.396),
+         _rank("VBPR", "none", "fgsm", 8, 0.38),            # 5% damage: too weak to judge
+         _rank("VBPR", "denoise", "fgsm", 8, 0.40),
+         _rank("VBPR", "none", "pgd", 8, 0.10),             # 75% damage
+         _rank("VBPR", "denoise", "pgd", 8, 0.34),          # (0.34 - 0.10) / 0.30 = 0.80: met (>= 0.70)
+         _rank("VBPR", "denoise+rand", "pgd", 8, 0.22),     # 0.40: missed by 0.10 (>= 0.50)
+         _rank("VBPR", "denoise", "adaptive-pgd", 8, 0.16),  # against plain PGD: 0.20, missed
+         _rank("VBPR", "none", "pgd", 16, 0.05),
+         _rank("VBPR", "denoise", "pgd", 16, 0.12)]         # 0.20, no target away from the table eps
+    text = targets_summary({"ranking": R, "detection": []}, 8.0)
+    assert "| clean HR@10 with OURS (>= 98% of undefended) | 0.9900 | 0.9800 | met |" in text
+    assert "| FGSM | 8 | 0.3800 | 0.0500 | OURS | 0.4000 | 1.0000 | 0.7000 | attack too weak to judge |" in text
+    assert "| PGD | 8 | 0.1000 | 0.7500 | OURS | 0.3400 | 0.8000 | 0.7000 | met |" in text
+    assert "| PGD | 8 | 0.1000 | 0.7500 | OURS-rand | 0.2200 | 0.4000 | 0.5000 | missed by 0.1000 |" in text
+    assert "| ADAPTIVE-PGD | 8 | 0.1000 | 0.7500 | OURS | 0.1600 | 0.2000 | 0.7000 | missed by 0.5000 |" in text
+    assert "| PGD | 16 | 0.0500 | 0.8750 | OURS | 0.1200 | 0.2000 | — | no target at this eps |" in text
+    # objectives are kept apart when the rows carry one
+    R2 = [_rank("VBPR", "none", "clean", 0, 0.40)]
+    for obj, att, den in (("train", 0.20, 0.36), ("eval", 0.0, 0.10)):
+        R2 += [_rank("VBPR", "none", "pgd", 8, att, objective=obj), _rank("VBPR", "denoise", "pgd", 8, den, objective=obj)]
+    text = targets_summary({"ranking": R2, "detection": []}, 8.0)
+    assert "| PGD (train) | 8 | 0.2000 | 0.5000 | OURS | 0.3600 | 0.8000 | 0.7000 | met |" in text
+    assert "| PGD (eval) | 8 | 0.0000 | 1.0000 | OURS | 0.1000 | 0.2500 | 0.7000 | missed by 0.4500 |" in text
+
+
+def test_fig7_prints_psnr_ssim(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vars_fast.report import make_figures
+
+    g = np.random.default_rng(1)
+    clean = g.integers(40, 200, (2, 3, 16, 16), dtype=np.uint8)
+    a = {"ex_clean": clean, "ex_clean_denoised": clean + np.uint8(2), "ex_pgd": clean + np.uint8(8),
+         "ex_pgd_denoised": clean, "ex_eps": np.array(8.0)}
+    m = {"fidelity": [{"model": "VBPR", "attack": "clean", "eps": 0, "images": "denoised", "psnr": 36.5, "ssim": 0.97},
+                      {"model": "VBPR", "attack": "pgd", "eps": 8, "images": "denoised", "psnr": 33.0, "ssim": 0.95}]}
+    seen = {}
+    orig = plt.Figure.savefig
+
+    def spy(fig, path, *args, **kw):
+        seen[str(path)] = [t.get_text() for ax in fig.axes for t in (ax.xaxis.label,)] + [fig._suptitle.get_text()]
+        return orig(fig, path, *args, **kw)
+
+    monkeypatch.setattr(plt.Figure, "savefig", spy)
+    make_figures(tmp_path, m, a)
+    texts = next(v for k, v in seen.items() if "fig7" in k)
+    # 2/255 everywhere: 20 log10(255 / 2) = 42.1 dB; identical: inf
+    assert any(t.startswith("42.1 dB / ") for t in texts)
+    assert any(t.startswith("inf dB / 1.000") for t in texts)
+    assert "D(clean) 36.5 dB / 0.970" in texts[-1] and "D(PGD) 33.0 dB / 0.950" in texts[-1]

@@ -149,6 +149,7 @@ class DefenseConfig:
     heads: int = 4
     mlp_ratio: float = 2.0
     embed_dim: int = 64  # token width of the global transformer block (patch -> embed_dim)
+    unpatchify: str = "pixel"  # pixel | smooth: tokens back to the map (defense/denoiser.py)
     # Eq. 12 weights (the paper's values are lost): L_VBPR + l1 L_c + l2 L_p + l3 L_con
     lambda_content: float = 1.0
     lambda_perceptual: float = 0.01  # L_p on EfficientNet-Lite0 maps is ~50 for an FGSM-8 image; 0.1 was worse

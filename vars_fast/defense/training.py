@@ -258,7 +258,8 @@ def _rec_and_perceptual(rec, backbone, fn: _ItemObjective, x: Tensor, out: Tenso
 def build_models(dcfg: DefenseConfig, image_size: int, backbone, backbone_cfg: dict, device):
     """Fresh denoiser (+ detector whose encoder is a trainable copy of ``backbone``)."""
     den = Denoiser(width=dcfg.width, n_res_blocks=dcfg.n_res_blocks, norm=dcfg.norm, patch_size=dcfg.patch_size,
-                   heads=dcfg.heads, embed_dim=dcfg.embed_dim, mlp_ratio=dcfg.mlp_ratio, image_size=image_size)
+                   heads=dcfg.heads, embed_dim=dcfg.embed_dim, mlp_ratio=dcfg.mlp_ratio, image_size=image_size,
+                   unpatchify=getattr(dcfg, "unpatchify", "pixel"))
     det = None
     if dcfg.use_detector:
         enc = backbone.trainable_copy() if hasattr(backbone, "trainable_copy") else None

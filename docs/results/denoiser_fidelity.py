@@ -1,0 +1,150 @@
+"""How faithful is D(clean)? Trains the full defence on a run folder and measures, after every epoch.
+
+    python docs/results/denoiser_fidelity.py RUN_DIR OUT_DIR [--set defense.KEY=VALUE ...] [--pgd]
+
+RUN_DIR is a run folder of ``python -m vars_fast.train`` after its recommender stage (it reads
+the VBPR checkpoint and the catalogue cache; its config gives the defence settings, which
+``--set`` overrides). The defence is trained exactly as the defense stage trains the full
+variant (same split, seed and schedule), its per-epoch state in OUT_DIR. On the validation
+items of the split, at initialisation and after every epoch, it prints:
+
+* PSNR / SSIM of D(x) against x (``vars_fast.metrics``);
+* the patch-grid share: the share of the residual D(x) - x power (per image and channel, mean
+  removed) at the spatial frequencies of the transformer block's patch grid (multiples of
+  S / patch in either axis), divided by the share those frequencies hold in white noise; 1 is
+  no excess, a periodic pattern with the patch period shows as a large number;
+* the mean of D(x) - x over the items (the image-independent part of the residual), as PSNR:
+  high means no shared pattern;
+* the recommender's mean per-item BPR loss on x and on D(x) (the restoration check's objective);
+* with ``--pgd``, after the last epoch: the same loss on PGD-8 images and on D(PGD-8).
+
+Prints a Markdown table; OUT_DIR/fidelity.json holds the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def patch_grid_share(res: torch.Tensor, patch: int) -> float:
+    """Power of ``res`` [B,3,S,S] at multiples of S/patch (either axis, DC excluded), over the
+    share those bins hold under white noise."""
+    S = res.shape[-1]
+    r = res.double() - res.double().mean(dim=(-2, -1), keepdim=True)
+    p = torch.fft.fft2(r).abs().pow(2)
+    k = torch.arange(S)
+    on = (k % max(S // patch, 1) == 0) if S % patch == 0 else torch.zeros(S, dtype=torch.bool)
+    grid = on[:, None] | on[None, :]
+    grid[0, 0] = False
+    total = p.sum(dim=(-2, -1)).clamp_min(1e-30)
+    share = (p[..., grid].sum(-1) / total).mean()
+    return float(share / (grid.sum() / (S * S - 1)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("out_dir")
+    ap.add_argument("--set", action="append", default=[], metavar="defense.KEY=VALUE")
+    ap.add_argument("--pgd", action="store_true", help="also the BPR loss on PGD-8 and D(PGD-8) at the end")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+
+    from vars_fast.config import apply_overrides, from_dict, parse_set
+    from vars_fast.defense import Defense
+    from vars_fast.defense.stage import _seed
+    from vars_fast.defense.training import (_batches, _ItemObjective, build_models, make_adversarial, split_items,
+                                            train_defense)
+    from vars_fast.attacks.catalogue import sample_item_triples
+    from vars_fast.io import load_checkpoint
+    from vars_fast.metrics import psnr, ssim_per_image, psnr_per_image
+    from vars_fast.pipeline import Context
+    from vars_fast.run import RunFolder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run, out = Path(args.run_dir), Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    apply_overrides(cfg, parse_set(args.set))
+    cfg.run.progress = False
+    dev = torch.device("cpu")
+    ctx = Context(cfg=cfg, run=RunFolder(run), device=dev, log=logging.getLogger("fidelity"))
+    cat, rec, dcfg = ctx.catalogue, ctx.recommender("VBPR"), cfg.defense
+    split = split_items(cat, ctx.generator("defense-split"), dcfg.train_item_frac, dcfg.val_item_frac)
+    val = torch.tensor(split["val"])
+    x = cat.item_batch(val, dev)
+    triples = sample_item_triples(cat, dcfg.triples_per_item, torch.Generator().manual_seed(1))
+    bcfg = {k: getattr(cfg.backbone, k) for k in cfg.backbone.__dataclass_fields__}
+    den, _ = build_models(dataclasses_replace_no_detector(dcfg), int(cat.images.shape[-1]), ctx.backbone, bcfg, dev)
+    state = out / "defense_train.pt"
+    rows: list[dict] = []
+
+    @torch.no_grad()
+    def bpr(images: torch.Tensor) -> float:
+        tot = 0.0
+        for idx in _batches(list(range(len(val))), 64):
+            tot += float(_ItemObjective(rec, triples, val[idx], dev)(images[idx]).sum())
+        return tot / len(val)
+
+    @torch.no_grad()
+    def measure(epoch: int, phase: str, net) -> None:
+        net.eval()
+        y = torch.cat([net(x[s:s + 64]) for s in range(0, len(x), 64)])
+        res = y - x
+        mean_res = res.mean(0, keepdim=True)
+        rows.append({"epoch": epoch, "phase": phase, "psnr": psnr(x, y),
+                     "psnr_median": float(psnr_per_image(x, y).median()), "ssim": float(ssim_per_image(x, y).mean()),
+                     "grid_share": patch_grid_share(res, dcfg.patch_size),
+                     "shared_residual_psnr": float(10 * math.log10(1 / max(float(mean_res.pow(2).mean()), 1e-30))),
+                     "bpr_clean": bpr(x), "bpr_denoised_clean": bpr(y)})
+        r = rows[-1]
+        print(f"epoch {epoch} [{phase}] PSNR {r['psnr']:.2f} SSIM {r['ssim']:.4f} grid {r['grid_share']:.2f} "
+              f"shared-res PSNR {r['shared_residual_psnr']:.1f} BPR {r['bpr_clean']:.4f} -> "
+              f"{r['bpr_denoised_clean']:.4f}", flush=True)
+
+    measure(0, "init", den)
+
+    def on_epoch_end(epoch: int, record: dict) -> None:
+        den.load_state_dict(load_checkpoint(state)["denoiser"])
+        measure(epoch, record["phase"], den)
+
+    defense, hist = train_defense(cat, rec, ctx.backbone, dcfg, split, backbone_cfg=bcfg, device=dev,
+                                  seed=_seed(ctx, "defense-full"), state_path=state, progress=False,
+                                  on_epoch_end=on_epoch_end)
+    result = {"settings": args.set, "rows": rows, "history": hist}
+    if args.pgd:
+        adv = []
+        g = torch.Generator().manual_seed(2)
+        for idx in _batches(list(range(len(val))), 64):
+            fn = _ItemObjective(rec, triples, val[idx], dev)
+            adv.append(make_adversarial("pgd", fn, x[idx], 8.0, dcfg.train_pgd_steps, g))
+        adv = torch.cat(adv)
+        with torch.no_grad():
+            dadv = torch.cat([defense.purify(adv[s:s + 64]) for s in range(0, len(adv), 64)])
+        result["pgd"] = {"bpr_pgd": bpr(adv), "bpr_denoised_pgd": bpr(dadv), "psnr_pgd": psnr(x, adv),
+                         "psnr_denoised_pgd": psnr(x, dadv)}
+        print("PGD-8:", json.dumps(result["pgd"]))
+    (out / "fidelity.json").write_text(json.dumps(result, indent=1))
+    print("\n| epoch | phase | PSNR | SSIM | patch-grid share | shared residual PSNR | BPR clean | BPR D(clean) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['epoch']} | {r['phase']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['grid_share']:.2f} | "
+              f"{r['shared_residual_psnr']:.1f} | {r['bpr_clean']:.4f} | {r['bpr_denoised_clean']:.4f} |")
+
+
+def dataclasses_replace_no_detector(dcfg):
+    """The measuring copy of D needs no detector (its weights are loaded from the checkpoint)."""
+    import dataclasses
+
+    return dataclasses.replace(dcfg, use_detector=False)
+
+
+if __name__ == "__main__":
+    main()
