@@ -168,3 +168,24 @@ def test_training_lanes_split_full_and_no_detector_together():
     assert _lanes(["full", "no-detector", "no-perceptual"]) == [["full", "no-detector"], ["no-perceptual"]]
     assert _lanes(["full", "no-perceptual"]) == [["full"], ["no-perceptual"]]
     assert _lanes(["full"]) == [["full"]]
+
+
+@pytest.mark.parametrize("train_den", [False, True])
+def test_detector_phase_leaves_the_denoiser_alone_unless_asked(setup, tmp_path, train_den):
+    from vars_fast.io import load_checkpoint
+
+    cat, rec, bb = setup
+    dcfg = tiny_dcfg(denoiser_in_detector_phase=train_den)
+    split = split_items(cat, torch.Generator().manual_seed(0), dcfg.train_item_frac, dcfg.val_item_frac)
+    state, after = tmp_path / "s.pt", {}
+
+    def snap(epoch, _):
+        after[epoch] = load_checkpoint(state)
+
+    d, hist = train_defense(cat, rec, bb, dcfg, split, state_path=state, on_epoch_end=snap, backbone_cfg=BB,
+                            device="cpu", seed=3, progress=False)
+    assert hist[-1]["phase"] == "detector"
+    same = all(torch.equal(after[2]["denoiser"][k], v) for k, v in after[3]["denoiser"].items())
+    assert same is not train_den
+    assert not all(torch.equal(after[2]["detector"][k], v) for k, v in after[3]["detector"].items())
+    assert all(p.requires_grad for p in d.denoiser.parameters())  # handed back trainable

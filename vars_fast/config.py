@@ -155,12 +155,17 @@ class DefenseConfig:
     lambda_perceptual: float = 0.01  # L_p on EfficientNet-Lite0 maps is ~50 for an FGSM-8 image; 0.1 was worse
     lambda_contrastive: float = 0.1
     lambda_rec: float = 0.01
+    # extra content weight on the clean views only (D(x) = x for clean x); see
+    # docs/results/denoiser_fidelity.md
+    lambda_identity: float = 0.0
     use_perceptual: bool = True
     use_detector: bool = True
     # schedule: phase 1 clean + FGSM, phase 2 clean/FGSM/PGD ~1:1:1 (seeded RNG per iteration)
     epochs_phase1: int = 5  # paper: ~10
     epochs_phase2: int = 2  # paper: ~3
     detector_epochs: int = 2  # paper: ~2 (with 1, one of three default runs ended with a detector at val AUC 0.68)
+    # False: the detector phase leaves the denoiser as phase 2 left it (docs/results/denoiser_fidelity.md)
+    denoiser_in_detector_phase: bool = False
     lr: float = 1e-3
     batch_size: int = 8  # NOTE: 8 beat 32 at equal epochs (4x the updates): detection 0.99 vs 0.5
     train_eps: list = field(default_factory=lambda: [4, 8, 16, 32])  # /255, drawn per batch

@@ -1,6 +1,12 @@
 """How faithful is D(clean)? Trains the full defence on a run folder and measures, after every epoch.
 
     python docs/results/denoiser_fidelity.py RUN_DIR OUT_DIR [--set defense.KEY=VALUE ...] [--pgd]
+    python docs/results/denoiser_fidelity.py RUN_DIR --measure
+
+``--measure`` trains nothing: it loads RUN_DIR's trained defence (checkpoints/defense.pt) and
+prints the fidelity rows (``vars_fast.metrics.fidelity_rows``) on the held-out test items of
+the defence split, for the clean images and every attacked catalogue in RUN_DIR/attacks, with
+the patch-grid share of D(clean) - clean.
 
 RUN_DIR is a run folder of ``python -m vars_fast.train`` after its recommender stage (it reads
 the VBPR checkpoint and the catalogue cache; its config gives the defence settings, which
@@ -50,10 +56,13 @@ def patch_grid_share(res: torch.Tensor, patch: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir")
-    ap.add_argument("out_dir")
+    ap.add_argument("out_dir", nargs="?")
+    ap.add_argument("--measure", action="store_true", help="measure RUN_DIR's trained defence, train nothing")
     ap.add_argument("--set", action="append", default=[], metavar="defense.KEY=VALUE")
     ap.add_argument("--pgd", action="store_true", help="also the BPR loss on PGD-8 and D(PGD-8) at the end")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--from-state", action="store_true",
+                    help="train nothing: measure the last finished epoch of a run in OUT_DIR (it may be running)")
     args = ap.parse_args()
 
     from vars_fast.config import apply_overrides, from_dict, parse_set
@@ -69,6 +78,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.measure:
+        measure_run(Path(args.run_dir))
+        return
     run, out = Path(args.run_dir), Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
@@ -109,15 +121,21 @@ def main() -> None:
               f"shared-res PSNR {r['shared_residual_psnr']:.1f} BPR {r['bpr_clean']:.4f} -> "
               f"{r['bpr_denoised_clean']:.4f}", flush=True)
 
-    measure(0, "init", den)
-
     def on_epoch_end(epoch: int, record: dict) -> None:
         den.load_state_dict(load_checkpoint(state)["denoiser"])
         measure(epoch, record["phase"], den)
 
-    defense, hist = train_defense(cat, rec, ctx.backbone, dcfg, split, backbone_cfg=bcfg, device=dev,
-                                  seed=_seed(ctx, "defense-full"), state_path=state, progress=False,
-                                  on_epoch_end=on_epoch_end)
+    if args.from_state:
+        st = load_checkpoint(state)
+        den.load_state_dict(st["denoiser"])
+        hist = st["history"]
+        measure(int(st["epoch"]), hist[-1]["phase"], den)
+        defense = Defense(den)
+    else:
+        measure(0, "init", den)
+        defense, hist = train_defense(cat, rec, ctx.backbone, dcfg, split, backbone_cfg=bcfg, device=dev,
+                                      seed=_seed(ctx, "defense-full"), state_path=state, progress=False,
+                                      on_epoch_end=on_epoch_end)
     result = {"settings": args.set, "rows": rows, "history": hist}
     if args.pgd:
         adv = []
@@ -131,12 +149,49 @@ def main() -> None:
         result["pgd"] = {"bpr_pgd": bpr(adv), "bpr_denoised_pgd": bpr(dadv), "psnr_pgd": psnr(x, adv),
                          "psnr_denoised_pgd": psnr(x, dadv)}
         print("PGD-8:", json.dumps(result["pgd"]))
-    (out / "fidelity.json").write_text(json.dumps(result, indent=1))
+    name = f"fidelity_epoch{rows[-1]['epoch']}.json" if args.from_state else "fidelity.json"
+    (out / name).write_text(json.dumps(result, indent=1))
     print("\n| epoch | phase | PSNR | SSIM | patch-grid share | shared residual PSNR | BPR clean | BPR D(clean) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['epoch']} | {r['phase']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['grid_share']:.2f} | "
               f"{r['shared_residual_psnr']:.1f} | {r['bpr_clean']:.4f} | {r['bpr_denoised_clean']:.4f} |")
+
+
+@torch.no_grad()
+def measure_run(run: Path) -> None:
+    import numpy as np
+
+    from vars_fast.config import from_dict
+    from vars_fast.defense import load_defense
+    from vars_fast.metrics import fidelity_rows
+    from vars_fast.pipeline import Context
+    from vars_fast.run import RunFolder
+
+    cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    ctx = Context(cfg=cfg, run=RunFolder(run), device=torch.device("cpu"), log=logging.getLogger("fidelity"))
+    cat = ctx.catalogue
+    defense = load_defense(run / "checkpoints" / "defense.pt")
+    items = torch.tensor(defense.split["test"])
+
+    def purify(images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255
+        return torch.cat([defense.purify(x[s:s + 64]) for s in range(0, len(x), 64)])
+
+    clean = cat.images[items]
+    den_c = purify(clean)
+    attacked = {}
+    for f in sorted((run / "attacks").glob("VBPR_*_eps*.npy")):
+        attack, eps = f.stem.split("_")[1], float(f.stem.split("_eps")[1])
+        adv = torch.from_numpy(np.load(f))[items]
+        attacked[(attack, eps)] = (adv, purify(adv))
+    rows = fidelity_rows(clean, den_c, attacked)
+    grid = patch_grid_share(den_c - clean.float() / 255, int(defense.denoiser.kwargs()["patch_size"]))
+    print(f"{len(items)} test items; patch-grid share of D(clean) - clean: {grid:.2f}\n")
+    print("| attack | eps | images | PSNR (dB) | SSIM |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['attack']} | {r['eps']:g} | {r['images']} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
+    (run / "fidelity_rows.json").write_text(json.dumps({"patch_grid_share": grid, "rows": rows}, indent=1))
 
 
 def dataclasses_replace_no_detector(dcfg):

@@ -360,7 +360,12 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
 
     for epoch in range(start, len(plan)):
         ep = plan[epoch]
-        den.train()
+        # the detector phase trains the detector only unless told otherwise: its FGSM reaches
+        # eps 64, which D cannot undo, and its content loss there taught D to blur and tint
+        # clean images (docs/results/denoiser_fidelity.md)
+        train_den = ep["phase"] != "detector" or bool(getattr(dcfg, "denoiser_in_detector_phase", False))
+        den.train(train_den)
+        den.requires_grad_(train_den)
         if det is not None:
             det.train()
         triples = sample_item_triples(cat, dcfg.triples_per_item, gen)
@@ -398,8 +403,15 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
                     parts["contrastive"] = out.new_zeros(())
             total = (dcfg.lambda_rec * parts["rec"] + dcfg.lambda_content * parts["content"]
                      + lam_p * parts["perceptual"] + dcfg.lambda_contrastive * parts["contrastive"])
+            lam_id = float(getattr(dcfg, "lambda_identity", 0.0))
+            if lam_id > 0 and views[0] is x_c and train_den:  # the clean view is the first one when present
+                # D(clean) = clean, weighted apart from the adversarial views: with L_p and L_VBPR
+                # dominating, D learned one image-independent pattern that moves every item's
+                # features, attacked or not (docs/results/denoiser_fidelity.md)
+                total = total + lam_id * content_loss(x, out[:x.shape[0]])
             opt.zero_grad(set_to_none=True)
-            total.backward()
+            if total.requires_grad:  # not when the only trained module (D) is frozen and L_con is off
+                total.backward()
             ddp.sync_grads(den)
             if det is not None:
                 ddp.sync_grads(det)
@@ -434,6 +446,7 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, rec_)
 
+    den.requires_grad_(True)
     defense = Defense(den, det, rand_min_frac=dcfg.rand_min_frac, image_size=image_size, backbone=backbone_cfg,
                       extra={"split": split, "history": history})
     return defense, history
