@@ -22,6 +22,7 @@ items of the split, at initialisation and after every epoch, it prints:
 * the mean of D(x) - x over the items (the image-independent part of the residual), as PSNR:
   high means no shared pattern;
 * the recommender's mean per-item BPR loss on x and on D(x) (the restoration check's objective);
+* with ``--from-state``: the residual's decomposition (``residual_decomposition``);
 * with ``--pgd``, after the last epoch: the same loss on PGD-8 images and on D(PGD-8).
 
 Prints a Markdown table; OUT_DIR/fidelity.json holds the numbers.
@@ -51,6 +52,21 @@ def patch_grid_share(res: torch.Tensor, patch: int) -> float:
     total = p.sum(dim=(-2, -1)).clamp_min(1e-30)
     share = (p[..., grid].sum(-1) / total).mean()
     return float(share / (grid.sum() / (S * S - 1)))
+
+
+@torch.no_grad()
+def residual_decomposition(net, x: torch.Tensor) -> dict:
+    """How much of D(x) - x is one pattern shared by every image, how much of that is a constant
+    colour shift (DC), and the share of pixels the output clamp cuts."""
+    r = (net(x) - x).double()
+    pre = (x + net.residual(x)).double()
+    m = r.mean(0)
+    dc = m.mean(dim=(1, 2))
+    tot, shared = r.pow(2).mean().item(), m.pow(2).mean().item()
+    return {"residual_mse": tot, "shared_share": shared / max(tot, 1e-30),
+            "dc_share_of_shared": dc.pow(2).mean().item() / max(shared, 1e-30),
+            "dc_per_channel_255": [round(v * 255, 2) for v in dc.tolist()],
+            "clamped_share": ((pre < 0) | (pre > 1)).double().mean().item()}
 
 
 def main() -> None:
@@ -130,6 +146,9 @@ def main() -> None:
         den.load_state_dict(st["denoiser"])
         hist = st["history"]
         measure(int(st["epoch"]), hist[-1]["phase"], den)
+        rows[-1].update(residual_decomposition(den.eval(), x))
+        print("residual:", json.dumps({k: v for k, v in rows[-1].items() if k in (
+            "residual_mse", "shared_share", "dc_share_of_shared", "dc_per_channel_255", "clamped_share")}))
         defense = Defense(den)
     else:
         measure(0, "init", den)
