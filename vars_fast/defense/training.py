@@ -9,8 +9,9 @@ Schedule (METHOD.md "Denoiser"/"Detector"; the epoch counts are config fields):
 * phase 2 (``epochs_phase2``): clean / FGSM / PGD, 1:1:1 per iteration. The detector and the
   contrastive term join: in an adversarial iteration the batch carries both the clean view x
   and x_adv, so that the four views x, x_adv, D(x), D(x_adv) of Eq. 8 exist (clean:adv = 1:1).
-* detector phase (``detector_epochs``): FGSM at ``detector_eps`` every iteration, the whole
-  objective still on (the paper trains its detector on FGSM at one eps).
+* detector phase (``detector_epochs``): FGSM at ``detector_eps`` every iteration (the paper
+  trains its detector on FGSM at one eps); the denoiser stays as phase 2 left it unless
+  ``denoiser_in_detector_phase`` (docs/results/denoiser_fidelity.md).
 
 Attacks are generated on the fly against the frozen recommender with the same per-item BPR
 objective as the catalogue attack (``vars_fast.attacks.catalogue.item_loss``: each item's
