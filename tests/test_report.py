@@ -112,7 +112,8 @@ def test_targets_table_damage_recovered_and_too_weak(tmp_path):
          _rank("VBPR", "denoise+rand", "pgd", 8, 0.22),     # 0.40: missed by 0.10 (>= 0.50)
          _rank("VBPR", "denoise", "adaptive-pgd", 8, 0.16),  # against plain PGD: 0.20, missed
          _rank("VBPR", "none", "pgd", 16, 0.05),
-         _rank("VBPR", "denoise", "pgd", 16, 0.12)]         # 0.20, no target away from the table eps
+         _rank("VBPR", "denoise", "pgd", 16, 0.12),         # 0.20, no target away from the table eps
+         _rank("VBPR", "detect+denoise", "pgd", 8, 0.40)]   # OURS-gated: reported, no target
     text = targets_summary({"ranking": R, "detection": []}, 8.0)
     assert "| clean HR@10 with OURS (>= 98% of undefended) | 0.9900 | 0.9800 | met |" in text
     assert "| FGSM | 8 | 0.3800 | 0.0500 | OURS | 0.4000 | 1.0000 | 0.7000 | attack too weak to judge |" in text
@@ -120,6 +121,7 @@ def test_targets_table_damage_recovered_and_too_weak(tmp_path):
     assert "| PGD | 8 | 0.1000 | 0.7500 | OURS-rand | 0.2200 | 0.4000 | 0.5000 | missed by 0.1000 |" in text
     assert "| ADAPTIVE-PGD | 8 | 0.1000 | 0.7500 | OURS | 0.1600 | 0.2000 | 0.7000 | missed by 0.5000 |" in text
     assert "| PGD | 16 | 0.0500 | 0.8750 | OURS | 0.1200 | 0.2000 | — | no target at this eps |" in text
+    assert "| PGD | 8 | 0.1000 | 0.7500 | OURS-gated | 0.4000 | 1.0000 | — | no target |" in text
     # objectives are kept apart when the rows carry one
     R2 = [_rank("VBPR", "none", "clean", 0, 0.40)]
     for obj, att, den in (("train", 0.20, 0.36), ("eval", 0.0, 0.10)):

@@ -236,7 +236,8 @@ def targets_summary(m: dict, eps: float) -> str:
                 if need is not None:
                     status = recovery_status(base, ref.get("HR@10"), dr.get("HR@10"), need)
                 else:
-                    status = TOO_WEAK if dmg is None or dmg < 0.10 else "no target at this eps"
+                    status = (TOO_WEAK if dmg is None or dmg < 0.10
+                              else "no target at this eps" if d in RECOVERY_NEED else "no target")
                 label = attack.upper() + (f" ({obj})" if obj else "")
                 rows.append([label, e, ref.get("HR@10"), dmg, name, dr.get("HR@10"), rec,
                              "—" if need is None else need, status])
