@@ -168,3 +168,40 @@ def test_training_lanes_split_full_and_no_detector_together():
     assert _lanes(["full", "no-detector", "no-perceptual"]) == [["full", "no-detector"], ["no-perceptual"]]
     assert _lanes(["full", "no-perceptual"]) == [["full"], ["no-perceptual"]]
     assert _lanes(["full"]) == [["full"]]
+
+
+@pytest.mark.parametrize("train_den", [False, True])
+def test_detector_phase_leaves_the_denoiser_alone_unless_asked(setup, tmp_path, train_den):
+    from vars_fast.io import load_checkpoint
+
+    cat, rec, bb = setup
+    dcfg = tiny_dcfg(denoiser_in_detector_phase=train_den)
+    split = split_items(cat, torch.Generator().manual_seed(0), dcfg.train_item_frac, dcfg.val_item_frac)
+    state, after = tmp_path / "s.pt", {}
+
+    def snap(epoch, _):
+        after[epoch] = load_checkpoint(state)
+
+    d, hist = train_defense(cat, rec, bb, dcfg, split, state_path=state, on_epoch_end=snap, backbone_cfg=BB,
+                            device="cpu", seed=3, progress=False)
+    assert hist[-1]["phase"] == "detector"
+    same = all(torch.equal(after[2]["denoiser"][k], v) for k, v in after[3]["denoiser"].items())
+    assert same is not train_den
+    assert not all(torch.equal(after[2]["detector"][k], v) for k, v in after[3]["detector"].items())
+    assert all(p.requires_grad for p in d.denoiser.parameters())  # handed back trainable
+
+
+def test_identity_weight_keeps_clean_images_closer(setup):
+    from vars_fast.metrics import psnr
+
+    cat, rec, bb = setup
+    split = split_items(cat, torch.Generator().manual_seed(0), 0.15, 0.1)
+    x = cat.item_batch(torch.tensor(split["train"]), "cpu")
+    out = {}
+    for lam in (0.0, 100.0):  # lr 1e-2: a few steps move D away from the identity
+        dcfg = tiny_dcfg(lambda_identity=lam, lr=1e-2, detector_epochs=0, use_detector=False, epochs_phase2=0,
+                         epochs_phase1=2)
+        d, hist = train_defense(cat, rec, bb, dcfg, split, backbone_cfg=BB, device="cpu", seed=3, progress=False)
+        with torch.no_grad():
+            out[lam] = psnr(x, d.purify(x))
+    assert out[100.0] > out[0.0] + 1.0, out

@@ -161,3 +161,49 @@ def test_nhwc_token_order_keeps_the_global_block(hw):
     assert want.abs().max() > 1
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_nchw, want, rtol=0, atol=0)
+
+
+def _random_global_block(unpatchify: str):
+    from vars_fast.defense.denoiser import GlobalBlock
+
+    torch.manual_seed(3)
+    g = GlobalBlock(8, 4, 16, 2, 2.0, 32, unpatchify=unpatchify)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.copy_(0.5 * torch.randn_like(p))
+        g.pos.zero_()  # every token sees the same input below
+    return g
+
+
+def test_smooth_unpatchify_adds_no_patch_periodic_pattern():
+    # a constant feature map gives identical tokens; "pixel" turns each token into a fixed
+    # 4x4 tile (a pattern with the patch period), "smooth" into a constant
+    x = torch.full((1, 8, 32, 32), 0.3)
+    with torch.no_grad():
+        pixel = _random_global_block("pixel")(x) - x
+        smooth = _random_global_block("smooth")(x) - x
+    assert float(pixel.std(dim=(-2, -1)).min()) > 0.1
+    torch.testing.assert_close(pixel[..., :4, :4].repeat(1, 1, 8, 8), pixel)  # period 4 = the patch
+    assert float(smooth.std(dim=(-2, -1)).max()) < 1e-5
+    assert float(smooth.abs().mean()) > 0.1  # not zero: the block still acts
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (37, 41)])
+def test_smooth_unpatchify_nhwc_and_any_size(hw):
+    g = _random_global_block("smooth")
+    x = torch.rand(2, 8, *hw)
+    with torch.no_grad():
+        a = g(x)
+        b = g(x.contiguous(memory_format=torch.channels_last))
+    assert a.shape == x.shape
+    torch.testing.assert_close(a, b)
+
+
+def test_unpatchify_checks_and_old_kwargs():
+    with pytest.raises(ValueError, match="defense.unpatchify"):
+        tiny(unpatchify="nearest")
+    d = tiny(unpatchify="smooth")
+    assert d.kwargs()["unpatchify"] == "smooth"
+    assert d.glob.unembed.out_features == 8  # one vector per token, not per pixel
+    old = {k: v for k, v in tiny().kwargs().items() if k != "unpatchify"}  # a checkpoint from before the option
+    assert Denoiser(**old).glob.unpatchify == "pixel"

@@ -53,7 +53,9 @@ def _metrics():
          for d in ("none", "denoise", "denoise+rand")]
     meta = {"data": {"n_users": 10, "n_items": 20}, "timings": {"stage_evaluate_s": 12.5},
             "evaluate": {"table_eps": 8, "timings": {"ranking_s": 3.0}}}
-    return {"meta": meta, "ranking": R, "detection": D, "targeted": T}
+    F = [{"model": "VBPR", "attack": "clean", "eps": 0, "images": "denoised", "psnr": 41.25, "ssim": 0.991, "n": 8},
+         {"model": "VBPR", "attack": "pgd", "eps": 8, "images": "attacked", "psnr": 33.5, "ssim": 0.9, "n": 8}]
+    return {"meta": meta, "ranking": R, "detection": D, "targeted": T, "fidelity": F}
 
 
 def _arrays(path):
@@ -75,11 +77,12 @@ def test_full_report(tmp_path):
     text = write_report(tmp_path).read_text()
     for title in ("## Targets", "## Table 2: recommendation under attack (VBPR", "## Table 3: recommendation under "
                   "attack (DVBPR", "## Table 4", "Gaussian noise", "## Table 5", "## Table 6", "Adaptive attacker",
-                  "HR@10 versus eps", "evaluation-aware attacker", "Seen / unseen"):
+                  "HR@10 versus eps", "evaluation-aware attacker", "Seen / unseen", "Image fidelity"):
         assert title in text, title
     # the oracle rows have their own table and never leak into Tables 2/3
     assert "| VBPR | none | 40 | 0.4500 | 0.0100 |" in text
     assert "0.4500" not in text.split("## The paper's protocol")[0]
+    assert "| VBPR | clean | 0 | D(x) | 41.2500 | 0.9910 | 8 |" in text
     table4 = text.split("## Table 4")[1].split("## Does the detector generalise")[0]
     assert "0.123" not in table4
     assert "| fgsm | 64/255 | unseen | 0.123 |" in text and "| jpeg | quality 50 | unseen |" in text
@@ -113,3 +116,63 @@ def test_cli_and_empty_folder(tmp_path, capsys):
     (tmp_path / "metrics.json").write_text(json.dumps({"meta": {}, "ranking": [], "detection": [], "targeted": []}))
     assert main([str(tmp_path), "--no-figures"]) == 0
     assert "_Not available" in (tmp_path / "report.md").read_text()
+
+
+def test_targets_table_damage_recovered_and_too_weak(tmp_path):
+    from vars_fast.report import targets_summary
+
+    R = [_rank("VBPR", "none", "clean", 0, 0.40), _rank("VBPR", "denoise", "clean", 0, 0.396),
+         _rank("VBPR", "none", "fgsm", 8, 0.38),            # 5% damage: too weak to judge
+         _rank("VBPR", "denoise", "fgsm", 8, 0.40),
+         _rank("VBPR", "none", "pgd", 8, 0.10),             # 75% damage
+         _rank("VBPR", "denoise", "pgd", 8, 0.34),          # (0.34 - 0.10) / 0.30 = 0.80: met (>= 0.70)
+         _rank("VBPR", "denoise+rand", "pgd", 8, 0.22),     # 0.40: missed by 0.10 (>= 0.50)
+         _rank("VBPR", "denoise", "adaptive-pgd", 8, 0.16),  # against plain PGD: 0.20, missed
+         _rank("VBPR", "none", "pgd", 16, 0.05),
+         _rank("VBPR", "denoise", "pgd", 16, 0.12),         # 0.20, no target away from the table eps
+         _rank("VBPR", "detect+denoise", "pgd", 8, 0.40)]   # OURS-gated: reported, no target
+    text = targets_summary({"ranking": R, "detection": []}, 8.0)
+    assert "| clean HR@10 with OURS (>= 98% of undefended) | 0.9900 | 0.9800 | met |" in text
+    assert "| FGSM | 8 | 0.3800 | 0.0500 | OURS | 0.4000 | 1.0000 | 0.7000 | attack too weak to judge |" in text
+    assert "| PGD | 8 | 0.1000 | 0.7500 | OURS | 0.3400 | 0.8000 | 0.7000 | met |" in text
+    assert "| PGD | 8 | 0.1000 | 0.7500 | OURS-rand | 0.2200 | 0.4000 | 0.5000 | missed by 0.1000 |" in text
+    assert "| ADAPTIVE-PGD | 8 | 0.1000 | 0.7500 | OURS | 0.1600 | 0.2000 | 0.7000 | missed by 0.5000 |" in text
+    assert "| PGD | 16 | 0.0500 | 0.8750 | OURS | 0.1200 | 0.2000 | — | no target at this eps |" in text
+    assert "| PGD | 8 | 0.1000 | 0.7500 | OURS-gated | 0.4000 | 1.0000 | — | no target |" in text
+    # objectives are kept apart when the rows carry one
+    R2 = [_rank("VBPR", "none", "clean", 0, 0.40)]
+    for obj, att, den in (("train", 0.20, 0.36), ("eval", 0.0, 0.10)):
+        R2 += [_rank("VBPR", "none", "pgd", 8, att, objective=obj), _rank("VBPR", "denoise", "pgd", 8, den, objective=obj)]
+    text = targets_summary({"ranking": R2, "detection": []}, 8.0)
+    assert "| PGD (train) | 8 | 0.2000 | 0.5000 | OURS | 0.3600 | 0.8000 | 0.7000 | met |" in text
+    assert "| PGD (eval) | 8 | 0.0000 | 1.0000 | OURS | 0.1000 | 0.2500 | 0.7000 | missed by 0.4500 |" in text
+
+
+def test_fig7_prints_psnr_ssim(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vars_fast.report import make_figures
+
+    g = np.random.default_rng(1)
+    clean = g.integers(40, 200, (2, 3, 16, 16), dtype=np.uint8)
+    a = {"ex_clean": clean, "ex_clean_denoised": clean + np.uint8(2), "ex_pgd": clean + np.uint8(8),
+         "ex_pgd_denoised": clean, "ex_eps": np.array(8.0)}
+    m = {"fidelity": [{"model": "VBPR", "attack": "clean", "eps": 0, "images": "denoised", "psnr": 36.5, "ssim": 0.97},
+                      {"model": "VBPR", "attack": "pgd", "eps": 8, "images": "denoised", "psnr": 33.0, "ssim": 0.95}]}
+    seen = {}
+    orig = plt.Figure.savefig
+
+    def spy(fig, path, *args, **kw):
+        seen[str(path)] = [t.get_text() for ax in fig.axes for t in (ax.xaxis.label,)] + [fig._suptitle.get_text()]
+        return orig(fig, path, *args, **kw)
+
+    monkeypatch.setattr(plt.Figure, "savefig", spy)
+    make_figures(tmp_path, m, a)
+    texts = next(v for k, v in seen.items() if "fig7" in k)
+    # 2/255 everywhere: 20 log10(255 / 2) = 42.1 dB; identical: inf
+    assert any(t.startswith("42.1 dB / ") for t in texts)
+    assert any(t.startswith("inf dB / 1.000") for t in texts)
+    assert "D(clean) 36.5 dB / 0.970" in texts[-1] and "D(PGD) 33.0 dB / 0.950" in texts[-1]

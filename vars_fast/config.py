@@ -188,11 +188,15 @@ class DefenseConfig:
     heads: int = 4
     mlp_ratio: float = 2.0
     embed_dim: int = 64  # token width of the global transformer block (patch -> embed_dim)
+    unpatchify: str = "pixel"  # pixel | smooth: tokens back to the map (defense/denoiser.py)
     # Eq. 12 weights (the paper's values are lost): L_VBPR + l1 L_c + l2 L_p + l3 L_con
     lambda_content: float = 1.0
     lambda_perceptual: float = 0.01  # L_p is large next to L_c; see docs/results/defaults.md
     lambda_contrastive: float = _after_phase1(0.1)
     lambda_rec: float = 0.01
+    # extra content weight on the clean views only (D(x) = x for clean x); see
+    # docs/results/denoiser_fidelity.md
+    lambda_identity: float = 0.0
     use_perceptual: bool = True
     use_detector: bool = _after_phase1(True)
     # schedule: phase 1 clean + FGSM, phase 2 clean/FGSM/PGD ~1:1:1 (seeded RNG per iteration)
@@ -200,6 +204,8 @@ class DefenseConfig:
     epochs_phase2: int = _after_phase1(2)  # paper: ~3
     # paper: ~2; a single detector epoch can leave a weak detector (docs/results/defaults.md)
     detector_epochs: int = _after_phase1(2)
+    # False: the detector phase leaves the denoiser as phase 2 left it (docs/results/denoiser_fidelity.md)
+    denoiser_in_detector_phase: bool = _after_phase1(False)
     lr: float = 1e-3
     # small batches give 4x the updates of 32 at equal epochs, which the detector needs
     # (docs/results/defaults.md)

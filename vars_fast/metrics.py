@@ -140,3 +140,157 @@ def prediction_shift(before: Tensor, after: Tensor) -> float:
     if before.shape != after.shape:
         raise ValueError(f"prediction_shift: shapes differ {tuple(before.shape)} vs {tuple(after.shape)}")
     return float((after - before).mean(0).mean())
+
+
+# ---------------------------------------------------------------- image fidelity
+#
+# Both metrics take images in [0, 1] (uint8 images are divided by 255), [B,3,H,W] or [3,H,W],
+# are computed per image and then averaged over the images.
+#
+# PSNR = 10 log10(1 / MSE), the MSE over every pixel and channel of one image (peak 1). An
+# image identical to its reference has PSNR +inf, and so has the mean over images that holds one.
+#
+# SSIM is Wang et al. 2004 ("Image quality assessment: from error visibility to structural
+# similarity", Sec. III-B): an 11x11 Gaussian window with sigma 1.5 (normalised to sum 1),
+# K1 = 0.01, K2 = 0.03, dynamic range L = 1, so C1 = (0.01)^2 and C2 = (0.03)^2; weighted
+# local means, variances and covariance (population form, no N/(N-1) factor). The SSIM map is
+# taken over the "valid" positions only (windows entirely inside the image, no padding), and
+# averaged over those positions and the three channels. This equals scikit-image's
+# ``structural_similarity(..., gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+# data_range=1, channel_axis=0)``; tests/test_metrics.py checks it against that when installed.
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+
+def _unit_images(x) -> Tensor:
+    """uint8 or float images -> float64 [B,C,H,W] in [0,1] (double: PSNR of nearly identical
+    images and the SSIM variances are differences of close numbers)."""
+    x = torch.as_tensor(x)
+    x = x.double() / 255.0 if x.dtype == torch.uint8 else x.double()
+    return x.unsqueeze(0) if x.dim() == 3 else x
+
+
+def _pair(ref, img) -> tuple[Tensor, Tensor]:
+    a, b = _unit_images(ref), _unit_images(img).to(_unit_images(ref).device)
+    if a.shape != b.shape or a.dim() != 4:
+        raise ValueError(f"fidelity: image shapes differ or are not [B,C,H,W]: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return a, b
+
+
+def psnr_per_image(ref, img) -> Tensor:
+    """[B] PSNR in dB of each image against its reference (peak 1; +inf where identical)."""
+    a, b = _pair(ref, img)
+    mse = (a - b).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(1.0 / mse)  # mse 0 -> +inf
+
+
+def _gaussian_window(size: int, sigma: float, dtype, device) -> Tensor:
+    r = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-(r ** 2) / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim_per_image(ref, img) -> Tensor:
+    """[B] SSIM of each image against its reference (Wang et al. 2004; constants above)."""
+    a, b = _pair(ref, img)
+    B, C, H, W = a.shape
+    if min(H, W) < SSIM_WINDOW:
+        raise ValueError(f"ssim: images must be at least {SSIM_WINDOW}x{SSIM_WINDOW} (the window), got {H}x{W}")
+    g = _gaussian_window(SSIM_WINDOW, SSIM_SIGMA, a.dtype, a.device)
+    wx, wy = g.view(1, 1, 1, -1).repeat(C, 1, 1, 1), g.view(1, 1, -1, 1).repeat(C, 1, 1, 1)
+
+    def blur(t: Tensor) -> Tensor:  # separable Gaussian, valid positions only, per channel
+        return torch.nn.functional.conv2d(torch.nn.functional.conv2d(t, wx, groups=C), wy, groups=C)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a ** 2
+    var_b = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)
+
+
+def psnr(ref, img) -> float:
+    """Mean over images of the per-image PSNR (dB)."""
+    return float(psnr_per_image(ref, img).mean())
+
+
+def ssim(ref, img) -> float:
+    """Mean over images of the per-image SSIM."""
+    return float(ssim_per_image(ref, img).mean())
+
+
+def image_fidelity(ref, img, batch_size: int = 256) -> dict:
+    """{"psnr", "ssim", "n"} of ``img`` against ``ref`` ([N,3,H,W] each, uint8 or [0,1] float),
+    in batches so that a whole catalogue fits in memory."""
+    n = int(torch.as_tensor(ref).shape[0])
+    p, s = [], []
+    for k in range(0, n, batch_size):
+        p.append(psnr_per_image(ref[k:k + batch_size], img[k:k + batch_size]))
+        s.append(ssim_per_image(ref[k:k + batch_size], img[k:k + batch_size]))
+    return {"psnr": float(torch.cat(p).mean()), "ssim": float(torch.cat(s).mean()), "n": n}
+
+
+def fidelity_rows(clean, denoised_clean, attacked: dict, items=None, model: str = "VBPR",
+                  batch_size: int = 256) -> list[dict]:
+    """The ``fidelity`` rows of metrics.json: how far each image set is from the clean images.
+
+    ``clean``, ``denoised_clean``: [N,3,H,W] (uint8 or [0,1] float) of the whole catalogue;
+    ``attacked``: {(attack, eps): (x_adv, D(x_adv))}, same shapes; ``items``: the item indices
+    to measure (e.g. the held-out test items; None: all). One row per image set::
+
+        {"model", "attack": "clean", "eps": 0, "images": "denoised", "psnr", "ssim", "n"}  # D(x) vs x
+        {"model", "attack", "eps", "images": "attacked", ...}   # x_adv vs x: the reference
+        {"model", "attack", "eps", "images": "denoised", ...}   # D(x_adv) vs x
+
+    ``model`` names the recommender the images were attacked against.
+    """
+    sel = (lambda t: t) if items is None else (lambda t: t[torch.as_tensor(items, dtype=torch.long)])  # noqa: E731
+    x = sel(clean)
+    rows = [{"model": model, "attack": "clean", "eps": 0, "images": "denoised",
+             **image_fidelity(x, sel(denoised_clean), batch_size)}]
+    for (attack, eps), (adv, den) in attacked.items():
+        for name, imgs in (("attacked", adv), ("denoised", den)):
+            rows.append({"model": model, "attack": attack, "eps": eps, "images": name,
+                         **image_fidelity(x, sel(imgs), batch_size)})
+    return rows
+
+
+# ---------------------------------------------------------------- recovery of the damage
+
+# An attack that costs less than this share of clean HR cannot show whether a defence recovers
+# anything: the damage is within the noise of the metric, and any ratio over it is meaningless.
+TOO_WEAK_DAMAGE = 0.10
+TOO_WEAK = "attack too weak to judge"
+
+
+def attack_damage(hr_clean: float, hr_attacked: float) -> Optional[float]:
+    """The attack's damage relative to clean: (HR_clean - HR_attacked) / HR_clean (None if HR_clean is 0)."""
+    if hr_clean is None or hr_attacked is None or not hr_clean:
+        return None
+    return (hr_clean - hr_attacked) / hr_clean
+
+
+def damage_recovered(hr_clean: float, hr_attacked: float, hr_defended_attacked: float) -> Optional[float]:
+    """Share of the attack's damage that the defence recovers:
+    (HR_def_att - HR_att) / (HR_clean - HR_att). 1: back to clean; 0: no better than
+    undefended; negative: worse; above 1: better than clean. None when the attack did no
+    damage (HR_att >= HR_clean), where the share is undefined."""
+    if None in (hr_clean, hr_attacked, hr_defended_attacked) or hr_clean <= hr_attacked:
+        return None
+    return (hr_defended_attacked - hr_attacked) / (hr_clean - hr_attacked)
+
+
+def recovery_status(hr_clean: float, hr_attacked: float, hr_defended_attacked: float, need: float) -> str:
+    """"met", "missed by X" or, when the attack's damage is under ``TOO_WEAK_DAMAGE`` of
+    clean, "attack too weak to judge" (whatever the defended HR is)."""
+    dmg = attack_damage(hr_clean, hr_attacked)
+    if dmg is None or dmg < TOO_WEAK_DAMAGE:
+        return TOO_WEAK
+    rec = damage_recovered(hr_clean, hr_attacked, hr_defended_attacked)
+    if rec is None:
+        return "n/a"
+    return "met" if rec >= need else f"missed by {need - rec:.4f}"

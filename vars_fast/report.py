@@ -98,6 +98,18 @@ def general_markdown(rows: list[dict]) -> str:
     return markdown_table(rows)
 
 
+def fidelity_table(m: dict) -> str:
+    """PSNR / SSIM against the clean image: D(clean), and x_adv (the reference) and D(x_adv) per attack."""
+    F = m.get("fidelity", [])
+    if not F:
+        return _missing("no fidelity rows")
+    rows = [[r["model"], r["attack"].upper() if r["attack"] != "clean" else "clean", r["eps"],
+             "D(x)" if r["images"] == "denoised" else "x (attacked)", r.get("psnr"), r.get("ssim"), r.get("n")]
+            for r in sorted(F, key=lambda r: (r["model"], r["attack"] != "clean", r["attack"], float(r["eps"]),
+                                              r["images"]))]
+    return _table(["model", "attack", "eps", "image", "PSNR (dB)", "SSIM", "n"], rows)
+
+
 def oracle_table(rows: list[dict]) -> str:
     """The evaluation-aware attacker: HR@10 per model, defence and attack on the oracle users."""
     if not rows:
@@ -207,31 +219,78 @@ def adaptive_table(m: dict) -> str:
                    "NDCG@10 adaptive", "detected share", "items attacked", "EOT draws"], rows)
 
 
+# share of the attack's damage each defence must recover at the table eps (OURS-gated: no target)
+RECOVERY_NEED = {"denoise": 0.70, "denoise+rand": 0.50}
+
+
 def targets_summary(m: dict, eps: float) -> str:
-    """The issue's acceptance targets, computed from the rows."""
+    """The acceptance targets, computed from the rows.
+
+    Defences against an attack are judged by the share of the attack's damage they recover,
+    (HR_defended_attacked - HR_attacked) / (HR_clean - HR_attacked) (``vars_fast.metrics.
+    damage_recovered``), not by defended / clean, which is high by construction when the attack
+    barely hurts. A row whose attack costs less than 10% of clean HR@10 reads "attack too weak
+    to judge". Adaptive attacks are measured against the undefended plain PGD at their eps (the
+    attack the defence was meant to undo). Targets (``RECOVERY_NEED``) apply at the table eps;
+    rows at other eps show the recovery without a target.
+    """
+    from vars_fast.metrics import TOO_WEAK, attack_damage, damage_recovered, recovery_status
+
     R, D = m.get("ranking", []), m.get("detection", [])
     hr = lambda **k: (_find(R, **k) or {}).get("HR@10")  # noqa: E731
     base = hr(model="VBPR", defense="none", attack="clean", eps=0)
-    out = []
+    if base is None:
+        return _missing("no clean undefended VBPR row")
 
     def ratio(v, ref):
         return None if v is None or not ref else v / ref
 
-    for label, d, attack, e, need in (("clean HR@10 with the defence (>= 98% of undefended)", "denoise", "clean", 0, 0.98),
-                                      ("FGSM eps=8, OURS (>= 80% of clean)", "denoise", "fgsm", 8, 0.8),
-                                      (f"PGD eps={eps:g}, OURS-rand (>= 50% of clean)", "denoise+rand", "pgd", eps, 0.5),
-                                      ("clean HR@10, OURS-gated (>= 98%)", "detect+denoise", "clean", 0, 0.98),
-                                      ("FGSM eps=8, OURS-gated (>= 80%)", "detect+denoise", "fgsm", 8, 0.8)):
-        r = ratio(hr(model="VBPR", defense=d, attack=attack, eps=e), base)
-        out.append([label, r, need, None if r is None else ("met" if r >= need else f"missed by {need - r:.4f}")])
+    clean = []
+    for label, d in (("clean HR@10 with OURS (>= 98% of undefended)", "denoise"),
+                     ("clean HR@10 with OURS-gated (>= 98% of undefended)", "detect+denoise")):
+        r = ratio(hr(model="VBPR", defense=d, attack="clean", eps=0), base)
+        if r is not None:
+            clean.append([label, r, 0.98, "met" if r >= 0.98 else f"missed by {0.98 - r:.4f}"])
     for r in sorted((r for r in D if r.get("detector") == "ours" and r.get("attack") == "fgsm"
                      and r.get("variant") is None and float(r["eps"]) >= 16), key=lambda r: float(r["eps"])):
         a = r.get("accuracy")
-        out.append([f"detection accuracy, FGSM eps={r['eps']}", a, 0.9,
-                    None if a is None else ("met" if a >= 0.9 else f"missed by {0.9 - a:.4f}")])
-    if base is None:
-        return _missing("no clean undefended VBPR row")
-    return _table(["target (VBPR)", "value (share of clean HR@10 / accuracy)", "needed", "status"], out)
+        clean.append([f"detection accuracy, FGSM eps={r['eps']}", a, 0.9,
+                      None if a is None else ("met" if a >= 0.9 else f"missed by {0.9 - a:.4f}")])
+
+    rows = []
+    attacked = sorted((r for r in R if r.get("model") == "VBPR" and r.get("variant") is None
+                       and r.get("attack") not in ("clean", "adaptive-pgd") and r.get("defense") == "none"),
+                      key=lambda r: (r["attack"], str(r.get("objective") or ""), float(r["eps"])))
+    defended = {"denoise": "OURS", "denoise+rand": "OURS-rand", "detect+denoise": "OURS-gated"}
+    for a in attacked:
+        e, obj = a["eps"], a.get("objective")
+        refs = [(a["attack"], a)]
+        if a["attack"] == "pgd":  # the adaptive attacker is judged against the plain PGD it adapts
+            refs.append(("adaptive-pgd", a))
+        for attack, ref in refs:
+            for d, name in defended.items():
+                dr = _find(R, model="VBPR", defense=d, attack=attack, eps=e, objective=obj)
+                if dr is None:
+                    continue
+                need = RECOVERY_NEED.get(d) if float(e) == float(eps) else None
+                dmg = attack_damage(base, ref.get("HR@10"))
+                rec = damage_recovered(base, ref.get("HR@10"), dr.get("HR@10"))
+                if need is not None:
+                    status = recovery_status(base, ref.get("HR@10"), dr.get("HR@10"), need)
+                else:
+                    status = (TOO_WEAK if dmg is None or dmg < 0.10
+                              else "no target at this eps" if d in RECOVERY_NEED else "no target")
+                label = attack.upper() + (f" ({obj})" if obj else "")
+                rows.append([label, e, ref.get("HR@10"), dmg, name, dr.get("HR@10"), rec,
+                             "—" if need is None else need, status])
+    out = _table(["target (VBPR)", "value (share of clean HR@10 / accuracy)", "needed", "status"], clean)
+    if rows:
+        out += ("\n\nRecovery of the damage (HR@10, VBPR; clean undefended "
+                f"{base:.4f}). Damage = (clean - attacked) / clean; recovered = (defended - attacked) / "
+                "(clean - attacked); an attack with damage under 0.10 is too weak to judge a defence.\n\n"
+                + _table(["attack", "eps", "HR@10 attacked", "damage", "defence", "HR@10 defended",
+                          "share of damage recovered", "needed", "status"], rows))
+    return out
 
 
 def meta_section(m: dict) -> str:
@@ -308,19 +367,44 @@ def make_figures(run: Path, m: dict, a: dict) -> dict[str, str]:
         axes[0].set_ylabel("HR@10")
         save(fig, "fig6_hr_vs_eps")
 
-    # Fig. 7: denoised examples
+    # Fig. 7: denoised examples; under each image its PSNR / SSIM against the clean image, and
+    # in the title the catalogue means from metrics.json's fidelity rows when there
     cols = [(k, t) for k, t in (("ex_clean", "clean"), ("ex_clean_denoised", "D(clean)"), ("ex_fgsm", "FGSM"),
                                 ("ex_fgsm_denoised", "D(FGSM)"), ("ex_pgd", "PGD"), ("ex_pgd_denoised", "D(PGD)"),
                                 ("ex_pgd_rand", "D+rand(PGD)")) if k in a]
     if cols:
+        from vars_fast.metrics import SSIM_WINDOW, psnr_per_image, ssim_per_image
+
         n = a[cols[0][0]].shape[0]
-        fig, axes = plt.subplots(n, len(cols), figsize=(1.6 * len(cols), 1.6 * n), squeeze=False)
+        fig, axes = plt.subplots(n, len(cols), figsize=(1.6 * len(cols), 1.75 * n), squeeze=False)
+        ref = a.get("ex_clean")
         for j, (k, title) in enumerate(cols):
+            quality = [""] * n
+            if ref is not None and k != "ex_clean" and a[k].shape == ref.shape:
+                p = psnr_per_image(ref, a[k]).tolist()
+                big = min(ref.shape[-2:]) >= SSIM_WINDOW
+                q = ssim_per_image(ref, a[k]).tolist() if big else [None] * n
+                quality = [f"{pi:.1f} dB" + ("" if qi is None else f" / {qi:.3f}") for pi, qi in zip(p, q)]
             for i in range(n):
                 axes[i, j].imshow(np.transpose(a[k][i], (1, 2, 0)))
-                axes[i, j].axis("off")
+                axes[i, j].set_xticks([])
+                axes[i, j].set_yticks([])
+                for side in axes[i, j].spines.values():
+                    side.set_visible(False)
+                axes[i, j].set_xlabel(quality[i], fontsize=6)
             axes[0, j].set_title(title, fontsize=8)
-        fig.suptitle(f"eps = {float(a.get('ex_eps', np.nan)):g}/255", fontsize=9)
+        ex_eps = float(a.get("ex_eps", np.nan))
+        title = f"eps = {ex_eps:g}/255; under each image: PSNR / SSIM against the clean image"
+        F = [r for r in m.get("fidelity", []) if r.get("model", "VBPR") == "VBPR"]
+        means = []
+        for attack, e, images, label in (("clean", 0, "denoised", "D(clean)"), ("fgsm", ex_eps, "denoised", "D(FGSM)"),
+                                         ("pgd", ex_eps, "attacked", "PGD"), ("pgd", ex_eps, "denoised", "D(PGD)")):
+            r = _find(F, attack=attack, eps=e, images=images)
+            if r is not None and r.get("psnr") is not None:
+                means.append(f"{label} {r['psnr']:.1f} dB / {r.get('ssim', float('nan')):.3f}")
+        if means:
+            title += "\nmean over the test items: " + ", ".join(means)
+        fig.suptitle(title, fontsize=8)
         save(fig, "fig7_denoised_examples")
 
     adv = _eps_keys(a, "d_fgsm_")
@@ -395,7 +479,8 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
     """Write RUN/report.md (and the figures unless ``figures=False``); returns its path."""
     run = Path(run_folder)
     mp = run / "metrics.json"
-    m = json.loads(mp.read_text()) if mp.is_file() else {"meta": {}, "ranking": [], "detection": [], "targeted": []}
+    m = json.loads(mp.read_text()) if mp.is_file() else {"meta": {}, "ranking": [], "detection": [], "targeted": [],
+                                                          "fidelity": []}
     # every table below reads the realistic objective's rows; the oracle's have their own table
     oracle_rows = [r for r in m.get("ranking", []) if r.get("objective") == "eval"]
     # the seen / unseen rows are their own table, not Table 4's
@@ -420,7 +505,8 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
     for n, model in enumerate(models):
         parts += [f"## Table {2 + n}: recommendation under attack ({model}, eps = {eps:g})", "",
                   ranking_table(m, model, eps), ""]
-    parts += ["## The paper's protocol: evaluation-aware attacker (`objective: eval`, HR@10)", "",
+    parts += ["## Image fidelity (held-out test items, against the clean image)", "", fidelity_table(m), "",
+              "## The paper's protocol: evaluation-aware attacker (`objective: eval`, HR@10)", "",
               "Each evaluated user's 101 candidates get their own images, crafted against that user's "
               "evaluation triples (`vars_fast/attacks/oracle.py`). No single uploaded image can do this: "
               "it is an oracle upper bound on the damage, on a seeded subset of users.", "",

@@ -4,7 +4,7 @@ runs/<name>/
   config.yaml  metrics.json  report.md  log.txt
   figures/*.png  checkpoints/*.pt  attacks/*.npy  cache/
 
-metrics.json = {"meta": {...}, "ranking": [...], "detection": [...], "targeted": [...]}
+metrics.json = {"meta": {...}, "ranking": [...], "detection": [...], "targeted": [...], "fidelity": [...]}
 Rows are replaced, not duplicated, when a stage is re-run: a row's identity is its
 non-metric fields (see ``_KEYS``). Every ranking row names its attack objective
 (``"objective": "train" | "eval"``, docs/CONTRACTS.md); a row that does not say is a
@@ -23,6 +23,7 @@ _KEYS = {
     "ranking": ("model", "defense", "attack", "eps", "variant", "objective"),
     "detection": ("detector", "attack", "eps", "variant", "model", "seen", "quality"),
     "targeted": ("attack", "eps", "defense", "model", "variant"),
+    "fidelity": ("model", "attack", "eps", "images"),
 }
 
 
@@ -55,7 +56,7 @@ class RunFolder:
     def load_metrics(self) -> dict[str, Any]:
         if self.metrics_path.is_file():
             return json.loads(self.metrics_path.read_text())
-        return {"meta": {}, "ranking": [], "detection": [], "targeted": []}
+        return {"meta": {}, "ranking": [], "detection": [], "targeted": [], "fidelity": []}
 
     def add_rows(self, kind: str, rows: list[dict[str, Any]]) -> None:
         if kind not in _KEYS:

@@ -72,11 +72,14 @@ class GlobalBlock(nn.Module):
     """One pre-norm transformer block with global attention over patch tokens, as a residual
     on the feature map: [B,C,H,W] -> [B,C,H,W]."""
 
-    def __init__(self, width: int, patch_size: int, dim: int, heads: int, mlp_ratio: float, image_size: int):
+    def __init__(self, width: int, patch_size: int, dim: int, heads: int, mlp_ratio: float, image_size: int,
+                 unpatchify: str = "pixel"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"defense.embed_dim ({dim}) must be divisible by defense.heads ({heads})")
-        self.p, self.heads = patch_size, heads
+        if unpatchify not in ("pixel", "smooth"):
+            raise ValueError(f"defense.unpatchify must be 'pixel' or 'smooth', got {unpatchify!r}")
+        self.p, self.heads, self.unpatchify = patch_size, heads, unpatchify
         self.embed = nn.Linear(width * patch_size * patch_size, dim)
         g = math.ceil(image_size / patch_size)
         self.pos = nn.Parameter(torch.randn(1, dim, g, g) * 0.02)
@@ -86,7 +89,7 @@ class GlobalBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.unembed = nn.Linear(dim, width * patch_size * patch_size)
+        self.unembed = nn.Linear(dim, width * (patch_size * patch_size if unpatchify == "pixel" else 1))
         nn.init.zeros_(self.unembed.weight)  # the block starts as identity on the feature map
         nn.init.zeros_(self.unembed.bias)
 
@@ -124,7 +127,14 @@ class GlobalBlock(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v)  # fused attention, [B, heads, N, d]
         t = t + self.proj(a.transpose(1, 2).reshape(B, gh * gw, -1))
         t = t + self.mlp(self.norm2(t))
-        if fast:
+        if self.unpatchify == "smooth":
+            # one C-vector per token, bilinearly upsampled to the pixels: nothing here depends on
+            # the position inside a patch, so no pattern with the patch period can come out
+            u = self.unembed(t).transpose(1, 2).reshape(B, C, gh, gw)
+            out = F.interpolate(u, size=(gh * p, gw * p), mode="bilinear", align_corners=False)
+            if nhwc:
+                out = out.contiguous(memory_format=torch.channels_last)
+        elif fast:
             w_out = self.unembed.weight.view(C, p, p, -1).permute(1, 2, 0, 3).reshape(p * p * C, -1)
             b_out = self.unembed.bias.view(C, p, p).permute(1, 2, 0).reshape(-1)
             u = F.linear(t, w_out, b_out).reshape(B, gh, gw, p, p, C).permute(0, 1, 3, 2, 4, 5)
@@ -162,14 +172,15 @@ class Denoiser(nn.Module):
     """
 
     def __init__(self, width: int = 32, n_res_blocks: int = 9, norm: str = "instance", patch_size: int = 8,
-                 heads: int = 4, embed_dim: int = 128, mlp_ratio: float = 2.0, image_size: int = 64):
+                 heads: int = 4, embed_dim: int = 128, mlp_ratio: float = 2.0, image_size: int = 64,
+                 unpatchify: str = "pixel"):
         super().__init__()
         self._kwargs = dict(width=width, n_res_blocks=n_res_blocks, norm=norm, patch_size=patch_size, heads=heads,
-                            embed_dim=embed_dim, mlp_ratio=mlp_ratio, image_size=image_size)
+                            embed_dim=embed_dim, mlp_ratio=mlp_ratio, image_size=image_size, unpatchify=unpatchify)
         self.conv_in = nn.Conv2d(3, width, 9, padding=4, bias=False)
         self.norm_in = _Norm(width, norm)
         self.blocks = nn.ModuleList(ResBlock(width, norm) for _ in range(n_res_blocks))
-        self.glob = GlobalBlock(width, patch_size, embed_dim, heads, mlp_ratio, image_size)
+        self.glob = GlobalBlock(width, patch_size, embed_dim, heads, mlp_ratio, image_size, unpatchify)
         self.sep = nn.Sequential(SepConv(width), SepConv(width))
         self.conv_out = nn.Conv2d(width, 3, 9, padding=4)
         nn.init.zeros_(self.conv_out.weight)  # D(x) = x at init

@@ -9,8 +9,9 @@ Schedule (METHOD.md "Denoiser"/"Detector"; the epoch counts are config fields):
 * phase 2 (``epochs_phase2``): clean / FGSM / PGD, 1:1:1 per iteration. The detector and the
   contrastive term join: in an adversarial iteration the batch carries both the clean view x
   and x_adv, so that the four views x, x_adv, D(x), D(x_adv) of Eq. 8 exist (clean:adv = 1:1).
-* detector phase (``detector_epochs``): FGSM at ``detector_eps`` every iteration, the whole
-  objective still on (the paper trains its detector on FGSM at one eps).
+* detector phase (``detector_epochs``): FGSM at ``detector_eps`` every iteration (the paper
+  trains its detector on FGSM at one eps); the denoiser stays as phase 2 left it unless
+  ``denoiser_in_detector_phase`` (docs/results/denoiser_fidelity.md).
 
 Attacks are generated on the fly against the frozen recommender with the same per-item BPR
 objective as the catalogue attack (``vars_fast.attacks.catalogue.item_loss``: each item's
@@ -245,7 +246,8 @@ def _rec_and_perceptual(rec, backbone, fn: _ItemObjective, x: Tensor, out: Tenso
 def build_models(dcfg: DefenseConfig, image_size: int, backbone, backbone_cfg: dict, device):
     """Fresh denoiser (+ detector whose encoder is a trainable copy of ``backbone``)."""
     den = Denoiser(width=dcfg.width, n_res_blocks=dcfg.n_res_blocks, norm=dcfg.norm, patch_size=dcfg.patch_size,
-                   heads=dcfg.heads, embed_dim=dcfg.embed_dim, mlp_ratio=dcfg.mlp_ratio, image_size=image_size)
+                   heads=dcfg.heads, embed_dim=dcfg.embed_dim, mlp_ratio=dcfg.mlp_ratio, image_size=image_size,
+                   unpatchify=getattr(dcfg, "unpatchify", "pixel"))
     det = None
     if dcfg.use_detector:
         enc = backbone.trainable_copy() if hasattr(backbone, "trainable_copy") else None
@@ -346,7 +348,12 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
 
     for epoch in range(start, len(plan)):
         ep = plan[epoch]
-        den.train()
+        # the detector phase trains the detector only unless told otherwise: its FGSM reaches
+        # eps 64, which D cannot undo, and its content loss there taught D to blur and tint
+        # clean images (docs/results/denoiser_fidelity.md)
+        train_den = ep["phase"] != "detector" or bool(getattr(dcfg, "denoiser_in_detector_phase", False))
+        den.train(train_den)
+        den.requires_grad_(train_den)
         if det is not None:
             det.train()
         triples = sample_item_triples(cat, dcfg.triples_per_item, gen)
@@ -384,8 +391,15 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
                     parts["contrastive"] = out.new_zeros(())
             total = (dcfg.lambda_rec * parts["rec"] + dcfg.lambda_content * parts["content"]
                      + lam_p * parts["perceptual"] + dcfg.lambda_contrastive * parts["contrastive"])
+            lam_id = float(getattr(dcfg, "lambda_identity", 0.0))
+            if lam_id > 0 and views[0] is x_c and train_den:  # the clean view is the first one when present
+                # D(clean) = clean, weighted apart from the adversarial views: with L_p and L_VBPR
+                # dominating, D learned one image-independent pattern that moves every item's
+                # features, attacked or not (docs/results/denoiser_fidelity.md)
+                total = total + lam_id * content_loss(x, out[:x.shape[0]])
             opt.zero_grad(set_to_none=True)
-            total.backward()
+            if total.requires_grad:  # not when the only trained module (D) is frozen and L_con is off
+                total.backward()
             ddp.sync_grads(den)
             if det is not None:
                 ddp.sync_grads(det)
@@ -420,6 +434,7 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, rec_)
 
+    den.requires_grad_(True)
     defense = Defense(den, det, rand_min_frac=dcfg.rand_min_frac, image_size=image_size, backbone=backbone_cfg,
                       extra={"split": split, "history": history})
     return defense, history

@@ -13,12 +13,15 @@ import torch
 from torch import Tensor
 
 from vars_fast.evaluate.common import RANK_DEFENSES, Evaluation
+from vars_fast.metrics import fidelity_rows
 
 
 def ranking(ev: Evaluation) -> None:
     """Clean/FGSM/PGD x {denoise, denoise+rand} (and detect+denoise) per model of ``eval.models``."""
     den_c, rnd_c = ev.clean_purified()
     table_eps = float(ev.cfg.eval.table_eps)
+    items = ev.test_items
+    fidelity_sets = {}  # (attack, eps) -> (x_adv, D(x_adv)) of VBPR's test items
     for name in [m for m in ev.models if m in ev.cfg.eval.models]:
         rec = ev.ctx.recommender(name)
         rows = []
@@ -44,10 +47,14 @@ def ranking(ev: Evaluation) -> None:
                     imgs, share = ev.gate(adv, den)
                     rows.append({"model": name, "defense": "detect+denoise", "attack": attack, "eps": eps,
                                  "flagged": share, **ev.rank(rec, imgs)})
-                if name == "VBPR" and float(eps) == table_eps:
-                    examples(ev, attack, adv, den, rnd)
+                if name == "VBPR":
+                    fidelity_sets[(attack, eps)] = (adv[items], den[items])
+                    if float(eps) == table_eps:
+                        examples(ev, attack, adv, den, rnd)
         ev.run.add_rows("ranking", rows)
         ev.log.info("evaluate ranking %s: %d rows", name, len(rows))
+    # image fidelity on the held-out test items: D(clean), x_adv and D(x_adv) against clean
+    ev.run.add_rows("fidelity", fidelity_rows(ev.cat.images[items], den_c[items], fidelity_sets))
 
 
 def examples(ev: Evaluation, attack: str, adv: Tensor, den: Tensor, rnd: Tensor) -> None:
