@@ -271,8 +271,8 @@ class EvalConfig:
     addition_depth: int = 5
     addition_train_eps: list = field(default_factory=lambda: [8, 16, 32])  # FGSM training examples, /255
     addition_triples_per_item: int = 4
-    addition_denoiser_epochs: int = 3  # its loss hardly moves after the first (0.613 -> 0.606 over 4)
-    addition_noise_epochs: int = 3  # mean clean sigma 0.056 -> 0.019 from epoch 1 to 2; adv stays ~0.10
+    addition_denoiser_epochs: int = 3  # its loss settles after the first (docs/results/addition.md)
+    addition_noise_epochs: int = 3  # clean levels settle by the second (docs/results/addition.md)
     addition_joint: bool = True  # the denoiser keeps training with the noise-level network (stage 2)
     addition_batch_size: int = 8
     addition_lr: float = 1e-3
