@@ -224,6 +224,23 @@ def targets_summary(m: dict, eps: float) -> str:
     return _table(["target (VBPR)", "value (share of clean HR@10 / accuracy)", "needed", "status"], out)
 
 
+def transfer_table(ranking: list[dict], detection: list[dict]) -> str:
+    """A->B (``eval.transfer``): VBPR HR@10 on B per attack and defence, and our detector on B
+    at eps 16, per number of denoiser fine-tuning epochs on B (0: A's defence as is)."""
+    if not ranking:
+        return _missing("eval.transfer was off")
+    epochs = sorted({int(r["finetune_epochs"]) for r in ranking if r["defense"] != "none"})
+    attacks = [(r["attack"], r["eps"]) for r in ranking if r["defense"] == "none"]
+    head = ["attack", "eps", "none"] + [f"{d} (ft {k})" for k in epochs for d in ("denoise", "denoise+rand")]
+    body = [[a, e, (_find(ranking, attack=a, eps=e, defense="none") or {}).get("HR@10")]
+            + [(_find(ranking, attack=a, eps=e, defense=d, finetune_epochs=k) or {}).get("HR@10")
+               for k in epochs for d in ("denoise", "denoise+rand")] for a, e in attacks]
+    det = [[r["finetune_epochs"], r["eps"], r.get("accuracy"), r.get("tpr"), r.get("fpr"), r.get("auc")]
+           for r in sorted(detection, key=lambda r: r["finetune_epochs"])]
+    return (_table(head, body) + "\n\nDetector (A's weights and threshold) on B, FGSM:\n\n"
+            + _table(["finetune epochs", "eps", "accuracy", "TPR", "FPR", "AUC"], det))
+
+
 def meta_section(m: dict) -> str:
     meta = m.get("meta", {})
     if not meta:
@@ -389,6 +406,9 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
     # every table below reads the realistic objective's rows; the oracle's have their own table
     oracle_rows = [r for r in m.get("ranking", []) if r.get("objective") == "eval"]
     m = {**m, "ranking": [r for r in m.get("ranking", []) if r.get("objective", "train") == "train"]}
+    # catalogue B's rows (eval.transfer) have their own table; every other table is catalogue A
+    transfer = {k: [r for r in m.get(k, []) if r.get("transfer")] for k in ("ranking", "detection")}
+    m = {**m, **{k: [r for r in m.get(k, []) if not r.get("transfer")] for k in ("ranking", "detection")}}
     eps = _table_eps(m)
     figs: dict[str, str] = {}
     fig_note = ""
@@ -421,6 +441,11 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
               "PGD through the denoiser (and, for OURS-rand, expectation over the random resize-pad) with a "
               "hinge keeping the detector distance under its threshold; see `vars_fast/attacks/adaptive.py`.", "",
               adaptive_table(m), "",
+              "## Transfer to a new catalogue (A->B, VBPR HR@10)", "",
+              "The defence trained here applied to a second synthetic catalogue (another seed, shape set "
+              "and palette; `vars_fast/evaluate/transfer.py`), as is and after denoiser fine-tuning on B; "
+              "the detector is never retrained.", "",
+              transfer_table(transfer["ranking"], transfer["detection"]), "",
               "## Data and run", "", meta_section(m), "", "## Figures", fig_note]
     names = {"fig6_hr_vs_eps": "Fig. 6: HR@10 vs eps", "fig7_denoised_examples": "Fig. 7: denoised examples",
              "fig8_distance_hist": "Fig. 8: detector distances, clean vs adversarial",

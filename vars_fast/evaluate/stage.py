@@ -17,10 +17,12 @@ from vars_fast.evaluate.embeddings import embeddings
 from vars_fast.evaluate.oracle import oracle
 from vars_fast.evaluate.ranking import ranking
 from vars_fast.evaluate.targeted import targeted
+from vars_fast.evaluate.transfer import transfer
 
 SECTIONS: tuple[tuple[str, Callable[[Evaluation], None]], ...] = (
     ("ranking", ranking), ("oracle", oracle), ("detection", detection), ("ablation", ablation),
-    ("targeted", targeted), ("adaptive", adaptive), ("embeddings", embeddings))
+    ("targeted", targeted), ("adaptive", adaptive), ("embeddings", embeddings),
+    ("transfer", transfer))
 
 
 def run_all(ev: Evaluation) -> None:
