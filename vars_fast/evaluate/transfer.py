@@ -69,7 +69,7 @@ def finetune(ev: Evaluation, cat, rec, split: dict, epochs: int):
     seed = int(torch.randint(0, 2**62, (1,), generator=ev.ctx.generator("transfer:finetune")))
     tuned, hist = train_defense(cat, rec, ev.ctx.backbone, dcfg, split, backbone_cfg=bcfg, device=ev.dev,
                                 seed=seed, amp=ev.cfg.run.amp, progress=ev.cfg.run.progress, log=ev.log,
-                                desc="transfer fine-tune", init_denoiser=src.denoiser.state_dict())
+                                desc="transfer fine-tune", init_denoiser=src.denoiser)
     out = copy.copy(src)
     out.denoiser = tuned.denoiser.eval().requires_grad_(False)
     return out, hist
