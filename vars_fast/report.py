@@ -227,8 +227,6 @@ def targets_summary(m: dict, eps: float) -> str:
 def transfer_table(ranking: list[dict], detection: list[dict]) -> str:
     """A->B (``eval.transfer``): VBPR HR@10 on B per attack and defence, and our detector on B
     at eps 16, per number of denoiser fine-tuning epochs on B (0: A's defence as is)."""
-    if not ranking:
-        return _missing("eval.transfer was off")
     epochs = sorted({int(r["finetune_epochs"]) for r in ranking if r["defense"] != "none"})
     attacks = [(r["attack"], r["eps"]) for r in ranking if r["defense"] == "none"]
     head = ["attack", "eps", "none"] + [f"{d} (ft {k})" for k in epochs for d in ("denoise", "denoise+rand")]
@@ -440,13 +438,14 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
               "## Adaptive attacker (beyond the paper)", "",
               "PGD through the denoiser (and, for OURS-rand, expectation over the random resize-pad) with a "
               "hinge keeping the detector distance under its threshold; see `vars_fast/attacks/adaptive.py`.", "",
-              adaptive_table(m), "",
-              "## Transfer to a new catalogue (A->B, VBPR HR@10)", "",
-              "The defence trained here applied to a second synthetic catalogue (another seed, shape set "
-              "and palette; `vars_fast/evaluate/transfer.py`), as is and after denoiser fine-tuning on B; "
-              "the detector is never retrained.", "",
-              transfer_table(transfer["ranking"], transfer["detection"]), "",
-              "## Data and run", "", meta_section(m), "", "## Figures", fig_note]
+              adaptive_table(m), ""]
+    if transfer["ranking"]:  # an optional section (eval.transfer): absent from runs without it
+        parts += ["## Transfer to a new catalogue (A->B, VBPR HR@10)", "",
+                  "The defence trained here applied to a second synthetic catalogue (another seed, shape "
+                  "set and palette; `vars_fast/evaluate/transfer.py`), as is and after denoiser fine-tuning "
+                  "on B; the detector is never retrained.", "",
+                  transfer_table(transfer["ranking"], transfer["detection"]), ""]
+    parts += ["## Data and run", "", meta_section(m), "", "## Figures", fig_note]
     names = {"fig6_hr_vs_eps": "Fig. 6: HR@10 vs eps", "fig7_denoised_examples": "Fig. 7: denoised examples",
              "fig8_distance_hist": "Fig. 8: detector distances, clean vs adversarial",
              "fig9_roc": "Fig. 9: ROC with the chosen threshold", "fig10_confusion": "Fig. 10: confusion matrix",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 
 import torch
 
@@ -106,8 +107,17 @@ def transfer(ev: Evaluation) -> None:
     ecfg = ev.cfg.eval
     if not ecfg.transfer:
         return
+    clock = [time.process_time()]
+
+    def lap(name: str) -> None:  # CPU seconds per part (the wall clock of a shared machine is noise)
+        now = time.process_time()
+        ev.timings[f"transfer_{name}_cpu_s"] = round(now - clock[0], 2)
+        clock[0] = now
+
     cat = catalogue_b(ev)
+    lap("data")
     rec = train_vbpr(ev, cat)
+    lap("recommender")
     none = {"model": "VBPR", "defense": "none", "transfer": TAG, "finetune_epochs": 0}
     rank = lambda visual: {k: float(v) for k, v in ranking_metrics(rec, cat, visual=visual, topk=ev.topk).items()}  # noqa: E731
     ranking = [{**none, "attack": "clean", "eps": 0, **rank(None)}]
@@ -117,19 +127,21 @@ def transfer(ev: Evaluation) -> None:
                                ev.dev, progress=False, batch_size=ev.cfg.attack.batch_size)
         attacked[(attack, eps)] = adv
         ranking.append({**none, "attack": attack, "eps": eps, **rank(ev.encode_all(rec, adv))})
+    lap("attack")
     split = split_items(cat, ev.ctx.generator("transfer:split"))
     test_items = torch.as_tensor(split["test"], dtype=torch.long)
     detection = []
     plans = [(0, ev.defense)]
     k = int(ecfg.transfer_finetune_epochs)
     if k > 0:
-        tuned, hist = finetune(ev, cat, rec, split, k)
-        ev.timings["transfer_finetune_cpu_s"] = round(sum(h["cpu_s"] for h in hist), 2)
+        tuned, _ = finetune(ev, cat, rec, split, k)
         plans.append((k, ev.fast_defense(tuned)))
+        lap("finetune")
     for epochs, defense in plans:
         r, d = rows_for(ev, defense, cat, rec, attacked, test_items, epochs)
         ranking += r
         detection += d
+    lap("rows")
     ev.run.add_rows("ranking", ranking)
     ev.run.add_rows("detection", detection)
     ev.run.update_meta(transfer={"seed": int(ecfg.transfer_seed), "style": ecfg.transfer_style,
