@@ -112,6 +112,7 @@ def transfer(ev: Evaluation) -> None:
     def lap(name: str) -> None:  # CPU seconds per part (the wall clock of a shared machine is noise)
         now = time.process_time()
         ev.timings[f"transfer_{name}_cpu_s"] = round(now - clock[0], 2)
+        ev.log.info("evaluate transfer: %s %.1f s cpu", name, now - clock[0])
         clock[0] = now
 
     cat = catalogue_b(ev)
