@@ -261,7 +261,7 @@ class EvalConfig:
     # transfer (evaluate/transfer.py): the defence trained on this catalogue (A) applied to a
     # synthetic catalogue B of another seed and style, with 0 and transfer_finetune_epochs
     # epochs of denoiser fine-tuning on B; the detector stays as trained on A
-    transfer: bool = False  # off by default: its cost is in docs/results/transfer.md
+    transfer: bool = False  # ~3.5 min on the default preset: docs/results/transfer.md
     transfer_seed: int = 1  # B's data.seed
     transfer_style: str = "geometric"  # B's rendering style (data/synthetic.py STYLES)
     transfer_users: int = 0  # B's users; 0: data.n_users
