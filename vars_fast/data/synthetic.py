@@ -219,13 +219,15 @@ class SyntheticCatalogue:
         s, k = self.size, self.supersample
         # coverage of the silhouette (and its darker detail part) from the fine grid
         xx, yy = self._grid_hi
-        mask, detail = (_geometric_mask if geometric else _shape_mask)(int(a["category"]), (xx - a["dx"]) / a["scale"], (yy - a["dy"]) / a["scale"])
+        mask, detail = (_geometric_mask if geometric else _shape_mask)(
+            int(a["category"]), (xx - a["dx"]) / a["scale"], (yy - a["dy"]) / a["scale"])
         alpha = mask.reshape(s, k, s, k).mean(axis=(1, 3), dtype=np.float32)[..., None]
         dark = detail.reshape(s, k, s, k).mean(axis=(1, 3), dtype=np.float32)[..., None]
         xx, yy = self._grid_lo
         u, v = (xx - a["dx"]) / a["scale"], (yy - a["dy"]) / a["scale"]
         # background: pale, low-saturation tint with a soft vertical gradient (per row)
-        rows = _hsv_to_rgb(a["bg_hue"], 0.35 if geometric else 0.12, a["bg_value"] - 0.1 * (yy[:, :1] + 1) / 2)  # [S,1,3]
+        bg_sat = 0.35 if geometric else 0.12
+        rows = _hsv_to_rgb(a["bg_hue"], bg_sat, a["bg_value"] - 0.1 * (yy[:, :1] + 1) / 2)  # [S,1,3]
         primary = _hsv_to_rgb(a["hue"], a["saturation"], a["value"]).astype(np.float32)
         # secondary pattern colour: same hue, lighter and less saturated, so hue taste stays legible
         secondary = _hsv_to_rgb(a["hue"], a["saturation"] * 0.35, min(1.0, a["value"] * 0.45 + 0.5)).astype(np.float32)

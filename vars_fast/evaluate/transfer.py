@@ -85,7 +85,8 @@ def rows_for(ev: Evaluation, defense, cat, rec, attacked: dict, test_items, k: i
         rec, cat, visual=ev.encode_all(rec, imgs), topk=ev.topk).items()}
     ranking = []
     for (attack, eps), imgs in [(("clean", 0), cat.images), *attacked.items()]:
-        den, rnd = ev.purify_all(imgs, defense=defense, desc=f"transfer purify {attack}", tag=f"transfer:{attack}:{eps}")
+        den, rnd = ev.purify_all(imgs, defense=defense, desc=f"transfer purify {attack}",
+                                 tag=f"transfer:{attack}:{eps}")
         for dname, x in zip(RANK_DEFENSES, (den, rnd)):
             ranking.append({"model": "VBPR", "defense": dname, "attack": attack, "eps": eps, **tag, **rank(x)})
     detection = []
@@ -120,7 +121,10 @@ def transfer(ev: Evaluation) -> None:
     rec = train_vbpr(ev, cat)
     lap("recommender")
     none = {"model": "VBPR", "defense": "none", "transfer": TAG, "finetune_epochs": 0}
-    rank = lambda visual: {k: float(v) for k, v in ranking_metrics(rec, cat, visual=visual, topk=ev.topk).items()}  # noqa: E731
+
+    def rank(visual) -> dict:
+        return {k: float(v) for k, v in ranking_metrics(rec, cat, visual=visual, topk=ev.topk).items()}
+
     ranking = [{**none, "attack": "clean", "eps": 0, **rank(None)}]
     attacked = {}
     for attack, eps in (("fgsm", DETECT_EPS), ("pgd", int(ecfg.table_eps))):
