@@ -297,6 +297,15 @@ class EvalConfig:
     adaptive_steps: int = 5  # 0: attack.pgd_steps
     adaptive_items: int = 64  # items attacked adaptively (seeded subset); 0: all
     adaptive_detect_weight: float = 1.0  # weight of the detector hinge in the attacker's loss
+    # transfer (evaluate/transfer.py): the defence trained on this catalogue (A) applied to a
+    # synthetic catalogue B of another seed and style, with 0 and transfer_finetune_epochs
+    # epochs of denoiser fine-tuning on B; the detector stays as trained on A
+    transfer: bool = False  # ~3.5 min on the default preset: docs/results/transfer.md
+    transfer_seed: int = 1  # B's data.seed
+    transfer_style: str = "geometric"  # B's rendering style (data/synthetic.py STYLES)
+    transfer_users: int = 0  # B's users; 0: data.n_users
+    transfer_items: int = 0  # B's items; 0: data.n_items
+    transfer_finetune_epochs: int = 2
 
 
 @dataclass
@@ -563,6 +572,10 @@ def validate(cfg: Config) -> None:
     check(len(cfg.attack.objective) > 0 and set(cfg.attack.objective) <= {"train", "eval"}, "attack.objective",
           "entries must be train or eval")
     check(cfg.eval.oracle_users >= 0, "eval.oracle_users", "must be >= 0 (0: every user)")
+    check(cfg.eval.transfer_style in ("classic", "geometric"), "eval.transfer_style", "must be classic or geometric")
+    check(cfg.eval.transfer_finetune_epochs >= 0, "eval.transfer_finetune_epochs", "must be >= 0")
+    check(cfg.eval.transfer_users >= 0 and cfg.eval.transfer_items >= 0, "eval.transfer_items",
+          "eval.transfer_users/transfer_items must be >= 0 (0: as data)")
     check(set(cfg.attack.untargeted) <= {"fgsm", "pgd"}, "attack.untargeted", "entries must be fgsm or pgd")
     check(set(cfg.attack.targets) <= {"aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"}, "attack.targets",
           "entries must be aip-insa, aip-expa, taamr-fgsm or taamr-pgd")

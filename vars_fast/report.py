@@ -293,6 +293,21 @@ def targets_summary(m: dict, eps: float) -> str:
     return out
 
 
+def transfer_table(ranking: list[dict], detection: list[dict]) -> str:
+    """A->B (``eval.transfer``): VBPR HR@10 on B per attack and defence, and our detector on B
+    at eps 16, per number of denoiser fine-tuning epochs on B (0: A's defence as is)."""
+    epochs = sorted({int(r["finetune_epochs"]) for r in ranking if r["defense"] != "none"})
+    attacks = [(r["attack"], r["eps"]) for r in ranking if r["defense"] == "none"]
+    head = ["attack", "eps", "none"] + [f"{d} (ft {k})" for k in epochs for d in ("denoise", "denoise+rand")]
+    body = [[a, e, (_find(ranking, attack=a, eps=e, defense="none") or {}).get("HR@10")]
+            + [(_find(ranking, attack=a, eps=e, defense=d, finetune_epochs=k) or {}).get("HR@10")
+               for k in epochs for d in ("denoise", "denoise+rand")] for a, e in attacks]
+    det = [[r["finetune_epochs"], r["eps"], r.get("accuracy"), r.get("tpr"), r.get("fpr"), r.get("auc")]
+           for r in sorted(detection, key=lambda r: r["finetune_epochs"])]
+    return (_table(head, body) + "\n\nDetector (A's weights and threshold) on B, FGSM:\n\n"
+            + _table(["finetune epochs", "eps", "accuracy", "TPR", "FPR", "AUC"], det))
+
+
 def meta_section(m: dict) -> str:
     meta = m.get("meta", {})
     if not meta:
@@ -487,6 +502,9 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
     general_rows = [r for r in m.get("detection", []) if "seen" in r]
     m = {**m, "ranking": [r for r in m.get("ranking", []) if r.get("objective", "train") == "train"],
          "detection": [r for r in m.get("detection", []) if "seen" not in r]}
+    # catalogue B's rows (eval.transfer) have their own table; every other table is catalogue A
+    transfer = {k: [r for r in m.get(k, []) if r.get("transfer")] for k in ("ranking", "detection")}
+    m = {**m, **{k: [r for r in m.get(k, []) if not r.get("transfer")] for k in ("ranking", "detection")}}
     eps = _table_eps(m)
     figs: dict[str, str] = {}
     fig_note = ""
@@ -524,8 +542,14 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
               "## Adaptive attacker (beyond the paper)", "",
               "PGD through the denoiser (and, for OURS-rand, expectation over the random resize-pad) with a "
               "hinge keeping the detector distance under its threshold; see `vars_fast/attacks/adaptive.py`.", "",
-              adaptive_table(m), "",
-              "## Data and run", "", meta_section(m), "", "## Figures", fig_note]
+              adaptive_table(m), ""]
+    if transfer["ranking"]:  # an optional section (eval.transfer): absent from runs without it
+        parts += ["## Transfer to a new catalogue (A->B, VBPR HR@10)", "",
+                  "The defence trained here applied to a second synthetic catalogue (another seed, shape "
+                  "set and palette; `vars_fast/evaluate/transfer.py`), as is and after denoiser fine-tuning "
+                  "on B; the detector is never retrained.", "",
+                  transfer_table(transfer["ranking"], transfer["detection"]), ""]
+    parts += ["## Data and run", "", meta_section(m), "", "## Figures", fig_note]
     names = {"fig6_hr_vs_eps": "Fig. 6: HR@10 vs eps", "fig7_denoised_examples": "Fig. 7: denoised examples",
              "fig8_distance_hist": "Fig. 8: detector distances, clean vs adversarial",
              "fig9_roc": "Fig. 9: ROC with the chosen threshold", "fig10_confusion": "Fig. 10: confusion matrix",

@@ -20,8 +20,8 @@ from typing import Any
 from vars_fast.io import atomic_write_json
 
 _KEYS = {
-    "ranking": ("model", "defense", "attack", "eps", "variant", "objective"),
-    "detection": ("detector", "attack", "eps", "variant", "model", "seen", "quality"),
+    "ranking": ("model", "defense", "attack", "eps", "variant", "objective", "transfer", "finetune_epochs"),
+    "detection": ("detector", "attack", "eps", "variant", "model", "seen", "quality", "transfer", "finetune_epochs"),
     "targeted": ("attack", "eps", "defense", "model", "variant"),
     "fidelity": ("model", "attack", "eps", "images"),
 }

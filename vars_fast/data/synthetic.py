@@ -27,6 +27,11 @@ CATEGORY_NAMES = ["t-shirt", "trousers", "dress", "shoe", "bag", "hat", "watch",
 PATTERN_NAMES = ["solid", "stripes", "dots", "checks", "gradient"]
 N_HUE_BINS = 8  # hues are drawn around 8 centres so that "colour taste" is a discrete-ish attribute
 GENERATOR_VERSION = 2  # bump when the images or the user model change (invalidates caches)
+# Rendering styles. "classic" is the catalogue above. "geometric" draws the same attributes
+# with another shape set (disc, square, triangle, ring, cross, diamond, star, crescent), a
+# palette whose hue centres sit half a bin away from classic's, and a dark background: a second
+# catalogue for transfer checks whose users keep the same kind of (category, colour) taste.
+STYLES = ("classic", "geometric")
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -132,6 +137,35 @@ def _shape_mask(cat: int, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.
     return lenses | bridge | arms, lenses
 
 
+def _geometric_mask(cat: int, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The "geometric" style's silhouette of a category (same contract as :func:`_shape_mask`)."""
+    c = cat % 8
+    if cat >= 8:
+        u = u * (1.0 + 0.25 * (cat // 8))
+    r, a = np.sqrt(u ** 2 + v ** 2), np.arctan2(v, u)
+    rim = lambda m, inner: m & ~inner  # noqa: E731
+    if c == 0:  # disc with a darker core
+        return r < 0.7, r < 0.25
+    if c == 1:  # square with a darker frame
+        m = (np.abs(u) < 0.65) & (np.abs(v) < 0.65)
+        return m, rim(m, (np.abs(u) < 0.5) & (np.abs(v) < 0.5))
+    if c == 2:  # upward triangle with a darker base
+        m = (v < 0.6) & (v > -0.7) & (np.abs(u) < 0.75 * (v + 0.7) / 1.3)
+        return m, m & (v > 0.45)
+    if c == 3:  # ring
+        return (r > 0.4) & (r < 0.75), (r > 0.4) & (r < 0.5)
+    if c == 4:  # cross with a darker centre
+        m = ((np.abs(u) < 0.22) & (np.abs(v) < 0.8)) | ((np.abs(v) < 0.22) & (np.abs(u) < 0.8))
+        return m, (np.abs(u) < 0.22) & (np.abs(v) < 0.22)
+    if c == 5:  # diamond with a darker lower half
+        m = np.abs(u) + np.abs(v) < 0.8
+        return m, m & (v > 0.2)
+    if c == 6:  # five-pointed star
+        return r < 0.35 + 0.4 * np.maximum(np.cos(5 * (a + np.pi / 2)), 0) ** 2, r < 0.2
+    m = (r < 0.7) & (np.sqrt((u - 0.3) ** 2 + (v + 0.15) ** 2) > 0.55)  # crescent
+    return m, m & (u < -0.45)
+
+
 def _pattern(p: int, u: np.ndarray, v: np.ndarray, freq: float, angle: float) -> np.ndarray:
     """Pattern value in [0,1] (1 = primary colour, 0 = secondary) at object coordinates."""
     if p == 0:
@@ -158,8 +192,10 @@ class SyntheticCatalogue:
     """
 
     def __init__(self, seed: int = 0, size: int = 64, n_categories: int = 8, n_items: int | None = None,
-                 supersample: int = 2):
-        self.seed, self.size, self.n_categories = int(seed), int(size), int(n_categories)
+                 supersample: int = 2, style: str = "classic"):
+        if style not in STYLES:
+            raise ValueError(f"synthetic style {style!r}: expected one of {', '.join(STYLES)}")
+        self.seed, self.size, self.n_categories, self.style = int(seed), int(size), int(n_categories), style
         self.supersample = supersample  # silhouette coverage from a 2x grid: anti-aliased edges
         self.n_items = n_items
         self.attributes = item_attributes(seed, np.arange(n_items), n_categories) if n_items else None
@@ -173,19 +209,25 @@ class SyntheticCatalogue:
         return xx, yy
 
     def render(self, i: int) -> np.ndarray:
-        """Item ``i`` as uint8 [3, S, S]; depends only on (seed, i, size, n_categories)."""
+        """Item ``i`` as uint8 [3, S, S]; depends only on (seed, i, size, n_categories, style)."""
         a = {k: v[0].item() for k, v in item_attributes(self.seed, np.array([i]), self.n_categories).items()}
+        geometric = self.style == "geometric"
+        if geometric:  # hue centres half a bin over, dark tinted background (see STYLES)
+            a["hue"] = (a["hue"] + 0.5 / N_HUE_BINS) % 1.0
+            a["bg_value"] = a["bg_value"] - 0.55
         rng = np.random.default_rng([self.seed, int(i), 7])
         s, k = self.size, self.supersample
         # coverage of the silhouette (and its darker detail part) from the fine grid
         xx, yy = self._grid_hi
-        mask, detail = _shape_mask(int(a["category"]), (xx - a["dx"]) / a["scale"], (yy - a["dy"]) / a["scale"])
+        mask, detail = (_geometric_mask if geometric else _shape_mask)(
+            int(a["category"]), (xx - a["dx"]) / a["scale"], (yy - a["dy"]) / a["scale"])
         alpha = mask.reshape(s, k, s, k).mean(axis=(1, 3), dtype=np.float32)[..., None]
         dark = detail.reshape(s, k, s, k).mean(axis=(1, 3), dtype=np.float32)[..., None]
         xx, yy = self._grid_lo
         u, v = (xx - a["dx"]) / a["scale"], (yy - a["dy"]) / a["scale"]
         # background: pale, low-saturation tint with a soft vertical gradient (per row)
-        rows = _hsv_to_rgb(a["bg_hue"], 0.12, a["bg_value"] - 0.1 * (yy[:, :1] + 1) / 2)  # [S,1,3]
+        bg_sat = 0.35 if geometric else 0.12
+        rows = _hsv_to_rgb(a["bg_hue"], bg_sat, a["bg_value"] - 0.1 * (yy[:, :1] + 1) / 2)  # [S,1,3]
         primary = _hsv_to_rgb(a["hue"], a["saturation"], a["value"]).astype(np.float32)
         # secondary pattern colour: same hue, lighter and less saturated, so hue taste stays legible
         secondary = _hsv_to_rgb(a["hue"], a["saturation"] * 0.35, min(1.0, a["value"] * 0.45 + 0.5)).astype(np.float32)

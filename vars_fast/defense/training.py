@@ -38,6 +38,7 @@ and reproduces the uninterrupted run (one seeded generator drives every random c
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -259,13 +260,16 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
                   seed: int = 0, state_path: Optional[str | Path] = None, amp: bool = False, compile: bool = False,
                   progress: bool = True, log=None, desc: str = "defense",
                   phase1_path: Optional[str | Path] = None,
-                  on_epoch_end: Optional[Callable[[int, dict], None]] = None) -> tuple[Defense, list[dict]]:
+                  on_epoch_end: Optional[Callable[[int, dict], None]] = None,
+                  init_denoiser: Optional[Denoiser] = None) -> tuple[Defense, list[dict]]:
     """Train per Eq. 12 and the schedule above; returns (Defense without threshold, history).
 
     ``state_path``: the resumable per-epoch checkpoint (resumed when it exists and was made by
     the same configuration; a finished one skips training). ``backbone``: the frozen backbone
     of the recommender, used by the perceptual loss and copied for the detector encoder.
     ``on_epoch_end(epoch, record)`` runs after each epoch's checkpoint (tests kill there).
+    ``init_denoiser``: a trained denoiser whose copy is trained instead of a fresh one
+    (fine-tuning on another catalogue; the original is left untouched).
     ``phase1_path``: the state after phase 1 (denoiser, its Adam state, RNG, history) is
     written there, and a run whose phase 1 would be identical (same ``phase1_fingerprint``:
     seed, split and every field that acts in phase 1) starts from it instead of retraining
@@ -283,6 +287,9 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global stream
         torch.manual_seed(seed)
         den, det = build_models(dcfg, image_size, backbone, backbone_cfg, device)
+    if init_denoiser is not None:
+        den = copy.deepcopy(init_denoiser).to(device=device, memory_format=torch.contiguous_format)
+        den.requires_grad_(True)
     if getattr(dcfg, "fast_frozen", True):
         # the recommender and its backbone are frozen here: attack generation, L_VBPR and L_p run
         # on a BN-folded NHWC copy (nn/fuse.py; same function to ~1e-5, checked on real

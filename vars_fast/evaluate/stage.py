@@ -18,10 +18,12 @@ from vars_fast.evaluate.generalisation import generalisation
 from vars_fast.evaluate.oracle import oracle
 from vars_fast.evaluate.ranking import ranking
 from vars_fast.evaluate.targeted import targeted
+from vars_fast.evaluate.transfer import transfer
 
 SECTIONS: tuple[tuple[str, Callable[[Evaluation], None]], ...] = (
-    ("ranking", ranking), ("oracle", oracle), ("detection", detection), ("generalisation", generalisation), ("ablation", ablation),
-    ("targeted", targeted), ("adaptive", adaptive), ("embeddings", embeddings))
+    ("ranking", ranking), ("oracle", oracle), ("detection", detection), ("generalisation", generalisation),
+    ("ablation", ablation), ("targeted", targeted), ("adaptive", adaptive), ("embeddings", embeddings),
+    ("transfer", transfer))
 
 
 def run_all(ev: Evaluation) -> None:
