@@ -154,3 +154,27 @@ def test_every_given_item_is_attacked_and_rows_record_the_attacker(tmp_path):
     E = ctx.run.rows("ranking", attack="adaptive-pgd", objective="eval")
     assert {r["defense"] for r in E} == {"denoise", "denoise+rand"}
     assert all(r["n_users"] == 2 and r["steps"] == 1 for r in E)
+
+
+class DistanceDetector(ToyDetector):
+    def distance(self, x, den):
+        return (self.embed(x) - self.embed(den)).norm(dim=1)
+
+
+def test_detector_phase_trains_on_adaptive_views_when_asked():
+    import dataclasses
+
+    from vars_fast.config import DefenseConfig
+    from vars_fast.defense.training import epoch_plan, make_adaptive
+
+    dcfg = DefenseConfig()
+    assert all(ep["kinds"] == ["fgsm"] for ep in epoch_plan(dcfg) if ep["phase"] == "detector")
+    hard = dataclasses.replace(dcfg, adaptive_train=True, adaptive_train_steps=2, adaptive_train_eot=2)
+    det_phase = [ep for ep in epoch_plan(hard) if ep["phase"] == "detector"]
+    assert det_phase and all(ep["kinds"] == ["fgsm", "adaptive"] for ep in det_phase)
+    d = ToyDefense()
+    det = DistanceDetector()
+    x = torch.round(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(7)) * 255) / 255
+    x_adv = make_adaptive(rec_loss, x, d.denoiser, det, hard, 8, 16, torch.Generator().manual_seed(8))
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and (x_adv != x).any()
+    torch.testing.assert_close(torch.round(x_adv * 255), x_adv * 255, rtol=0, atol=1e-3)  # the uint8 grid

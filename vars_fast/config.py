@@ -215,6 +215,14 @@ class DefenseConfig:
     # detector those distances (docs/results/defaults.md)
     detector_eps: list = _after_phase1(default_factory=lambda: [8, 16, 32, 64])
     threshold_rule: str = _after_phase1("youden")  # youden | fpr@0.05 | balanced
+    # adversarial training of the pair against the adaptive attacker: in the detector phase,
+    # every other iteration's adversarial view is AdaptivePGD through the current denoiser
+    # (EOT over the resize-pad) with the detector hinge, so the detector learns the images
+    # that evade it (defense/training.py; docs/results/adaptive_hardening.md)
+    adaptive_train: bool = _after_phase1(False)
+    adaptive_train_steps: int = _after_phase1(3)
+    adaptive_train_eot: int = _after_phase1(2)
+    adaptive_train_weight: float = _after_phase1(1.0)  # the hinge's weight in that attacker's loss
     # random resize-pad at inference (OURS-rand)
     rand_min_frac: float = _after_phase1(0.85)  # r' drawn uniformly in [rand_min_frac * r, r)
 
@@ -541,6 +549,8 @@ def validate(cfg: Config) -> None:
     check(cfg.defense.threshold_rule in ("youden", "fpr@0.05", "balanced"), "defense.threshold_rule",
           "must be youden, fpr@0.05 or balanced")
     check(0.0 < cfg.defense.rand_min_frac < 1.0, "defense.rand_min_frac", "must be in (0, 1)")
+    check(cfg.defense.adaptive_train_steps >= 1, "defense.adaptive_train_steps", "must be >= 1")
+    check(cfg.defense.adaptive_train_eot >= 1, "defense.adaptive_train_eot", "must be >= 1")
     check(cfg.defense.temperature > 0, "defense.temperature", "must be > 0")
     check(cfg.run.device in ("cpu", "cuda", "auto"), "run.device", "must be cpu, cuda or auto")
     check(cfg.run.backend in ("auto", "reference", "cpp", "cuda", "triton"), "run.backend",

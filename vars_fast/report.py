@@ -22,7 +22,8 @@ from vars_fast.cli import add_debug_flag, user_errors_exit
 
 ARRAYS = "eval_arrays.npz"
 METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
-DEF_NAME = {"none": None, "denoise": "OURS", "denoise+rand": "OURS-rand", "detect+denoise": "OURS-gated"}
+DEF_NAME = {"none": None, "denoise": "OURS", "denoise+rand": "OURS-rand", "detect+denoise": "OURS-gated",
+            "detect+withhold": "OURS-withhold"}
 
 
 # ------------------------------------------------------------------ small helpers
@@ -79,7 +80,8 @@ def ranking_table(m: dict, model: str, eps: float) -> str:
         e = 0 if attack == "clean" else eps
         for label, mod, d in ((model, model, "none"), ("AMR", "AMR", "none"),
                               ("OURS", model, "denoise"), ("OURS-rand", model, "denoise+rand"),
-                              ("OURS-gated (denoise flagged only)", model, "detect+denoise")):
+                              ("OURS-gated (denoise flagged only)", model, "detect+denoise"),
+                              ("OURS-withhold (flagged uploads withheld)", model, "detect+withhold")):
             r = _find(R, model=mod, defense=d, attack=attack, eps=e)
             if r is not None:
                 out.append([attack.upper() if attack != "clean" else "Clean", label] + [r.get(k) for k in METRICS])
@@ -190,11 +192,28 @@ def adaptive_table(m: dict) -> str:
         e = r["eps"]
         clean = _find(R, model=r["model"], defense=r["defense"], attack="clean", eps=0) or {}
         plain = _find(R, model=r["model"], defense=r["defense"], attack="pgd", eps=e) or {}
-        det = _find(D, detector="ours", attack="adaptive-pgd", eps=e, variant=r["defense"]) or {}
-        rows.append([r["model"], DEF_NAME.get(r["defense"], r["defense"]), e, clean.get("HR@10"), plain.get("HR@10"),
-                     r.get("HR@10"), r.get("NDCG@10"), det.get("tpr"), r.get("n_adaptive_items"), r.get("eot")])
+        det = _find(D, detector="ours", attack="adaptive-pgd", eps=e, variant=r.get("against", r["defense"])) or {}
+        name = DEF_NAME.get(r["defense"], r["defense"]) + (f" (vs {r['against']} attacker)" if "against" in r else "")
+        rows.append([r["model"], name, e, clean.get("HR@10"), plain.get("HR@10"), r.get("HR@10"), r.get("NDCG@10"),
+                     det.get("tpr"), det.get("tpr_at_fpr05"), r.get("flagged"), r.get("n_adaptive_items"),
+                     r.get("steps"), r.get("eot"), r.get("detect_weight")])
     return _table(["model", "defence", "eps", "HR@10 clean", "HR@10 PGD (non-adaptive)", "HR@10 adaptive-PGD",
-                   "NDCG@10 adaptive", "detected share", "items attacked", "EOT draws"], rows)
+                   "NDCG@10 adaptive", "TPR (val. threshold)", "TPR at FPR<=0.05", "withheld share",
+                   "items attacked", "steps", "EOT draws", "detector weight"], rows)
+
+
+def adaptive_eval_table(rows: list[dict]) -> str:
+    """The adaptive attacker on the eval objective's lists (a seeded subset of the oracle users)."""
+    A = [r for r in rows if r.get("attack") == "adaptive-pgd"]
+    if not A:
+        return _missing("not run (eval.adaptive_oracle_users = -1, or no eval objective)")
+    out = []
+    for r in A:
+        clean = _find(rows, model=r["model"], defense=r["defense"], attack="clean-adaptive-subset", eps=0) or {}
+        out.append([r["model"], DEF_NAME.get(r["defense"], r["defense"]), r["eps"], r.get("n_users"),
+                    clean.get("HR@10"), r.get("HR@10"), r.get("steps"), r.get("eot"), r.get("detect_weight")])
+    return _table(["model", "defence", "eps", "users", "HR@10 clean (same users)", "HR@10 adaptive-PGD",
+                   "steps", "EOT draws", "detector weight"], out)
 
 
 def targets_summary(m: dict, eps: float) -> str:
@@ -388,6 +407,8 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
     m = json.loads(mp.read_text()) if mp.is_file() else {"meta": {}, "ranking": [], "detection": [], "targeted": []}
     # every table below reads the realistic objective's rows; the oracle's have their own table
     oracle_rows = [r for r in m.get("ranking", []) if r.get("objective") == "eval"]
+    adaptive_eval = [r for r in oracle_rows if r.get("attack") in ("adaptive-pgd", "clean-adaptive-subset")]
+    oracle_rows = [r for r in oracle_rows if r not in adaptive_eval]
     m = {**m, "ranking": [r for r in m.get("ranking", []) if r.get("objective", "train") == "train"]}
     eps = _table_eps(m)
     figs: dict[str, str] = {}
@@ -421,6 +442,9 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
               "PGD through the denoiser (and, for OURS-rand, expectation over the random resize-pad) with a "
               "hinge keeping the detector distance under its threshold; see `vars_fast/attacks/adaptive.py`.", "",
               adaptive_table(m), "",
+              "OURS-withhold: the platform withholds a flagged upload and the item keeps its clean feature "
+              "(`eval.withhold_fallback`); its row is the stronger of the two adaptive attackers.", "",
+              "### On the eval objective's lists", "", adaptive_eval_table(adaptive_eval), "",
               "## Data and run", "", meta_section(m), "", "## Figures", fig_note]
     names = {"fig6_hr_vs_eps": "Fig. 6: HR@10 vs eps", "fig7_denoised_examples": "Fig. 7: denoised examples",
              "fig8_distance_hist": "Fig. 8: detector distances, clean vs adversarial",
