@@ -84,3 +84,97 @@ def test_detector_penalty_pulls_distance_down():
     with torch.no_grad():
         dist1 = (d.detector.embed(x_adv) - d.detector.embed(d.denoiser(x_adv))).norm(dim=1)
     assert (dist1 < dist0).all()
+
+
+def test_detector_term_is_in_the_loss_only_when_asked():
+    d = ToyDefense()
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        dist = (d.detector.embed(x) - d.detector.embed(d.denoiser(x))).norm(dim=1)
+        d.threshold = float(dist.min()) * 0.5  # every image above m * tau: the hinge is active
+        plain = DefendedLoss(rec_loss, d, rand=False, detect_weight=0.0)
+        hinge = DefendedLoss(rec_loss, d, rand=False, detect_weight=2.0)
+        assert not plain.use_detector and hinge.use_detector
+        assert torch.equal(plain(x), rec_loss(d.denoiser(x)).float())  # w = 0: no detector term at all
+        expected = rec_loss(d.denoiser(x)).float() - 2.0 * torch.relu(dist - 0.9 * d.threshold) / d.threshold
+        torch.testing.assert_close(hinge(x), expected)
+        assert (hinge(x) < plain(x)).all()
+
+
+def test_tpr_at_fpr_keeps_the_false_positive_rate():
+    from vars_fast.evaluate.adaptive import tpr_at_fpr
+
+    d_clean = torch.arange(100, dtype=torch.float32)  # 0..99
+    d_adv = torch.tensor([50.0, 94.5, 95.5, 200.0])
+    tpr, thr = tpr_at_fpr(d_clean, d_adv, 0.05)
+    assert int((d_clean > thr).sum()) <= 5  # 5% of 100
+    assert thr == 94.0 and tpr == 0.75
+
+
+def test_every_given_item_is_attacked_and_rows_record_the_attacker(tmp_path):
+    """The evaluation's adaptive section with eval.adaptive_items = 0 on a tiny run: every
+    item's image is an adaptive one (the base is the clean catalogue, nothing is mixed in),
+    and the rows carry steps, EOT draws, items and the detector weight."""
+    import json
+
+    import numpy as np
+
+    from test_evaluate import build_tiny_run
+    from vars_fast.evaluate import Evaluation
+    from vars_fast.evaluate.adaptive import adaptive
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ctx = build_tiny_run(tmp_path / "run", evaluate=False)
+        e = ctx.cfg.eval
+        e.adaptive_items, e.adaptive_steps, e.adaptive_eot, e.adaptive_oracle_users = 0, 1, 2, 2
+        users = [int(u) for u in (ctx.catalogue.test >= 0).nonzero().squeeze(1)[:3]]
+        (ctx.run.path / "attacks" / "oracle_users.json").write_text(json.dumps({"users": users}))
+        adaptive(Evaluation(ctx))
+    finally:
+        torch.set_num_threads(threads)
+    N = ctx.catalogue.n_items
+    clean = ctx.catalogue.images.numpy().astype(int)
+    for tag in ("det", "rand"):
+        adv = np.load(ctx.run.attack_file("VBPR", f"adaptive-pgd-{tag}", 8)).astype(int)
+        assert adv.shape[0] == N
+        moved = np.abs(adv - clean).reshape(N, -1).max(1)
+        assert (moved > 0).all() and moved.max() <= 8
+    A = ctx.run.rows("ranking", attack="adaptive-pgd", objective="train")
+    assert {r["defense"] for r in A} == {"denoise", "denoise+rand", "detect+withhold"}
+    for r in A:
+        assert r["n_adaptive_items"] == N and r["steps"] == 1 and r["detect_weight"] == 1.0
+        assert r["eot"] == (2 if r["defense"] == "denoise+rand" or r.get("against") == "denoise+rand" else 1)
+    (w,) = [r for r in A if r["defense"] == "detect+withhold"]
+    assert 0 <= w["flagged"] <= 1
+    D = ctx.run.rows("detection", attack="adaptive-pgd")
+    assert {r["variant"] for r in D} == {"denoise", "denoise+rand"}
+    assert all(0 <= r["tpr_at_fpr05"] <= 1 and r["eot"] >= 1 for r in D)
+    E = ctx.run.rows("ranking", attack="adaptive-pgd", objective="eval")
+    assert {r["defense"] for r in E} == {"denoise", "denoise+rand"}
+    assert all(r["n_users"] == 2 and r["steps"] == 1 for r in E)
+
+
+class DistanceDetector(ToyDetector):
+    def distance(self, x, den):
+        return (self.embed(x) - self.embed(den)).norm(dim=1)
+
+
+def test_detector_phase_trains_on_adaptive_views_when_asked():
+    import dataclasses
+
+    from vars_fast.config import DefenseConfig
+    from vars_fast.defense.training import epoch_plan, make_adaptive
+
+    dcfg = DefenseConfig()
+    assert all(ep["kinds"] == ["fgsm"] for ep in epoch_plan(dcfg) if ep["phase"] == "detector")
+    hard = dataclasses.replace(dcfg, adaptive_train=True, adaptive_train_steps=2, adaptive_train_eot=2)
+    det_phase = [ep for ep in epoch_plan(hard) if ep["phase"] == "detector"]
+    assert det_phase and all(ep["kinds"] == ["fgsm", "adaptive"] for ep in det_phase)
+    d = ToyDefense()
+    det = DistanceDetector()
+    x = torch.round(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(7)) * 255) / 255
+    x_adv = make_adaptive(rec_loss, x, d.denoiser, det, hard, 8, 16, torch.Generator().manual_seed(8))
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and (x_adv != x).any()
+    torch.testing.assert_close(torch.round(x_adv * 255), x_adv * 255, rtol=0, atol=1e-3)  # the uint8 grid

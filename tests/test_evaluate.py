@@ -91,8 +91,9 @@ def test_gated_rows_denoise_exactly_the_flagged_items(ctx):
     from vars_fast.evaluate import Evaluation
 
     for a in ("clean", "fgsm", "pgd"):
-        (row,) = ctx.run.rows("ranking", model="VBPR", defense="detect+denoise", attack=a)
-        assert 0 <= row["flagged"] <= 1 and 0 <= row["HR@10"] <= 1
+        for d in ("detect+denoise", "detect+withhold"):
+            (row,) = ctx.run.rows("ranking", model="VBPR", defense=d, attack=a)
+            assert 0 <= row["flagged"] <= 1 and 0 <= row["HR@10"] <= 1
     ev = Evaluation(ctx)
     x = ctx.catalogue.images[:12]
     den = torch.rand(12, 3, 32, 32)  # a stand-in D(x) far from x: the detector sees the difference
@@ -124,7 +125,7 @@ def test_ablation_targeted_adaptive(ctx):
     assert {r["defense"] for r in T} == {"denoise", "denoise+rand"}
     assert all(np.isfinite(r["prediction_shift"]) for r in T)
     A = [r for r in R if r["attack"] == "adaptive-pgd"]
-    assert {r["defense"] for r in A} == {"denoise", "denoise+rand"}
+    assert {r["defense"] for r in A} == {"denoise", "denoise+rand", "detect+withhold"}
     assert all(r["n_adaptive_items"] == 10 for r in A)
     adv = np.load(ctx.run.attack_file("VBPR", "adaptive-pgd-rand", 8)).astype(int)
     assert np.abs(adv - ctx.catalogue.images.numpy().astype(int)).max() <= 8

@@ -234,6 +234,14 @@ class DefenseConfig:
     # detector those distances (docs/results/defaults.md)
     detector_eps: list = _after_phase1(default_factory=lambda: [8, 16, 32, 64])
     threshold_rule: str = _after_phase1("youden")  # youden | fpr@0.05 | balanced
+    # adversarial training of the pair against the adaptive attacker: in the detector phase,
+    # every other iteration's adversarial view is AdaptivePGD through the current denoiser
+    # (EOT over the resize-pad) with the detector hinge, so the detector learns the images
+    # that evade it (defense/training.py; docs/results/adaptive_hardening.md)
+    adaptive_train: bool = _after_phase1(False)
+    adaptive_train_steps: int = _after_phase1(3)
+    adaptive_train_eot: int = _after_phase1(2)
+    adaptive_train_weight: float = _after_phase1(1.0)  # the hinge's weight in that attacker's loss
     # random resize-pad at inference (OURS-rand)
     rand_min_frac: float = _after_phase1(0.85)  # r' drawn uniformly in [rand_min_frac * r, r)
 
@@ -287,15 +295,21 @@ class EvalConfig:
     # table_eps, PGD-L2, a ResNet18-surrogate transfer attack, Gaussian noise and JPEG
     generalisation: bool = True
     generalisation_fgsm_eps: list = field(default_factory=lambda: [4, 8, 16, 32, 64])
-    # adaptive attacker: on/off, EOT draws per step against denoise+rand, and its eps
+    # adaptive attacker (attacks/adaptive.py): every item is attacked through the defence with
+    # adaptive_steps PGD steps, EOT over adaptive_eot random resize-pad draws per step against
+    # denoise+rand, and a detector hinge of weight adaptive_detect_weight. The default preset's
+    # EOT is what fits its budget; the "full" preset runs EOT 8 (docs/results/adaptive_cost.md)
     adaptive: bool = True
     adaptive_eot: int = 4
     adaptive_eps: int = 0  # /255; 0: table_eps
-    # every adaptive step is a denoiser forward+backward per item, so a seeded subset of items
-    # is attacked adaptively and the rest keep their non-adaptive PGD image (a mixed attacker,
-    # at least as strong as plain PGD on the other items; docs/results/defaults.md)
-    adaptive_steps: int = 5  # 0: attack.pgd_steps
-    adaptive_items: int = 64  # items attacked adaptively (seeded subset); 0: all
+    adaptive_steps: int = 10  # 0: attack.pgd_steps
+    # items attacked adaptively (seeded subset, the rest keep their plain PGD image: a mixed
+    # attacker, for cost studies only); 0: every item
+    adaptive_items: int = 0
+    # the "eval" objective adaptively (whole lists through the defence) on a seeded subset of
+    # the oracle users; 0: every oracle user, -1: off. Each user is 1 + n_negatives images, so
+    # the default leaves it to the "full" preset (docs/results/adaptive_cost.md)
+    adaptive_oracle_users: int = -1
     adaptive_detect_weight: float = 1.0  # weight of the detector hinge in the attacker's loss
     # transfer (evaluate/transfer.py): the defence trained on this catalogue (A) applied to a
     # synthetic catalogue B of another seed and style, with 0 and transfer_finetune_epochs
@@ -306,6 +320,9 @@ class EvalConfig:
     transfer_users: int = 0  # B's users; 0: data.n_users
     transfer_items: int = 0  # B's items; 0: data.n_items
     transfer_finetune_epochs: int = 2
+    # detect+withhold: a flagged item keeps its clean feature ("clean"), or the catalogue's mean
+    # feature ("mean": an item with no clean history)
+    withhold_fallback: str = "clean"
 
 
 @dataclass
@@ -369,10 +386,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval.noise_sigmas": [0.05, 0.1],
         "eval.adaptive_eot": 2,
         "eval.tsne_points": 90,
-        "eval.adaptive_items": 48,
         "eval.curve_eps": [],
         "eval.adaptive_steps": 3,
         "eval.oracle_users": 24,
+        "eval.adaptive_oracle_users": 4,
+    },
+    # the default preset plus what its budget leaves out: the adaptive attacker at EOT 8 on
+    # every item, and on the eval objective's lists (docs/results/adaptive_cost.md)
+    "full": {
+        "eval.adaptive_items": 0,
+        "eval.adaptive_steps": 10,
+        "eval.adaptive_eot": 8,
+        "eval.adaptive_oracle_users": 16,
     },
     # a real-sized, sparse catalogue shaped like a fashion shop's purchase log (~16k products,
     # ~900 customers, ~30 purchases each, density 0.19%, 30% of the items never bought in
@@ -576,6 +601,13 @@ def validate(cfg: Config) -> None:
     check(cfg.eval.transfer_finetune_epochs >= 0, "eval.transfer_finetune_epochs", "must be >= 0")
     check(cfg.eval.transfer_users >= 0 and cfg.eval.transfer_items >= 0, "eval.transfer_items",
           "eval.transfer_users/transfer_items must be >= 0 (0: as data)")
+    check(cfg.eval.adaptive_eot >= 1, "eval.adaptive_eot", "must be >= 1")
+    check(cfg.eval.adaptive_steps >= 0, "eval.adaptive_steps", "must be >= 0 (0: attack.pgd_steps)")
+    check(cfg.eval.adaptive_items >= 0, "eval.adaptive_items", "must be >= 0 (0: every item)")
+    check(cfg.eval.adaptive_oracle_users >= -1, "eval.adaptive_oracle_users",
+          "must be >= -1 (0: every oracle user, -1: off)")
+    check(cfg.eval.adaptive_detect_weight >= 0, "eval.adaptive_detect_weight", "must be >= 0")
+    check(cfg.eval.withhold_fallback in ("clean", "mean"), "eval.withhold_fallback", "must be clean or mean")
     check(set(cfg.attack.untargeted) <= {"fgsm", "pgd"}, "attack.untargeted", "entries must be fgsm or pgd")
     check(set(cfg.attack.targets) <= {"aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"}, "attack.targets",
           "entries must be aip-insa, aip-expa, taamr-fgsm or taamr-pgd")
@@ -583,6 +615,8 @@ def validate(cfg: Config) -> None:
     check(cfg.defense.threshold_rule in ("youden", "fpr@0.05", "balanced"), "defense.threshold_rule",
           "must be youden, fpr@0.05 or balanced")
     check(0.0 < cfg.defense.rand_min_frac < 1.0, "defense.rand_min_frac", "must be in (0, 1)")
+    check(cfg.defense.adaptive_train_steps >= 1, "defense.adaptive_train_steps", "must be >= 1")
+    check(cfg.defense.adaptive_train_eot >= 1, "defense.adaptive_train_eot", "must be >= 1")
     check(cfg.defense.temperature > 0, "defense.temperature", "must be > 0")
     check(cfg.run.device in ("cpu", "cuda", "auto"), "run.device", "must be cpu, cuda or auto")
     check(cfg.run.backend in ("auto", "reference", "cpp", "cuda", "triton"), "run.backend",

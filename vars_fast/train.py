@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n")[1] if __doc__ else None,
     )
-    p.add_argument("--preset", help="quick | default | paper (default: default, or the config file's preset)")
+    p.add_argument("--preset", help="quick | default | full | paper (default: default, or the config file's preset)")
     p.add_argument("--config", help="YAML file with config sections (data:, recommender:, ...)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set attack.eps=[8,16]")

@@ -11,7 +11,9 @@ Schedule (METHOD.md "Denoiser"/"Detector"; the epoch counts are config fields):
   and x_adv, so that the four views x, x_adv, D(x), D(x_adv) of Eq. 8 exist (clean:adv = 1:1).
 * detector phase (``detector_epochs``): FGSM at ``detector_eps`` every iteration (the paper
   trains its detector on FGSM at one eps); the denoiser stays as phase 2 left it unless
-  ``denoiser_in_detector_phase`` (docs/results/denoiser_fidelity.md).
+  ``denoiser_in_detector_phase`` (docs/results/denoiser_fidelity.md). With ``adaptive_train``,
+  FGSM and the adaptive attacker 1:1 (``make_adaptive``: PGD through the current denoiser with
+  EOT and the detector hinge), so the detector also learns the images built to evade it.
 
 Attacks are generated on the fly against the frozen recommender with the same per-item BPR
 objective as the catalogue attack (``vars_fast.attacks.catalogue.item_loss``: each item's
@@ -82,7 +84,8 @@ def epoch_plan(dcfg: DefenseConfig) -> list[dict]:
     plan += [dict(phase="clean/fgsm/pgd", kinds=["clean", "fgsm", "pgd"], detector=det, eps=list(dcfg.train_eps))
              for _ in range(dcfg.epochs_phase2)]
     if det:
-        plan += [dict(phase="detector", kinds=["fgsm"], detector=True, eps=detector_eps(dcfg))
+        kinds = ["fgsm", "adaptive"] if getattr(dcfg, "adaptive_train", False) else ["fgsm"]
+        plan += [dict(phase="detector", kinds=kinds, detector=True, eps=detector_eps(dcfg))
                  for _ in range(dcfg.detector_epochs)]
     return plan
 
@@ -166,6 +169,28 @@ def make_adversarial(kind: str, loss_fn, x: Tensor, eps255: float, pgd_steps: in
     else:
         raise ValueError(f"unknown attack kind {kind!r}")
     # the evaluated catalogue is uint8: train on what the denoiser will see
+    return torch.minimum(torch.maximum(torch.round(x_adv * 255) / 255, x - eps), x + eps).clamp_(0, 1)
+
+
+def make_adaptive(loss_fn, x: Tensor, den, det, dcfg: DefenseConfig, eps255: float, image_size: int,
+                  generator: Optional[torch.Generator]) -> Tensor:
+    """The detector phase's adaptive view (``defense.adaptive_train``): AdaptivePGD through the
+    current denoiser with EOT over the resize-pad and the detector hinge, on the uint8 grid.
+
+    The threshold does not exist yet (it is calibrated after training), so the hinge's target
+    is the mean detector distance of the clean batch: the attacker aims to look like a typical
+    clean image to the detector as it is now."""
+    from types import SimpleNamespace
+
+    from vars_fast.attacks.adaptive import AdaptivePGD
+
+    eps = float(eps255) / 255.0
+    with torch.no_grad():
+        tau = float(det.distance(x, den(x)).float().mean())
+    view = SimpleNamespace(denoiser=den, detector=det, threshold=max(tau, 1e-6),
+                           rand_min_frac=dcfg.rand_min_frac, image_size=image_size)
+    x_adv = AdaptivePGD(loss_fn, view, eps, steps=int(dcfg.adaptive_train_steps), eot=int(dcfg.adaptive_train_eot),
+                        rand=True, detect_weight=float(dcfg.adaptive_train_weight), generator=generator)(x)
     return torch.minimum(torch.maximum(torch.round(x_adv * 255) / 255, x - eps), x + eps).clamp_(0, 1)
 
 
@@ -376,7 +401,12 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
             x = cat.item_batch(idx, device)
             fn = _ItemObjective(rec, triples, idx, device)
             with frozen(rec):
-                x_adv = None if kind == "clean" else make_adversarial(kind, fn, x, eps255, dcfg.train_pgd_steps, gen)
+                if kind == "adaptive":  # the denoiser and detector frozen (eval mode) for the attack only
+                    with frozen(den, det):
+                        x_adv = make_adaptive(fn, x, den, det, dcfg, eps255, image_size, gen)
+                else:
+                    x_adv = None if kind == "clean" else make_adversarial(kind, fn, x, eps255,
+                                                                          dcfg.train_pgd_steps, gen)
             # clean view: half the items get Gaussian noise (see the module docstring)
             sig = torch.rand(x.shape[0], generator=gen) * dcfg.clean_noise_sigma
             sig = torch.where(torch.rand(x.shape[0], generator=gen) < 0.5, sig, torch.zeros_like(sig))

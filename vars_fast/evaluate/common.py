@@ -1,5 +1,5 @@
 """What every evaluation section shares: the catalogue, the inference copy of the defence,
-the held-out test items, purification, gating, encoding, ranking and the saved arrays."""
+the held-out test items, purification, gating, withholding, encoding, ranking and the saved arrays."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +13,8 @@ from vars_fast.memory import loop_batch
 from vars_fast.utils import progress
 
 RANK_DEFENSES = ("denoise", "denoise+rand")
+# detect+withhold: what a flagged item keeps (Evaluation.withhold)
+WITHHOLD_FALLBACKS = ("clean", "mean")
 ARRAYS = "eval_arrays.npz"
 
 
@@ -52,6 +54,7 @@ class Evaluation:
         self._clean_purified = None
         self._d_clean = None
         self._gated_clean = None
+        self._features: dict[str, Tensor] = {}
         self.models = [m for m in self.cfg.attack.models if self.run.checkpoint(f"recommender_{m}").is_file()]
         self.test_items = self._test_items()
 
@@ -125,6 +128,45 @@ class Evaluation:
             out[s:e] = torch.where(flag.view(-1, 1, 1, 1), d, x).cpu()
             n_flag += int(flag.sum())
         return out, n_flag / max(images.shape[0], 1)
+
+    @torch.no_grad()
+    def flags(self, images: Tensor, den: Tensor) -> Tensor:
+        """The detector's decision per image, bool [N] (CPU): d(x, D(x)) > threshold, with D(x) given."""
+        det, thr = self.defense.detector, float(self.defense.threshold)
+        return torch.cat([(det.distance(to_float(images[s:e], self.dev), den[s:e].to(self.dev)).float() > thr).cpu()
+                          for s, e in chunks(images.shape[0], self.bs)])
+
+    def clean_features(self, enc) -> Tensor:
+        """Features [N, F] of the clean catalogue under ``enc`` (cached per encoder)."""
+        key = f"clean_features:{getattr(enc, 'name', id(enc))}"
+        if key not in self._features:
+            self._features[key] = self.encode_all(enc, self.cat.images)
+        return self._features[key]
+
+    @torch.no_grad()
+    def withhold(self, enc, images: Tensor, flagged: Tensor, fallback: Optional[str] = None) -> Tensor:
+        """detect+withhold: features [N, F] of the uploaded ``images``, except that a flagged
+        item's upload is withheld and the item keeps its last clean feature (``fallback``
+        "clean": the clean catalogue's feature of that item) or, for an item with no clean
+        history, the catalogue's mean feature ("mean"). Default ``eval.withhold_fallback``."""
+        fallback = fallback or self.cfg.eval.withhold_fallback
+        if fallback not in WITHHOLD_FALLBACKS:
+            raise ValueError(f"eval.withhold_fallback: unknown {fallback!r} ({' | '.join(WITHHOLD_FALLBACKS)})")
+        feats = self.encode_all(enc, images)
+        clean = self.clean_features(enc)
+        keep = clean if fallback == "clean" else clean.mean(0, keepdim=True).expand_as(clean)
+        return torch.where(flagged.to(feats.device).view(-1, 1), keep, feats)
+
+    @torch.no_grad()
+    def rank_withheld(self, rec, images: Tensor, den: Tensor) -> dict:
+        """Ranking metrics of detect+withhold on ``images`` (purified ``den``) plus ``flagged``."""
+        from vars_fast.metrics import ranking_metrics
+
+        flagged = self.flags(images, den)
+        feats = self.withhold(self.ctx.encoder(rec.name), images, flagged)
+        m = ranking_metrics(rec, self.cat, visual=feats, topk=self.topk)
+        return {"flagged": float(flagged.float().mean()) if flagged.numel() else 0.0,
+                "fallback": self.cfg.eval.withhold_fallback, **{k: float(v) for k, v in m.items()}}
 
     def gated_clean(self) -> tuple[Tensor, float]:
         if self._gated_clean is None:

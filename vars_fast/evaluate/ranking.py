@@ -4,7 +4,9 @@ The attacked catalogues are the attack stage's (attacked against the *undefended
 in the paper). ``denoise`` = D(x), ``denoise+rand`` = D(x) then a seeded random resize-pad.
 ``detect+denoise`` (at ``eval.table_eps``) is what a screening platform deploys: D(x) only
 where the detector flags x, x itself elsewhere; its rows carry ``flagged``, the share of the
-catalogue that was denoised.
+catalogue that was denoised. ``detect+withhold`` (same eps) is the platform that rejects a
+flagged upload: the item keeps its clean feature (``eval.withhold_fallback``), the rest are
+ranked on the uploaded images; ``flagged`` is the share withheld.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ def ranking(ev: Evaluation) -> None:
             imgs, share = ev.gated_clean()
             rows.append({"model": name, "defense": "detect+denoise", "attack": "clean", "eps": 0,
                          "flagged": share, **ev.rank(rec, imgs)})
+            rows.append({"model": name, "defense": "detect+withhold", "attack": "clean", "eps": 0,
+                         **ev.rank_withheld(rec, ev.cat.images, den_c)})
         for attack in ev.cfg.attack.untargeted:
             for eps in ev.eps_for(name):
                 adv = ev.load_attack(name, attack, eps)
@@ -47,6 +51,8 @@ def ranking(ev: Evaluation) -> None:
                     imgs, share = ev.gate(adv, den)
                     rows.append({"model": name, "defense": "detect+denoise", "attack": attack, "eps": eps,
                                  "flagged": share, **ev.rank(rec, imgs)})
+                    rows.append({"model": name, "defense": "detect+withhold", "attack": attack, "eps": eps,
+                                 **ev.rank_withheld(rec, adv, den)})
                 if name == "VBPR":
                     fidelity_sets[(attack, eps)] = (adv[items], den[items])
                     if float(eps) == table_eps:
