@@ -388,8 +388,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval.tsne_points": 90,
         "eval.curve_eps": [],
         "eval.adaptive_steps": 3,
-        "eval.oracle_users": 24,
+        "eval.oracle_users": 16,
         "eval.adaptive_oracle_users": 4,
+        # a smoke run: the adaptive attacker on a seeded subset, ADDITION and the seen / unseen
+        # table at their smallest (the default preset runs them in full)
+        "eval.adaptive_items": 48,
+        "eval.addition_denoiser_epochs": 1,
+        "eval.addition_noise_epochs": 1,
+        "eval.generalisation_fgsm_eps": [8, 32],
     },
     # the default preset plus what its budget leaves out: the adaptive attacker at EOT 8 on
     # every item, and on the eval objective's lists (docs/results/adaptive_cost.md)
