@@ -311,7 +311,9 @@ def test_streamline_rewrites_every_same_padding_exactly(hw):
         xa = x.clone().contiguous(memory_format=fmt).requires_grad_(True)
         xb = x.clone().requires_grad_(True)
         ya, yb = fast.features(xa), bb.features(xb)
-        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        # the rewrite is exact in real arithmetic; oneDNN may pick another conv algorithm for the
+        # unpadded input (and for NHWC), so single features move by float rounding (~2e-5 seen)
+        torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-4)
         ya.square().sum().backward()
         yb.square().sum().backward()
         # float summation order differs (as between NCHW and NHWC of the original model itself)
