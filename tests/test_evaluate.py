@@ -105,7 +105,12 @@ def test_gated_rows_denoise_exactly_the_flagged_items(ctx):
 
 
 def test_detection_rows(ctx):
-    D = ctx.run.rows("detection")
+    every = ctx.run.rows("detection")
+    # Table 4's rows: not the seen / unseen table's, not ADDITION at its 20% criterion
+    D = [x for x in every if "seen" not in x and x.get("variant") is None]
+    assert any(x.get("variant") == "criterion" and x["detector"] == "addition" for x in every)
+    general = [x for x in every if "seen" in x]
+    assert general and {"fgsm", "pgd", "pgd-l2", "transfer", "gaussian", "jpeg"} <= {x["attack"] for x in general}
     for det in ("ours", "addition"):
         for e in (8,):
             r = [x for x in D if x["detector"] == det and x["attack"] == "fgsm" and x["eps"] == e]
@@ -119,7 +124,7 @@ def test_detection_rows(ctx):
 def test_ablation_targeted_adaptive(ctx):
     R = ctx.run.rows("ranking")
     assert {r.get("variant") for r in R if r.get("variant")} == {"no-detector", "no-perceptual"}
-    det_variants = {r.get("variant") for r in ctx.run.rows("detection", attack="pgd")}
+    det_variants = {r.get("variant") for r in ctx.run.rows("detection", attack="pgd") if "seen" not in r}
     assert det_variants == {"full", "no-perceptual"}  # no detector: no detection row
     T = ctx.run.rows("targeted", attack="aip-insa", eps=8)
     assert {r["defense"] for r in T} == {"denoise", "denoise+rand"}

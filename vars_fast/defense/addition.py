@@ -460,7 +460,7 @@ def fit_in_run(ctx, model: str = "VBPR", refit: bool = False) -> tuple[Addition,
         return add, {"validation": add.extra.get("validation", {}), "split": split,
                      "seconds": {"fit": 0.0, "threshold": 0.0}}
     users = torch.randperm(cat.n_users, generator=ctx.generator("evaluate:addition-users"))
-    add = build_addition(rec, users[: int(ecfg.addition_users)], ecfg, change=float(dcfg.addition_change),
+    add = build_addition(rec, users[: int(ecfg.addition_users)], ecfg, change=float(ecfg.addition_change),
                          seed=int(torch.randint(0, 2**31, (1,), generator=ctx.generator("addition-noise"))),
                          device=dev)
     add.fit(cat, split["train"], ecfg, ctx.generator("addition-fit"), log=log)
