@@ -8,21 +8,11 @@ import torch
 
 os.environ.setdefault("VARS_FAST_PROGRESS", "0")
 
-from test_attacks import TinyRec, tiny_catalogue  # noqa: E402
+from test_attacks import setup  # noqa: E402,F401 - the tiny recommender and catalogue fixture
 
 from vars_fast.attacks.oracle import (attack_eval_lists, encode_lists, eval_lists, eval_triples,  # noqa: E402
                                       list_loss, list_ranking, list_scores, oracle_users)
 from vars_fast.config import AttackConfig  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    cat = tiny_catalogue()
-    rec = TinyRec(cat.n_users, cat.n_items).eval()
-    with torch.no_grad():
-        rec.set_item_visual(rec.encode(cat.item_batch(torch.arange(cat.n_items))))
-    return rec, cat
 
 
 def test_triples_are_exactly_each_users_evaluation_list(setup):

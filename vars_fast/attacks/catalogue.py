@@ -222,6 +222,15 @@ def attack_items(rec, cat, items: Tensor, attack: Callable[[Callable, Tensor, Te
     return out
 
 
+def step_params(method: str, eps255: float, cfg) -> tuple[float, int, float]:
+    """(eps, steps, alpha) in pixel units for ``method`` ("fgsm" | "pgd") from an AttackConfig
+    (``pgd_steps``, ``pgd_alpha`` in /255, 0: Madry et al.'s 2.5 eps / steps)."""
+    if method not in ("fgsm", "pgd"):
+        raise ValueError(f"attack method {method!r}: expected fgsm or pgd (attack.untargeted)")
+    eps, steps = float(eps255) / 255.0, int(cfg.pgd_steps)
+    return eps, steps, cfg.pgd_alpha / 255.0 if cfg.pgd_alpha > 0 else default_alpha(eps, steps)
+
+
 def attack_catalogue(rec, cat, method: str, eps255: float, cfg, generator: torch.Generator,
                      device: torch.device | str = "cpu", progress: bool = True, *, compile: bool = False,
                      amp: bool = False, channels_last: bool = False, triples: ItemTriples | None = None,
@@ -238,12 +247,8 @@ def attack_catalogue(rec, cat, method: str, eps255: float, cfg, generator: torch
     (``nn.fuse.fast_copy``). The result satisfies ``|adv - clean| <= eps255`` exactly in uint8
     (see ``quantize_within``).
     """
-    if method not in ("fgsm", "pgd"):
-        raise ValueError(f"attack method {method!r}: expected fgsm or pgd (attack.untargeted)")
+    eps, steps, alpha = step_params(method, eps255, cfg)
     device = torch.device(device)
-    eps = float(eps255) / 255.0
-    steps = int(cfg.pgd_steps)
-    alpha = cfg.pgd_alpha / 255.0 if cfg.pgd_alpha > 0 else default_alpha(eps, steps)
     N = cat.n_items
     amp = amp and amp_available(device)
     fast = bool(getattr(cfg, "fast_encoder", False)) if fast is None else fast

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from vars_fast.attacks.base import frozen, quantize_within
 from vars_fast.attacks.fgsm import FGSM
-from vars_fast.attacks.pgd import PGD, default_alpha
+from vars_fast.attacks.pgd import PGD
 
 
 def oracle_users(cat, n: int, generator: torch.Generator) -> Tensor:
@@ -84,15 +84,12 @@ def attack_eval_lists(rec, cat, users: Tensor, method: str, eps255: float, cfg, 
     (default ``cfg.batch_size``; at least one whole list). Each user's random start comes from
     its own seed, so the batch size does not change the result.
     """
+    from vars_fast.attacks.catalogue import step_params
     from vars_fast.nn.fuse import fast_copy
     from vars_fast.utils import progress as progress_bar
 
-    if method not in ("fgsm", "pgd"):
-        raise ValueError(f"attack method {method!r}: expected fgsm or pgd (attack.untargeted)")
+    eps, steps, alpha = step_params(method, eps255, cfg)
     device = torch.device(device)
-    eps = float(eps255) / 255.0
-    steps = int(cfg.pgd_steps)
-    alpha = cfg.pgd_alpha / 255.0 if cfg.pgd_alpha > 0 else default_alpha(eps, steps)
     users = users.long().cpu()
     lists = eval_lists(cat, users)
     U, L = lists.shape
