@@ -28,7 +28,7 @@ SETS = [
     "defense.train_pgd_steps=1", "defense.batch_size=2", "defense.train_item_frac=0.1",
     "eval.curve_eps=[]", "eval.adaptive_steps=1", "eval.adaptive_items=4", "eval.tsne_points=12",
     "eval.oracle_users=3", "eval.addition_denoiser_epochs=1", "eval.addition_noise_epochs=1",
-    "eval.generalisation_fgsm_eps=[8]", "eval.oracle_models=[VBPR]", "attack.models=[VBPR,DVBPR]",
+    "eval.generalisation_fgsm_eps=[8]", "attack.objective=[train,eval]", "eval.oracle_models=[VBPR]", "attack.models=[VBPR,DVBPR]",
     # the adaptive attack holds each item's denoiser graph at once: ~0.9 GiB per item at 224 px
     "eval.batch_size=4",
 ]
