@@ -57,3 +57,15 @@ def run_triton_interpreted():
         assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one torch thread avoids OpenMP waits on a shared 2-core machine (restored
+    after the module). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

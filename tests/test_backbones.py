@@ -5,13 +5,7 @@ import torch
 from vars_fast.backbones import build_backbone
 from vars_fast.config import BackboneConfig, ConfigError
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP waits on a shared 2-core machine (restored after)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CASES = [("resnet18", "none", 512, [128, 256, 512]), ("resnet50", "none", 2048, [512, 1024, 2048]),

@@ -11,12 +11,7 @@ from vars_fast.recommenders.dvbpr import DVBPR, BackboneCNN, SmallCNN, lr_multip
 from vars_fast.report import ranking_table
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

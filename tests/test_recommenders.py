@@ -10,13 +10,7 @@ from vars_fast.data import Catalogue
 from vars_fast.recommenders import (AMR, BPR, DVBPR, VBPR, Pop, bpr_loss, build_recommender, encode_catalogue,
                                     load_recommender, save_recommender)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP waits on a shared 2-core machine (restored after)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FDIM = 6
@@ -265,7 +259,6 @@ def test_early_stopping_uses_only_training_interactions(cat, bb, name):
     feats = encode_catalogue(VBPR(1, 1, FDIM, backbone=bb), cat.images, progress=False)
     kw = {"features": feats} if name == "VBPR" else {}
     cfg = rcfg(early_stopping=True, patience=1, epochs=10)
-    g = torch.Generator().manual_seed(0)
     other = dataclasses.replace(cat, test=cat.test.flip(0), negatives=cat.negatives.roll(1, dims=0))
     states = []
     for c in (TrainingOnlyCatalogue(cat), other):
