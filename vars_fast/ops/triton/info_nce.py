@@ -79,39 +79,46 @@ def _dS_tile(za, zc, rows, rmask, kk, kmask, pos_ptr, gq_ptr, cg_ptr, lse_ptr, g
 
 
 @triton.jit
+def _load_tile(ptr, idx, n, D, BD: tl.constexpr):
+    """Rows ``idx`` (masked at ``n``) of a row-major [n, D] matrix, zero-padded to BD columns."""
+    dd = tl.arange(0, BD)
+    return tl.load(ptr + idx[:, None] * D + dd[None, :], mask=(idx < n)[:, None] & (dd[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, idx, n, D, value, BD: tl.constexpr):
+    dd = tl.arange(0, BD)
+    tl.store(ptr + idx[:, None] * D + dd[None, :], value, mask=(idx < n)[:, None] & (dd[None, :] < D))
+
+
+@triton.jit
 def _bwd_anchor_kernel(za_ptr, zc_ptr, pos_ptr, gq_ptr, cg_ptr, lse_ptr, g_ptr, dza_ptr, N, M, D, inv_tau,
                        BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+    """dza = dS @ zc: one block of anchor rows, streaming over every candidate tile."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    rmask = rows < N
-    dd = tl.arange(0, BD)
-    dmask = dd[None, :] < D
-    za = tl.load(za_ptr + rows[:, None] * D + dd[None, :], mask=rmask[:, None] & dmask, other=0.0)
+    za = _load_tile(za_ptr, rows, N, D, BD)
     acc = tl.zeros([BN, BD], tl.float32)
     for k0 in range(0, M, BM):
         kk = k0 + tl.arange(0, BM)
-        kmask = kk < M
-        zc = tl.load(zc_ptr + kk[:, None] * D + dd[None, :], mask=kmask[:, None] & dmask, other=0.0)
-        ds = _dS_tile(za, zc, rows, rmask, kk, kmask, pos_ptr, gq_ptr, cg_ptr, lse_ptr, g_ptr, inv_tau)
+        zc = _load_tile(zc_ptr, kk, M, D, BD)
+        ds = _dS_tile(za, zc, rows, rows < N, kk, kk < M, pos_ptr, gq_ptr, cg_ptr, lse_ptr, g_ptr, inv_tau)
         acc += tl.dot(ds, zc, input_precision="ieee")
-    tl.store(dza_ptr + rows[:, None] * D + dd[None, :], acc, mask=rmask[:, None] & dmask)
+    _store_tile(dza_ptr, rows, N, D, acc, BD)
 
 
 @triton.jit
 def _bwd_candidate_kernel(za_ptr, zc_ptr, pos_ptr, gq_ptr, cg_ptr, lse_ptr, g_ptr, dzc_ptr, N, M, D, inv_tau,
                           BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+    """dzc = dS^T @ za: one block of candidates, streaming over every anchor tile (no atomics)."""
     kk = tl.program_id(0) * BM + tl.arange(0, BM)
-    kmask = kk < M
-    dd = tl.arange(0, BD)
-    dmask = dd[None, :] < D
-    zc = tl.load(zc_ptr + kk[:, None] * D + dd[None, :], mask=kmask[:, None] & dmask, other=0.0)
+    zc = _load_tile(zc_ptr, kk, M, D, BD)
     acc = tl.zeros([BM, BD], tl.float32)
     for i0 in range(0, N, BN):
         rows = i0 + tl.arange(0, BN)
-        rmask = rows < N
-        za = tl.load(za_ptr + rows[:, None] * D + dd[None, :], mask=rmask[:, None] & dmask, other=0.0)
-        ds = _dS_tile(za, zc, rows, rmask, kk, kmask, pos_ptr, gq_ptr, cg_ptr, lse_ptr, g_ptr, inv_tau)
-        acc += tl.dot(tl.trans(ds), za, input_precision="ieee")
-    tl.store(dzc_ptr + kk[:, None] * D + dd[None, :], acc, mask=kmask[:, None] & dmask)
+        za = _load_tile(za_ptr, rows, N, D, BD)
+        acc += tl.dot(tl.trans(_dS_tile(za, zc, rows, rows < N, kk, kk < M, pos_ptr, gq_ptr, cg_ptr, lse_ptr, g_ptr,
+                                        inv_tau)), za, input_precision="ieee")
+    _store_tile(dzc_ptr, kk, M, D, acc, BD)
 
 
 def _prep(anchors: Tensor, candidates: Tensor, positive_index: Tensor, anchor_group: Tensor,
