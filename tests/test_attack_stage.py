@@ -83,3 +83,29 @@ def test_attack_stage_resumes_from_saved_files(ctx):
     ctx.cfg.attack.targets = []
     run_stage(ctx)  # everything on disk: nothing is attacked again
     assert path.stat().st_mtime_ns == before
+
+
+def test_train_objective_unchanged_by_eval_objective(ctx, tmp_path):
+    """Adding the ``eval`` objective leaves the ``train`` objective's images and rows as they
+    are: every attack draws from its own (run.seed, tag) stream."""
+    import dataclasses
+    import shutil
+
+    from vars_fast.attacks.stage import run_stage
+
+    if not ctx.run.attack_file("VBPR", "pgd", 8).exists():
+        run_stage(ctx)  # train + eval, from the module fixture
+    alone = RunFolder(tmp_path / "train-only")
+    shutil.copytree(ctx.run.path / "checkpoints", alone.path / "checkpoints", dirs_exist_ok=True)
+    cfg = dataclasses.replace(ctx.cfg, attack=dataclasses.replace(ctx.cfg.attack, objective=["train"], targets=[]))
+    c = Context(cfg=cfg, run=alone, device=ctx.device, log=ctx.log,
+                _cache={"catalogue": ctx.catalogue, "backbone": ctx.backbone})
+    run_stage(c)
+    assert not (alone.path / "attacks" / "oracle_users.json").exists()
+    for model in ("VBPR", "DVBPR"):
+        for method in ("fgsm", "pgd"):
+            np.testing.assert_array_equal(np.load(alone.attack_file(model, method, 8)),
+                                          np.load(ctx.run.attack_file(model, method, 8)))
+            (a,) = alone.rows("ranking", model=model, attack=method, eps=8, defense="none", objective="train")
+            (b,) = ctx.run.rows("ranking", model=model, attack=method, eps=8, defense="none", objective="train")
+            assert a == b
