@@ -62,3 +62,26 @@ def test_quick_preset_end_to_end(tmp_path):
     assert r2.returncode == 0, r2.stderr[-4000:]
     m2 = json.loads((out / "metrics.json").read_text())
     assert len(m2["ranking"]) == len(m["ranking"])  # rows replaced, not duplicated
+
+
+def test_rerun_stage_timings_replace_the_earlier_runs(tmp_path, monkeypatch):
+    """A stage re-run in an existing folder reports its own timings, not the first run's."""
+    import vars_fast.train as train_mod
+    from vars_fast.config import make_config
+    from vars_fast.run import RunFolder
+
+    seconds = iter([111.0, 7.0])
+
+    def fake_stage(ctx):  # what the recommender stage does with its per-model timings
+        old = ctx.run.load_metrics().get("meta", {}).get("timings", {})
+        ctx.run.update_meta(timings={**old, "train_VBPR_s": next(seconds)})
+
+    monkeypatch.setattr(train_mod, "_stage_fn", lambda name: fake_stage)
+    monkeypatch.setattr("vars_fast.report.write_report", lambda *a, **k: None)
+    cfg = make_config("quick", overrides={"data.n_users": 20, "data.n_items": 24, "run.stages": ["recommender"],
+                                          "run.progress": False})
+    out = tmp_path / "run"
+    for expected in (111.0, 7.0):
+        assert train_mod.run(cfg, str(out)) == 0
+        timings = RunFolder(out).load_metrics()["meta"]["timings"]
+        assert timings["train_VBPR_s"] == expected and "stage_recommender_s" in timings

@@ -151,8 +151,9 @@ def run(cfg, out: str | None = None) -> int:
         t0 = time.perf_counter()
         _stage_fn(stage)(ctx)
         dt = time.perf_counter() - t0
-        # re-read: the stage may have added its own entries (train_<model>_s, ...) meanwhile
-        timings = {**run_folder.load_metrics().get("meta", {}).get("timings", {}), **timings,
+        # re-read: the stage may have written its own entries (train_<model>_s, ...), which
+        # replace those of an earlier run in the same folder
+        timings = {**timings, **run_folder.load_metrics().get("meta", {}).get("timings", {}),
                    f"stage_{stage}_s": round(dt, 2)}
         if ddp.is_main():
             run_folder.update_meta(timings=timings)
