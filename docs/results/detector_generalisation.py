@@ -2,11 +2,11 @@
 
     python docs/results/detector_generalisation.py RUN_DIR [--json OUT.json]
 
-Reads RUN_DIR's config, catalogue cache, VBPR checkpoint and ``checkpoints/defense.pt``, takes
-the defence's held-out test items (seeded order, at most ``defense.n_detect_items``, as the
-evaluate stage does) and prints ``vars_fast.evaluate.generalisation.generalisation_rows`` as a
-Markdown table; the attack sizes follow the run's config (``attack.pgd_steps``,
-``attack.triples_per_item``, ``eval.batch_size``). ``--json`` also writes the rows.
+Reads RUN_DIR's config, catalogue cache, VBPR checkpoint and ``checkpoints/defense.pt`` and
+runs the evaluate stage's own ``generalisation`` section (``vars_fast/evaluate/generalisation.py``:
+the defence's held-out test items, the run's ``eval.*`` and ``attack.*`` sizes), without the rest
+of the evaluation. Prints the rows as a Markdown table, adds them to RUN_DIR's metrics.json as
+the evaluation does, and with ``--json`` also writes them to a file.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 
 def main() -> None:
@@ -26,27 +25,25 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
 
-    from vars_fast.config import from_dict
-    from vars_fast.evaluate.generalisation import generalisation_rows, markdown_table
+    from vars_fast.config import from_dict, load_yaml
+    from vars_fast.evaluate.common import Evaluation
+    from vars_fast.evaluate.generalisation import generalisation, markdown_table
     from vars_fast.pipeline import Context
     from vars_fast.run import RunFolder
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     run = Path(args.run_dir)
-    cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    cfg = from_dict(load_yaml(run / "config.yaml"))
     cfg.run.progress = False
+    cfg.eval.generalisation = True
     ctx = Context(cfg=cfg, run=RunFolder(run), device=torch.device("cpu"), log=logging.getLogger("generalisation"))
-    defense, cat, rec = ctx.defense(), ctx.catalogue, ctx.recommender("VBPR")
-    test = torch.as_tensor(defense.split["test"], dtype=torch.long)
-    test = test[torch.randperm(test.numel(), generator=ctx.generator("evaluate:detect-items"))]
-    items = test[: int(cfg.defense.n_detect_items)]
+    torch.manual_seed(cfg.run.seed)
+    ev = Evaluation(ctx)
     t0 = time.perf_counter()
-    rows = generalisation_rows(defense, rec, cat, items, ctx.generator("evaluate:generalisation"), cfg.defense,
-                               pgd_eps=sorted({int(cfg.eval.table_eps), 16}), pgd_steps=cfg.attack.pgd_steps,
-                               triples_per_item=cfg.attack.triples_per_item, triple_roles=cfg.attack.triple_roles,
-                               batch_size=cfg.eval.batch_size, log=ctx.log)
-    print(f"{items.numel()} test items, threshold {defense.threshold:.4f}, detector_eps {cfg.defense.detector_eps}, "
-          f"train_eps {cfg.defense.train_eps}, {time.perf_counter() - t0:.0f} s\n")
+    generalisation(ev)
+    rows = [r for r in ctx.run.rows("detection") if "seen" in r]
+    print(f"{ev.test_items.numel()} test items, threshold {ev.defense.threshold:.4f}, detector_eps "
+          f"{cfg.defense.detector_eps}, train_eps {cfg.defense.train_eps}, {time.perf_counter() - t0:.0f} s\n")
     print(markdown_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
