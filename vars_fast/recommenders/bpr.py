@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vars_fast.recommenders.base import Recommender, bpr_loss, fit_bpr, sq
+from vars_fast.recommenders.base import Recommender, fit_bpr, sq
 
 
 class BPR(Recommender):
@@ -27,14 +28,21 @@ class BPR(Recommender):
         return s + self.beta_item[items] if self.biases else s
 
     def reg(self, triples: Tensor) -> Tensor:
-        u, i, j = triples.unbind(1)
-        rows = sq(self.P[u], self.Q[i], self.Q[j])
-        if self.biases:
-            rows = rows + sq(self.beta_item[i], self.beta_item[j])
-        return self.reg_lambda * rows.mean()
+        u, ij = triples[:, 0], triples[:, 1:]
+        return self._reg(self.P[u], self.Q[ij], self.beta_item[ij] if self.biases else None)
+
+    def _reg(self, p: Tensor, q: Tensor, b: Optional[Tensor]) -> Tensor:
+        """λ_Θ on the gathered rows p_u [B,K], (q_i, q_j) [B,2,K] and (β_i, β_j) [B,2]."""
+        rows = sq(p) + sq(q).sum(-1)
+        return self.reg_lambda * (rows + sq(b) if self.biases else rows).mean()
 
     def loss(self, triples: Tensor) -> Tensor:
-        return bpr_loss(self, triples) + self.reg(triples)
+        """BPR loss + λ_Θ, each table gathered once per step (see ``VBPR.loss``)."""
+        u, ij = triples[:, 0], triples[:, 1:]
+        p, q = self.P[u], self.Q[ij]
+        b = self.beta_item[ij] if self.biases else None
+        s = (p[:, None] * q).sum(-1) + (b if self.biases else 0)  # [B, 2]: (ŷ_ui, ŷ_uj)
+        return F.softplus(s[:, 1] - s[:, 0]).mean() + self._reg(p, q, b)
 
     def fit(self, cat, cfg, generator: torch.Generator, show_progress: bool = True, log=None) -> list[float]:
         return fit_bpr(self, cat, cfg, self.loss, generator, epochs=cfg.epochs, lr=cfg.lr, lr_low=cfg.lr_low,
