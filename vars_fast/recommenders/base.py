@@ -245,8 +245,9 @@ def _train_bpr(model, cat, loss_fn, epochs, lr, lr_low, lr_drop_frac, batch_size
                show_progress, log, validate=None, patience=3) -> list[float]:
     device = next(model.parameters()).device
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    # fused: one kernel per step over every tensor instead of a handful of foreach passes (-31% of a
-    # VBPR step on the sparse preset, docs/results/recommender_tuning.md); same update to rounding
+    # fused: one kernel per step over every tensor instead of a handful of foreach passes (-20 to
+    # -30% of a VBPR step on the sparse preset, docs/results/recommender_tuning.md); same update
+    # to rounding
     opt = torch.optim.Adam(params, lr=lr, fused=all(p.device.type in ("cpu", "cuda") for p in params))
     n = int(cat.train.shape[0])
     drop_at = math.ceil(lr_drop_frac * epochs) if validate is None else epochs
