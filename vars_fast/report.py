@@ -511,6 +511,13 @@ def make_figures(run: Path, m: dict, a: dict) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ the report
+# what the default preset leaves to "full", and where a committed run of it is
+FULL_PRESET_NOTE = ("The `default` preset is sized for about 25 minutes on 2 CPU cores. `--preset full` adds the "
+                    "`eval` objective on 100 users instead of 32, the adaptive attacker at 8 EOT draws instead of 4, "
+                    "and the adaptive attacker on the `eval` lists. A committed run of it is "
+                    "`docs/results/full_run_report.md` in the vars_fast source tree.")
+
+
 def write_report(run_folder: str | Path, figures: bool = True) -> Path:
     """Write RUN/report.md (and the figures unless ``figures=False``); returns its path."""
     run = Path(run_folder)
@@ -543,6 +550,8 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
              "threat model (`objective: train`: one uploaded image per item, crafted from training "
              "triples) unless its heading says otherwise.", "",
              "## Targets", "", targets_summary(m, eps), ""]
+    if m.get("meta", {}).get("config", {}).get("preset") == "default":
+        parts += [FULL_PRESET_NOTE, ""]
     for n, model in enumerate(models):
         parts += [f"## Table {2 + n}: recommendation under attack ({model}, eps = {eps:g})", "",
                   ranking_table(m, model, eps), ""]
