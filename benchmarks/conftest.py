@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 import time
 from typing import Callable, Sequence
 
 import pytest
 import torch
+
+from vars_fast.utils import cpu_model
 
 os.environ.setdefault("VARS_FAST_PROGRESS", "0")
 
@@ -57,13 +58,7 @@ def device_name(device: str | None = None) -> str:
     device = device or bench_device()
     if device == "cuda":
         return torch.cuda.get_device_name()
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def skip_unless_available(provider: str, op: str, device: str | None = None) -> None:

@@ -52,6 +52,7 @@ def _metrics():
          for a in ("aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd") for e in (4, 8)
          for d in ("none", "denoise", "denoise+rand")]
     meta = {"data": {"n_users": 10, "n_items": 20}, "timings": {"stage_evaluate_s": 12.5},
+            "versions": {"torch": "2.14.1", "device_name": "Test CPU", "cpus": 2, "threads": 2},
             "evaluate": {"table_eps": 8, "timings": {"ranking_s": 3.0}}}
     F = [{"model": "VBPR", "attack": "clean", "eps": 0, "images": "denoised", "psnr": 41.25, "ssim": 0.991, "n": 8},
          {"model": "VBPR", "attack": "pgd", "eps": 8, "images": "attacked", "psnr": 33.5, "ssim": 0.9, "n": 8}]
@@ -92,6 +93,7 @@ def test_full_report(tmp_path):
     assert "TAAMR-PGD (OURS-rand)" in text
     assert "| VBPR | OURS-rand | 8 | 0.3950 | 0.2500 | 0.0500 |" in text
     assert "stage_evaluate_s" in text
+    assert "| machine | Test CPU (2 CPUs, 2 threads) |" in text and "| torch | 2.14.1 |" in text
     for f in ("fig6_hr_vs_eps", "fig7_denoised_examples", "fig8_distance_hist", "fig9_roc", "fig10_confusion",
               "fig11_tsne"):
         assert (tmp_path / "figures" / f"{f}.png").stat().st_size > 1000

@@ -72,7 +72,7 @@ def test_folder_end_to_end(ckpt, screener, folder, tmp_path):
     assert s["flagged"] == sum(t["flagged"]) and s["shards"] == 3
     assert all((d > s["threshold"]) == f for d, f in zip(t["distance"], t["flagged"]))
     assert (out / "score_histogram.png").stat().st_size > 1000
-    assert s["images_per_s"] > 0 and s["versions"]["torch"] == torch.__version__
+    assert s["images_per_s"] > 0 and s["versions"]["torch"] == torch.__version__ and s["versions"]["cpu"]
 
 
 def test_screener_matches_defense_detect(screener):

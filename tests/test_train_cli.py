@@ -85,3 +85,11 @@ def test_rerun_stage_timings_replace_the_earlier_runs(tmp_path, monkeypatch):
         assert train_mod.run(cfg, str(out)) == 0
         timings = RunFolder(out).load_metrics()["meta"]["timings"]
         assert timings["train_VBPR_s"] == expected and "stage_recommender_s" in timings
+
+
+def test_versions_name_the_machine():
+    """Run metadata names the CPU (platform.processor() is empty on most Linux systems)."""
+    from vars_fast.train import versions
+
+    v = versions()
+    assert v["device_name"] and v["cpus"] >= 1 and v["threads"] >= 1

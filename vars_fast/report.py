@@ -334,6 +334,12 @@ def meta_section(m: dict) -> str:
     if not meta:
         return _missing("no meta")
     rows = []
+    ver = meta.get("versions", {})
+    if ver.get("device_name"):  # seconds and float results depend on the machine: name it
+        cpus = f" ({ver['cpus']} CPUs, {ver['threads']} threads)" if "cpus" in ver else ""
+        rows.append(["machine", f"{ver['device_name']}{cpus}"])
+    if ver.get("torch"):
+        rows.append(["torch", ver["torch"]])
     for k, v in meta.items():
         if k in ("config", "versions"):
             continue

@@ -69,10 +69,14 @@ def versions(engine: str) -> dict:
     import torch
 
     import vars_fast
+    from vars_fast.utils import cpu_model
 
     v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
          "pyarrow": pyarrow.__version__, "pillow": PIL.__version__,
-         "vars_fast": getattr(vars_fast, "__version__", "0.1.0")}
+         "vars_fast": getattr(vars_fast, "__version__", "0.1.0"),
+         # images_per_s depends on the machine: name it
+         "cpu": cpu_model(), "cpus": os.cpu_count(),
+         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if engine == "ray":
         import ray
 

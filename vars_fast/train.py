@@ -88,11 +88,13 @@ def versions() -> dict:
 
     from vars_fast import __version__
     from vars_fast._ext import has_ops
+    from vars_fast.utils import cpu_model
 
     return {"vars_fast": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "extension": has_ops(), "cuda": torch.cuda.is_available(),
-            "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()}
+            "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_model(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
 @user_errors_exit()

@@ -1,8 +1,9 @@
-"""Small shared helpers: seeding, devices, progress bars, logging."""
+"""Small shared helpers: seeding, devices, the machine's name, progress bars, logging."""
 from __future__ import annotations
 
 import logging
 import os
+import platform
 import random
 import sys
 from typing import Iterable, Optional
@@ -27,6 +28,20 @@ def get_device(name: str = "cpu") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("run.device=cuda but no CUDA device is available (use run.device=cpu or auto)")
     return torch.device(name)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` where there is one; ``platform.processor()`` is
+    empty on most Linux systems), so that run metadata names the machine its seconds and its
+    floating-point results come from."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def progress(iterable: Optional[Iterable] = None, desc: str = "", total: Optional[int] = None,
