@@ -207,3 +207,23 @@ def test_unpatchify_checks_and_old_kwargs():
     assert d.glob.unembed.out_features == 8  # one vector per token, not per pixel
     old = {k: v for k, v in tiny().kwargs().items() if k != "unpatchify"}  # a checkpoint from before the option
     assert Denoiser(**old).glob.unpatchify == "pixel"
+
+
+def test_zero_mean_residual_shifts_no_colour():
+    """defense.zero_mean_residual: r has zero spatial mean per image and channel, also in the
+    screening path's polyphase copy; checkpoints from before the option load without it."""
+    from vars_fast.nn.fuse import polyphase_copy
+
+    torch.manual_seed(0)
+    d = tiny(zero_mean_residual=True).eval()
+    for p in d.conv_out.parameters():  # past the identity init, with a bias that shifts colours
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.rand(3, 3, 32, 32)
+    r = d.residual(x)
+    assert r.abs().mean() > 1e-3
+    torch.testing.assert_close(r.mean(dim=(2, 3)), torch.zeros(3, 3), atol=1e-6, rtol=0)
+    assert Denoiser(**d.kwargs()).zero_mean_residual
+    fast, _ = polyphase_copy(d, lambda m: m.residual(x))
+    torch.testing.assert_close(fast.residual(x), r, atol=1e-5, rtol=1e-4)
+    old = {k: v for k, v in d.kwargs().items() if k != "zero_mean_residual"}
+    assert not Denoiser(**old).zero_mean_residual

@@ -189,6 +189,9 @@ class DefenseConfig:
     mlp_ratio: float = 2.0
     embed_dim: int = 64  # token width of the global transformer block (patch -> embed_dim)
     unpatchify: str = "pixel"  # pixel | smooth: tokens back to the map (defense/denoiser.py)
+    # subtract the residual's spatial mean per image and channel: no colour shift of every image
+    # (docs/results/denoiser_fidelity.md)
+    zero_mean_residual: bool = False
     # Eq. 12 weights (the paper's values are lost): L_VBPR + l1 L_c + l2 L_p + l3 L_con
     lambda_content: float = 1.0
     lambda_perceptual: float = 0.01  # L_p is large next to L_c; see docs/results/defaults.md

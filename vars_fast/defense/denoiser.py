@@ -19,6 +19,9 @@ Readings of the figure that are ours (the paper gives none of these):
   patch size with edge replication, and crops back afterwards, so any H x W works (37x41 too).
 * The learned positional embedding is sized for ``image_size``; other sizes interpolate it
   bilinearly to the new token grid.
+* ``zero_mean_residual`` (off by default) subtracts r's spatial mean per image and channel, so
+  that D cannot shift the colours of every image: the shift is most of the pattern D learns
+  (docs/results/denoiser_fidelity.md).
 """
 from __future__ import annotations
 
@@ -173,10 +176,12 @@ class Denoiser(nn.Module):
 
     def __init__(self, width: int = 32, n_res_blocks: int = 9, norm: str = "instance", patch_size: int = 8,
                  heads: int = 4, embed_dim: int = 128, mlp_ratio: float = 2.0, image_size: int = 64,
-                 unpatchify: str = "pixel"):
+                 unpatchify: str = "pixel", zero_mean_residual: bool = False):
         super().__init__()
         self._kwargs = dict(width=width, n_res_blocks=n_res_blocks, norm=norm, patch_size=patch_size, heads=heads,
-                            embed_dim=embed_dim, mlp_ratio=mlp_ratio, image_size=image_size, unpatchify=unpatchify)
+                            embed_dim=embed_dim, mlp_ratio=mlp_ratio, image_size=image_size, unpatchify=unpatchify,
+                            zero_mean_residual=bool(zero_mean_residual))
+        self.zero_mean_residual = bool(zero_mean_residual)
         self.conv_in = nn.Conv2d(3, width, 9, padding=4, bias=False)
         self.norm_in = _Norm(width, norm)
         self.blocks = nn.ModuleList(ResBlock(width, norm) for _ in range(n_res_blocks))
@@ -195,7 +200,8 @@ class Denoiser(nn.Module):
         for blk in self.blocks:
             h = blk(h)
         h = self.glob(h)
-        return self.conv_out(self.sep(h))
+        r = self.conv_out(self.sep(h))
+        return r - r.mean(dim=(2, 3), keepdim=True) if self.zero_mean_residual else r
 
     def forward(self, x: Tensor) -> Tensor:
         return (x + self.residual(x).to(x.dtype)).clamp(0.0, 1.0)

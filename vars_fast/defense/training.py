@@ -273,7 +273,8 @@ def build_models(dcfg: DefenseConfig, image_size: int, backbone, backbone_cfg: d
     """Fresh denoiser (+ detector whose encoder is a trainable copy of ``backbone``)."""
     den = Denoiser(width=dcfg.width, n_res_blocks=dcfg.n_res_blocks, norm=dcfg.norm, patch_size=dcfg.patch_size,
                    heads=dcfg.heads, embed_dim=dcfg.embed_dim, mlp_ratio=dcfg.mlp_ratio, image_size=image_size,
-                   unpatchify=getattr(dcfg, "unpatchify", "pixel"))
+                   unpatchify=getattr(dcfg, "unpatchify", "pixel"),
+                   zero_mean_residual=getattr(dcfg, "zero_mean_residual", False))
     det = None
     if dcfg.use_detector:
         enc = backbone.trainable_copy() if hasattr(backbone, "trainable_copy") else None
