@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from vars_fast.config import ConfigError, PRESETS, from_dict, make_config, parse_set
@@ -7,6 +9,15 @@ def test_presets_resolve():
     for name in PRESETS:
         cfg = make_config(name)
         assert cfg.preset == name
+
+
+def test_shipped_config_files_resolve():
+    """Every file in configs/ names real keys with valid values, on top of every preset."""
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        for preset in PRESETS:
+            make_config(preset, str(f), [])
 
 
 def test_override_types_and_roundtrip(tmp_path):
