@@ -125,7 +125,8 @@ def run(cfg, out: str | None = None) -> int:
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ddp.init_from_env(device)
+    # a group the caller had already joined is theirs to leave
+    joined_here = not ddp.is_distributed() and ddp.init_from_env(device)
 
     name = cfg.run.name or f"{cfg.preset}-{datetime.now():%Y%m%d-%H%M%S}"
     path = Path(out) if out else Path(cfg.run.out) / name
@@ -168,6 +169,8 @@ def run(cfg, out: str | None = None) -> int:
 
         write_report(path)
         log.info("report: %s", path / "report.md")
+    if joined_here:
+        ddp.shutdown()
     return 0
 
 

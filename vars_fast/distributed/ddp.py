@@ -100,3 +100,13 @@ def all_reduce_mean(x: Tensor) -> Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group on a normal exit: every rank first waits for the others, so
+    that no collective is still in flight on a peer when this rank closes its connections,
+    then destroys the group, rather than leaving its teardown to interpreter exit."""
+    if not is_distributed():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
