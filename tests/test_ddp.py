@@ -87,7 +87,7 @@ def _worker(rank: int, world: int, port: int, out: str, kind: str) -> None:
     except BaseException:
         dist.destroy_process_group()  # no barrier: the peer may never reach it
         raise
-    ddp.shutdown()  # what train.main does on a normal exit
+    ddp.shutdown()  # what train.run does on a normal exit
     assert not dist.is_initialized() and not ddp.is_distributed()
 
 
