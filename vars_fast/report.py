@@ -556,6 +556,7 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
              "threat model (`objective: train`: one uploaded image per item, crafted from training "
              "triples) unless its heading says otherwise.", "",
              "## Targets", "", targets_summary(m, eps), ""]
+    parts += recommender_notes(m.get("meta", {}))
     if m.get("meta", {}).get("config", {}).get("preset") == "default":
         parts += [FULL_PRESET_NOTE, ""]
     for n, model in enumerate(models):
@@ -603,6 +604,20 @@ def write_report(run_folder: str | Path, figures: bool = True) -> Path:
     out = run / "report.md"
     out.write_text("\n".join(parts) + "\n")
     return out
+
+
+def recommender_notes(meta: dict) -> list[str]:
+    """One line per model below popularity (a finding, never a silent row) and one per model
+    whose hyperparameters were selected on the training holdout (recommenders/selection.py)."""
+    lines = [f"- **{r['model']} scores below popularity** on the {r['split']} split ({r['metric']} "
+             f"{r['value']:.4f} vs {r['popularity']:.4f})." for r in meta.get("below_popularity", [])]
+    for name, s in meta.get("selection", {}).items():
+        c = s.get("chosen")
+        what = ("no setting beat chance on the holdout: the config's fixed schedule" if c is None else
+                f"lr {c['lr']:g}, weight_decay {c['weight_decay']:g}, k {c['k']}, {c['best_epoch']} epochs")
+        lines.append(f"- {name}: selected on the training holdout over {len(s['trials'])} settings by "
+                     f"{s['metric'].upper()} ({s['seconds']:.0f} s): {what}.")
+    return ["## Recommenders", "", *lines, ""] if lines else []
 
 
 @user_errors_exit()

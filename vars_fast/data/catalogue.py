@@ -131,7 +131,8 @@ def _synthetic_raw(cfg: DataConfig):
     attrs = syn.item_attributes(cfg.seed, np.arange(cfg.n_items), cfg.n_categories)
     pairs = syn.sample_interactions(cfg.seed, cfg.n_users, attrs, cfg.n_categories, cfg.interactions_per_user,
                                     cfg.min_interactions, cfg.popularity_weight,
-                                    taste_strength=cfg.taste_strength, popularity_sigma=cfg.popularity_sigma)
+                                    taste_strength=cfg.taste_strength, popularity_sigma=cfg.popularity_sigma,
+                                    n_styles=cfg.n_styles)
     item_ids = [f"i{i:07d}" for i in range(cfg.n_items)]
     names = [syn.CATEGORY_NAMES[k % 8] + (f"-{k // 8}" if k >= 8 else "") for k in range(cfg.n_categories)]
     raw = RawData(np.array([f"u{u:06d}" for u in pairs[:, 0]]), np.array(item_ids)[pairs[:, 1]],
@@ -146,6 +147,8 @@ def _build_split(cfg: DataConfig) -> dict:
     all_items, names = None, None
     if cfg.source == "synthetic":
         raw, all_items, names = _synthetic_raw(cfg)
+        if not cfg.keep_unbought:
+            all_items = None  # the items of the log, sorted by id: i<index> keeps index order
     elif cfg.source in LOADERS:
         raw = LOADERS[cfg.source](cfg)
     else:
@@ -211,6 +214,7 @@ def _image_sources(cfg: DataConfig, item_ids: list[str], raw) -> tuple[list, lis
 def load_catalogue(cfg: DataConfig, cache_dir, progress: bool = True, workers: int = 0, log=None) -> Catalogue:
     """Load (or reuse from ``cache_dir``) the split and the decoded images of ``cfg.source``."""
     from vars_fast.data.images import decode_catalogue, status_counts
+    from vars_fast.data.interactions import format_stats, split_stats
     from vars_fast.utils import progress as pbar
 
     log = log or (lambda msg: None)
@@ -224,7 +228,7 @@ def load_catalogue(cfg: DataConfig, cache_dir, progress: bool = True, workers: i
     bar = (lambda it, total=None: pbar(it, desc="images", total=total or len(it), enabled=progress, unit="img"))
     t0 = time.perf_counter()
     if cfg.source == "synthetic":
-        images, status = _synthetic_images(cfg, cache_dir, bar)
+        images, status = _synthetic_images(cfg, cache_dir, bar, item_ids)
     else:
         raw = split.get("_raw")
         if raw is None and cfg.source == "dvbpr_npy":  # images live inside the .npy
@@ -245,8 +249,8 @@ def load_catalogue(cfg: DataConfig, cache_dir, progress: bool = True, workers: i
             "items_without_train": int(n_items - len(np.unique(split["train"][:, 1]))),
             "split_cached": bool(reused), "seconds_split": round(t_split, 3), "seconds_images": round(t_img, 3),
             **json.loads(str(split["stats"]))}
-    log(f"catalogue: {n_users} users, {n_items} items, {meta['n_interactions']} interactions, "
-        f"images {counts}")
+    meta["regime"] = split_stats(split["train"], split["test"], n_users, n_items)
+    log(f"catalogue: {format_stats(meta['regime'])}; images {counts}")
     return Catalogue(n_users=n_users, n_items=n_items, train=train,
                      test=torch.from_numpy(split["test"].astype(np.int64)),
                      negatives=torch.from_numpy(split["negatives"].astype(np.int64)),
@@ -255,22 +259,25 @@ def load_catalogue(cfg: DataConfig, cache_dir, progress: bool = True, workers: i
                      item_category=cat if (cat >= 0).any() else None, category_names=names or None, meta=meta)
 
 
-def _synthetic_images(cfg: DataConfig, cache_dir: Path, bar) -> tuple[np.ndarray, list[str]]:
+def _synthetic_images(cfg: DataConfig, cache_dir: Path, bar, item_ids: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Rendered images of ``item_ids`` (``i<index>``: every generated item, or the bought ones)."""
     from vars_fast.data.synthetic import GENERATOR_VERSION, SyntheticCatalogue
 
-    key = hashlib.sha256(f"{GENERATOR_VERSION}|{cfg.seed}|{cfg.n_items}|{cfg.image_size}|{cfg.n_categories}"
+    idx = np.array([int(i[1:]) for i in item_ids], dtype=np.int64)
+    subset = "" if len(idx) == cfg.n_items else "|" + hashlib.sha256(idx.tobytes()).hexdigest()[:16]
+    key = hashlib.sha256(f"{GENERATOR_VERSION}|{cfg.seed}|{cfg.n_items}|{cfg.image_size}|{cfg.n_categories}{subset}"
                          .encode()).hexdigest()[:20]
     path = cache_dir / f"synthetic-{key}.npy"
     if path.is_file():
         try:
             arr = np.load(path)
-            if arr.shape == (cfg.n_items, 3, cfg.image_size, cfg.image_size):
-                return arr, ["ok"] * cfg.n_items
+            if arr.shape == (len(idx), 3, cfg.image_size, cfg.image_size):
+                return arr, ["ok"] * len(idx)
         except (OSError, ValueError):
             pass
     gen = SyntheticCatalogue(cfg.seed, cfg.image_size, cfg.n_categories)
-    arr = gen.render_many(np.arange(cfg.n_items), progress=bar)
+    arr = gen.render_many(idx, progress=bar)
     buf = io.BytesIO()
     np.save(buf, arr)
     atomic_write_bytes(path, buf.getvalue())
-    return arr, ["ok"] * cfg.n_items
+    return arr, ["ok"] * len(idx)

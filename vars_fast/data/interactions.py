@@ -312,3 +312,32 @@ def load_dvbpr_npy(cfg) -> RawData:
 
 
 LOADERS = {"generic": load_generic, "amazon": load_amazon, "dvbpr_npy": load_dvbpr_npy}
+
+
+# ---------------------------------------------------------------- statistics
+
+def split_stats(train: np.ndarray, test: np.ndarray, n_users: int, n_items: int) -> dict:
+    """The regime a recommender faces, from the split alone: size, density, training purchases
+    per item (median, p90) and how many test items the training data knows.
+
+    ``test_cold`` is the share of test items with no training purchase (only images can rank
+    them), ``test_le1`` the share with at most one: on a real fashion log most test items are
+    in one of the two, which is what decides whether collaborative terms can help at all."""
+    per_item = np.bincount(np.asarray(train)[:, 1], minlength=n_items)
+    test = np.asarray(test)
+    test_counts = per_item[test[test >= 0]]
+    n_inter = int(len(train) + (test >= 0).sum())
+    return {"users": int(n_users), "items": int(n_items), "train_purchases": int(len(train)),
+            "density": n_inter / max(1, n_users * n_items),
+            "per_item_median": float(np.median(per_item)), "per_item_p90": float(np.percentile(per_item, 90)),
+            "items_without_train": int((per_item == 0).sum()),
+            "test_cold": float((test_counts == 0).mean()) if len(test_counts) else 0.0,
+            "test_le1": float((test_counts <= 1).mean()) if len(test_counts) else 0.0}
+
+
+def format_stats(s: dict) -> str:
+    """One log line for ``split_stats``."""
+    return (f"{s['users']} users, {s['items']} items, {s['train_purchases']} training purchases, density "
+            f"{100 * s['density']:.2f}%, purchases per item median {s['per_item_median']:g} / p90 "
+            f"{s['per_item_p90']:g}, test items cold in training {100 * s['test_cold']:.0f}% "
+            f"(<= 1 purchase: {100 * s['test_le1']:.0f}%)")

@@ -39,7 +39,7 @@ def catalogue_b(ev: Evaluation):
     # the split (users, interactions) depends on the item attributes only; the style changes
     # how the same attributes are drawn
     gen = SyntheticCatalogue(cfg_b.seed, cfg_b.image_size, cfg_b.n_categories, style=ecfg.transfer_style)
-    cat.images = torch.from_numpy(gen.render_many(range(cat.n_items)))
+    cat.images = torch.from_numpy(gen.render_many([int(i[1:]) for i in cat.item_ids]))  # i<index>
     cat.meta = {**cat.meta, "style": ecfg.transfer_style}
     return cat
 

@@ -119,19 +119,55 @@ class Holdout:
     negatives: Tensor
 
     @torch.no_grad()
-    def auc(self, model: "Recommender") -> float:
-        """Mean over held-out pairs of the share of negatives scored below the positive (ties
-        half). NOTE: a smooth stopping signal; NDCG@10 of 600 held-out items moves by ~0.01
-        between epochs from noise alone, which stopped training before it had converged
-        (docs/results/recommender_tuning.md)."""
+    def per_user(self, model: "Recommender", metric: str = "auc") -> Tensor:
+        """[V] per held-out pair: ``auc``, the share of negatives scored below the positive (ties
+        half); ``mrr``, 1 / (1 + rank) with ties against the positive, as the test's HR@N counts.
+
+        NOTE: AUC is a smooth stopping signal (NDCG@10 of 600 held-out items moves by ~0.01
+        between epochs from noise alone, docs/results/recommender_tuning.md), but it weighs the
+        bottom of the list as much as the top: on a long-tail catalogue, where a third of the
+        held-out items have no purchase left in the fold, it falls while HR@10 still rises, as
+        those items sink from the middle to the bottom (docs/results/longtail.md). MRR is
+        continuous too and counts only what reaches the top."""
         was_training = model.training
         model.eval()
         dev = model.device
-        u, cand = self.users.to(dev), torch.cat([self.items[:, None], self.negatives], 1).to(dev)
-        s = model.score_catalogue(u, cand).float()
+        s = model.score_catalogue(self.users.to(dev), self.candidates().to(dev)).float().cpu()
         model.train(was_training)
-        pos, neg = s[:, :1], s[:, 1:]
-        return float(((neg < pos).float() + 0.5 * (neg == pos).float()).mean())
+        return _per_user(s, metric)
+
+    def candidates(self) -> Tensor:
+        """[V, 1 + C]: each held-out item, then its negatives."""
+        return torch.cat([self.items[:, None], self.negatives], 1)
+
+    def popularity(self, fold: "TrainFold", metric: str = "auc") -> float:
+        """The score of ranking by the fold's purchase counts: the floor a model must clear."""
+        counts = torch.bincount(fold.train[:, 1], minlength=fold.n_items).float()
+        return float(_per_user(counts[self.candidates()], metric).mean())
+
+    def score(self, model: "Recommender", metric: str = "auc") -> float:
+        return float(self.per_user(model, metric).mean())
+
+    def auc(self, model: "Recommender") -> float:
+        return self.score(model, "auc")
+
+    def chance(self, metric: str) -> tuple[float, float]:
+        """(value of a random scorer, its standard error over these held-out pairs)."""
+        c, v = self.negatives.shape[1] + 1, max(1, len(self.users))
+        if metric == "auc":  # a uniform rank: mean 1/2, per-pair sd ~ 1/sqrt(12)
+            return 0.5, (1.0 / 12.0) ** 0.5 / v ** 0.5
+        r = 1.0 / torch.arange(1, c + 1, dtype=torch.float64)
+        return float(r.mean()), float(r.std()) / v ** 0.5
+
+
+def _per_user(s: Tensor, metric: str) -> Tensor:
+    """Scores [V, 1 + C] (the positive first) -> the per-pair metric [V] (``Holdout.per_user``)."""
+    pos, neg = s[:, :1], s[:, 1:]
+    if metric == "auc":
+        return ((neg < pos).float() + 0.5 * (neg == pos).float()).mean(1)
+    if metric == "mrr":
+        return 1.0 / (1.0 + (neg >= pos).sum(1).float())
+    raise ValueError(f"recommender.val_metric: unknown metric {metric!r} (auc | mrr)")
 
 
 class TrainFold:
@@ -174,32 +210,62 @@ def holdout_split(cat, n_negatives: int, generator: torch.Generator, min_train: 
 
 def fit_bpr(model: "Recommender", cat, cfg, loss_fn: Callable[[Tensor], Tensor], generator: torch.Generator, *,
             epochs: int, lr: float, lr_low: float, batch_size: int, show_progress: bool = True, log=None,
-            params=None) -> list[float]:
+            params=None, holdout: Optional[tuple["TrainFold", Holdout]] = None,
+            record: Optional[dict] = None) -> list[float]:
     """``train_bpr`` with the config's stopping rule: early stopping on a training holdout when
-    ``cfg.early_stopping`` (``cfg.epochs`` is then a cap), else the fixed schedule."""
-    data, val = cat, None
-    if cfg.early_stopping:
-        data, val = holdout_split(cat, cfg.val_negatives, generator)
-    return train_bpr(model, data, loss_fn, epochs=epochs, lr=lr, lr_low=lr_low, lr_drop_frac=cfg.lr_drop_frac,
-                     batch_size=batch_size, generator=generator, params=params, desc=model.name,
-                     show_progress=show_progress, log=log, threads=cfg.threads,
-                     validate=None if val is None else (lambda: val.auc(model)), patience=cfg.patience)
+    ``cfg.early_stopping`` (``cfg.epochs`` is then a cap), else the fixed schedule.
+
+    ``holdout``: a ``(fold, holdout)`` pair to use instead of carving one (model selection
+    gives every trial the same one); ``record`` receives the validation curve (``train_bpr``).
+    When the best validation score is within noise of a random scorer's (``Holdout.chance``),
+    the holdout cannot tell a trained model from an untrained one: the weights go back to
+    their initial values and train on every training pair with the fixed schedule instead of
+    keeping an epoch picked by noise (on a long-tail catalogue BPR's holdout AUC peaks at
+    chance in epoch 2, docs/results/longtail.md)."""
+    kw = dict(loss_fn=loss_fn, lr=lr, lr_low=lr_low, batch_size=batch_size, params=params, desc=model.name,
+              show_progress=show_progress, log=log, threads=cfg.threads)
+    if not cfg.early_stopping:
+        return train_bpr(model, cat, epochs=epochs, lr_drop_frac=cfg.lr_drop_frac, generator=generator, **kw)
+    start = generator.get_state()  # a fallback trains exactly what the fixed schedule would
+    fold, val = holdout if holdout is not None else holdout_split(cat, cfg.val_negatives, generator)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    record = {} if record is None else record
+    metric = cfg.val_metric
+    hist = train_bpr(model, fold, epochs=epochs, lr_drop_frac=cfg.lr_drop_frac, generator=generator,
+                     validate=lambda: val.score(model, metric), patience=cfg.patience, record=record, **kw)
+    chance, se = val.chance(metric)
+    record.update(metric=metric, chance=chance, informative=bool(record["best"] > chance + 3 * se),
+                  popularity=val.popularity(fold, metric))
+    model.fit_record = record  # the stage compares it with popularity (recommenders/stage.py)
+    if record["informative"] or holdout is not None:  # a selection trial: the caller decides
+        return hist
+    if log is not None:
+        log.warning("%s: the holdout cannot rank it (best val %s %.4f, a random scorer %.4f ± %.4f): trained "
+                    "with the fixed schedule (%d epochs) instead of early stopping on noise", model.name,
+                    metric.upper(), record["best"], chance, se, epochs)
+    model.load_state_dict(init)
+    generator.set_state(start)
+    record["fallback"] = "fixed schedule"
+    return train_bpr(model, cat, epochs=epochs, lr_drop_frac=cfg.lr_drop_frac, generator=generator, **kw)
 
 
 def train_bpr(model: nn.Module, cat, loss_fn: Callable[[Tensor], Tensor], *, epochs: int, lr: float,
               lr_low: float, lr_drop_frac: float, batch_size: int, generator: torch.Generator,
               params=None, desc: str = "train", show_progress: bool = True, log=None,
-              threads: int = 0, validate: Optional[Callable[[], float]] = None, patience: int = 3) -> list[float]:
+              threads: int = 0, validate: Optional[Callable[[], float]] = None, patience: int = 3,
+              record: Optional[dict] = None) -> list[float]:
     """The shared BPR loop; ``loss_fn(triples [b,3] on the model's device) -> scalar``.
 
     ``validate() -> float`` (higher is better; computed from training data only) switches on
     early stopping (see the module docstring); ``lr_drop_frac`` is then unused. Returns the
     mean loss of each epoch run. Deterministic given ``generator`` (and the model's init).
-    ``threads > 0`` caps torch's CPU threads for the loop (restored afterwards).
+    ``threads > 0`` caps torch's CPU threads for the loop (restored afterwards). ``record``
+    (with ``validate``) receives ``val`` (the score after each epoch), ``best``,
+    ``best_epoch`` and ``drop_epoch`` (0-based; the first epoch at ``lr_low``, None if none).
     """
     with cpu_threads(threads):
         return _train_bpr(model, cat, loss_fn, epochs, lr, lr_low, lr_drop_frac, batch_size, generator,
-                          params, desc, show_progress, log, validate, patience)
+                          params, desc, show_progress, log, validate, patience, record)
 
 
 @contextlib.contextmanager
@@ -242,7 +308,7 @@ class _Plateau:
 
 
 def _train_bpr(model, cat, loss_fn, epochs, lr, lr_low, lr_drop_frac, batch_size, generator, params, desc,
-               show_progress, log, validate=None, patience=3) -> list[float]:
+               show_progress, log, validate=None, patience=3, record=None) -> list[float]:
     device = next(model.parameters()).device
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     # fused: one kernel per step over every tensor instead of a handful of foreach passes (-20 to
@@ -254,6 +320,8 @@ def _train_bpr(model, cat, loss_fn, epochs, lr, lr_low, lr_drop_frac, batch_size
     plateau = _Plateau(patience, can_drop=lr_low < lr) if validate is not None else None
     cur_lr, distributed = lr, ddp.is_distributed()
     history: list[float] = []
+    curve: list[float] = []
+    drop_epoch = None
     bar = progress_bar(range(epochs), desc=desc, total=epochs, enabled=show_progress, unit="epoch")
     model.train()
     for epoch in bar:
@@ -278,21 +346,24 @@ def _train_bpr(model, cat, loss_fn, epochs, lr, lr_low, lr_drop_frac, batch_size
         action, score = "keep", None
         if plateau is not None:
             score = validate()  # identical on every rank: the weights are identical after sync
+            curve.append(score)
             action = plateau.step(score, epoch, model)
             if action == "drop":
-                cur_lr = lr_low
+                cur_lr, drop_epoch = lr_low, epoch + 1
         bar.set_postfix(loss=f"{history[-1]:.4f}", lr=cur_lr, **({} if score is None else {"val": f"{score:.4f}"}))
         last = action == "stop" or epoch == epochs - 1
         if log is not None and (last or action == "drop" or epoch % max(1, epochs // 4) == 0):
             log.info("%s epoch %d/%d loss %.4f%s", desc, epoch + 1, epochs, history[-1],
-                     "" if score is None else f" val AUC {score:.4f}" + (" (lr drop)" if action == "drop" else ""))
+                     "" if score is None else f" val {score:.4f}" + (" (lr drop)" if action == "drop" else ""))
         if action == "stop":
             break
     if plateau is not None and plateau.best_state is not None:
         model.load_state_dict(plateau.best_state)
         if log is not None:
-            log.info("%s: best val AUC %.4f at epoch %d of %d", desc, plateau.best, plateau.best_epoch + 1,
+            log.info("%s: best val score %.4f at epoch %d of %d", desc, plateau.best, plateau.best_epoch + 1,
                      len(history))
+    if record is not None and plateau is not None:
+        record.update(val=curve, best=plateau.best, best_epoch=plateau.best_epoch, drop_epoch=drop_epoch)
     model.eval()
     return history
 

@@ -13,6 +13,7 @@ from vars_fast.recommenders.base import Recommender, fit_bpr, sq
 class BPR(Recommender):
     name = "BPR"
     uses_images = False
+    selectable = True  # trained by fit_bpr: per-catalogue selection applies (recommenders/selection.py)
 
     def __init__(self, n_users: int, n_items: int, k: int = 64, biases: bool = True, reg: float = 1e-4,
                  init_std: float = 0.01):
@@ -44,6 +45,7 @@ class BPR(Recommender):
         s = (p[:, None] * q).sum(-1) + (b if self.biases else 0)  # [B, 2]: (ŷ_ui, ŷ_uj)
         return F.softplus(s[:, 1] - s[:, 0]).mean() + self._reg(p, q, b)
 
-    def fit(self, cat, cfg, generator: torch.Generator, show_progress: bool = True, log=None) -> list[float]:
+    def fit(self, cat, cfg, generator: torch.Generator, show_progress: bool = True, log=None, **kw) -> list[float]:
+        """``kw``: ``holdout`` / ``record`` for ``fit_bpr`` (model selection)."""
         return fit_bpr(self, cat, cfg, self.loss, generator, epochs=cfg.epochs, lr=cfg.lr, lr_low=cfg.lr_low,
-                       batch_size=cfg.batch_size, show_progress=show_progress, log=log)
+                       batch_size=cfg.batch_size, show_progress=show_progress, log=log, **kw)

@@ -17,7 +17,7 @@ import torch
 from vars_fast.distributed import ddp
 from vars_fast.io import load_checkpoint, save_checkpoint
 from vars_fast.metrics import ranking_metrics
-from vars_fast.recommenders import AMR, build_recommender, save_recommender
+from vars_fast.recommenders import AMR, REGISTRY, Pop, build_recommender, save_recommender, selection
 from vars_fast.recommenders.base import batched_encode
 
 
@@ -85,27 +85,18 @@ def run_stage(ctx) -> None:
         timings["features_s"] = time.perf_counter() - t
         ctx.log.info("recommender: features %s in %.1fs", tuple(feats.shape), timings["features_s"])
 
-    rows, trained = [], {}
+    rows, trained, floor = [], {}, []
+    pop = ranking_metrics(_popularity(cat), cat, topk=(10,))["HR@10"]
     for name in order:
         t = time.perf_counter()
-        gen = ctx.generator(f"recommender:{name}")
-        seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator(f"init:{name}")))
-        if name == "AMR":
-            rec = AMR.from_vbpr(trained["VBPR"], rc.amr_eps, rc.amr_lambda)
-        else:
-            rec = build_recommender(name, cat.n_users, cat.n_items, rc,
-                                    backbone=ctx.backbone if name in ("VBPR", "DVBPR") else None, seed=seed,
-                                    feature_dim=None if feats is None else feats.shape[1]).to(ctx.device)
-            ddp.broadcast_module(rec)
-        kw = {"features": feats} if name == "VBPR" else {}
-        hist = rec.fit(cat, rc, gen, show_progress=cfg.run.progress, log=ctx.log, **kw)
+        rec = _train(ctx, name, trained, feats)
         rec.eval().requires_grad_(False)
         trained[name] = rec
         timings[f"train_{name}_s"] = time.perf_counter() - t
         m = ranking_metrics(rec, cat, topk=tuple(cfg.eval.topk))
-        loss_msg = f" loss {hist[0]:.4f} -> {hist[-1]:.4f}" if hist else ""
-        ctx.log.info("recommender: %s in %.1fs%s | %s", name, timings[f"train_{name}_s"], loss_msg,
+        ctx.log.info("recommender: %s in %.1fs | %s", name, timings[f"train_{name}_s"],
                      " ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        floor += below_popularity(name, rec, m.get("HR@10"), pop, ctx.log)
         if ddp.is_main():
             save_recommender(rec, ctx.run.checkpoint(f"recommender_{name}"), split_key=cat.meta.get("split_key"))
         ctx.put(f"rec:{name}", rec)
@@ -116,4 +107,56 @@ def run_stage(ctx) -> None:
     if ddp.is_main():
         ctx.run.add_rows("ranking", rows)
         old = ctx.run.load_metrics().get("meta", {}).get("timings", {})
-        ctx.run.update_meta(data=getattr(cat, "meta", {}), timings={**old, **timings})
+        picked = {n: r.selection for n, r in trained.items() if getattr(r, "selection", None)}
+        ctx.run.update_meta(data=getattr(cat, "meta", {}), timings={**old, **timings}, below_popularity=floor,
+                            **({"selection": picked} if picked else {}))
+
+
+def _popularity(cat) -> Pop:
+    pop = Pop(cat.n_users, cat.n_items)
+    pop.fit(cat)
+    return pop
+
+
+def _train(ctx, name: str, trained: dict, feats):
+    """One model, trained; VBPR and BPR through per-catalogue selection where it is on."""
+    cfg, rc, cat = ctx.cfg, ctx.cfg.recommender, ctx.catalogue
+    gen = ctx.generator(f"recommender:{name}")
+    if name == "AMR":
+        rec = AMR.from_vbpr(trained["VBPR"], rc.amr_eps, rc.amr_lambda)
+        rec.fit(cat, rc, gen, show_progress=cfg.run.progress, log=ctx.log)
+        return rec
+    seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator(f"init:{name}")))
+
+    def build(rc_b):
+        rec = build_recommender(name, cat.n_users, cat.n_items, rc_b,
+                                backbone=ctx.backbone if name in ("VBPR", "DVBPR") else None, seed=seed,
+                                feature_dim=None if feats is None else feats.shape[1]).to(ctx.device)
+        ddp.broadcast_module(rec)
+        return rec
+
+    kw = {"features": feats} if name == "VBPR" else {}
+    if getattr(REGISTRY[name], "selectable", False) and selection.enabled(rc, cat.meta.get("source", "synthetic")):
+        return selection.select_and_fit(name, build, cat, rc, gen, ctx.log, show_progress=cfg.run.progress, **kw)
+    rec = build(rc)
+    rec.fit(cat, rc, gen, show_progress=cfg.run.progress, log=ctx.log, **kw)
+    return rec
+
+
+def below_popularity(name: str, rec, hr10, pop_hr10: float, log) -> list[dict]:
+    """Where ``rec`` ranks worse than popularity, on the test split (HR@10) or on its training
+    holdout (the metric it was validated with): one warning line and one entry each, which
+    report.md repeats. A model below popularity is a finding, never a silent row."""
+    out = []
+    if name != "Pop" and hr10 is not None and hr10 < pop_hr10:
+        out.append({"model": name, "split": "test", "metric": "HR@10", "value": hr10, "popularity": pop_hr10})
+    val = getattr(rec, "selection", None) or getattr(rec, "fit_record", None)
+    if val and val.get("popularity") is not None:
+        best = max(t["val"] for t in val["trials"]) if "trials" in val else val["best"]
+        if best < val["popularity"]:
+            out.append({"model": name, "split": "validation", "metric": val["metric"], "value": best,
+                        "popularity": val["popularity"]})
+    for r in out:
+        log.warning("recommender: %s scores below popularity on the %s split (%s %.4f vs %.4f)", r["model"],
+                    r["split"], r["metric"], r["value"], r["popularity"])
+    return out

@@ -27,6 +27,7 @@ from vars_fast.recommenders.base import Recommender, fit_bpr, sq
 class VBPR(Recommender):
     name = "VBPR"
     uses_images = True
+    selectable = True  # trained by fit_bpr: per-catalogue selection applies (recommenders/selection.py)
 
     def __init__(self, n_users: int, n_items: int, feature_dim: int, k: int = 64, visual_k: int = 64,
                  tied: bool = True, biases: bool = True, reg: float = 1e-4, reg_visual: float = 0.0,
@@ -152,12 +153,13 @@ class VBPR(Recommender):
         return F.softplus(s[:, 1] - s[:, 0]).mean() + self._reg(p, q, b)
 
     def fit(self, cat, cfg, generator: torch.Generator, show_progress: bool = True, log=None,
-            features: Optional[Tensor] = None) -> list[float]:
-        """Train on ``cat`` with the clean features (``features`` [N,F] or the cached item_visual)."""
+            features: Optional[Tensor] = None, **kw) -> list[float]:
+        """Train on ``cat`` with the clean features (``features`` [N,F] or the cached item_visual);
+        ``kw``: ``holdout`` / ``record`` for ``fit_bpr`` (model selection)."""
         if features is not None:
             self.set_item_visual(features)
         if self.item_visual is None:
             raise RuntimeError("VBPR.fit: pass features= (clean backbone features [N, F])")
         self.fit_feature_norm(self.item_visual)
         return fit_bpr(self, cat, cfg, self.loss, generator, epochs=cfg.epochs, lr=cfg.lr, lr_low=cfg.lr_low,
-                       batch_size=cfg.batch_size, show_progress=show_progress, log=log)
+                       batch_size=cfg.batch_size, show_progress=show_progress, log=log, **kw)
