@@ -1,6 +1,6 @@
 """TAaMR-FGSM on a finished run: the single signed step at many eps, and what it does.
 
-    python docs/results/taamr_fgsm_sweep.py RUN_DIR [--eps 1,2,3,4,6,8,12,16,24,32]
+    python tools/taamr_fgsm_sweep.py RUN_DIR [--eps 1,2,3,4,6,8,12,16,24,32]
 
 RUN_DIR is a run folder of ``python -m vars_fast.train`` after its attack stage (it reads the
 VBPR checkpoint, the catalogue cache and ``attacks/targets.json``). For each eps it takes one

@@ -1,6 +1,6 @@
 """The seen / unseen detection table on a finished run (its defence stage done).
 
-    python docs/results/detector_generalisation.py RUN_DIR [--json OUT.json]
+    python tools/detector_generalisation.py RUN_DIR [--json OUT.json]
 
 Reads RUN_DIR's config, catalogue cache, VBPR checkpoint and ``checkpoints/defense.pt`` and
 runs the evaluate stage's own ``generalisation`` section (``vars_fast/evaluate/generalisation.py``:
