@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 
 def cpu_seconds(fn, reps: int) -> float:
     fn()  # warm-up (allocator, one-time tracing)
@@ -26,6 +24,8 @@ def cpu_seconds(fn, reps: int) -> float:
 
 
 def measure(size: int, batch: int, reps: int) -> dict:
+    import torch
+
     from vars_fast.attacks.fgsm import FGSM
     from vars_fast.attacks.pgd import PGD
     from vars_fast.backbones import build_backbone
@@ -59,6 +59,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=2, help="timed repetitions after one warm-up")
     a = p.parse_args()
+    import torch
+
     torch.set_num_threads(a.threads)
     print(f"| image size | feature pass | FGSM | one PGD step |  (CPU-s per 1k images, {a.threads} thread)")
     print("|---|---|---|---|")

@@ -13,8 +13,6 @@ import resource
 import subprocess
 import sys
 
-import torch
-
 DENOISERS = {"w64b9": dict(width=64, n_res_blocks=9, patch_size=16, heads=8, embed_dim=256),
              "w16b4": dict(width=16, n_res_blocks=4, patch_size=8, heads=4, embed_dim=64)}
 
@@ -32,6 +30,8 @@ def _net(what: str, S: int):
 
 
 def peak_growth(what: str, S: int, N: int, grad: bool) -> float:
+    import torch
+
     torch.set_num_threads(1)
     f = _net(what, S)
 
@@ -50,6 +50,8 @@ def peak_growth(what: str, S: int, N: int, grad: bool) -> float:
 
 
 def saved_bytes(what: str, S: int) -> float:
+    import torch
+
     net = _net(what, S)
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}
     seen = {}

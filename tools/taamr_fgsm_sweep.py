@@ -16,15 +16,15 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-import yaml
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir")
     ap.add_argument("--eps", default="1,2,3,4,6,8,12,16,24,32")
     args = ap.parse_args()
+
+    import torch
+    import yaml
 
     from vars_fast.attacks.base import quantize_within
     from vars_fast.attacks.stage import _encode

@@ -10,10 +10,10 @@ import json
 import logging
 import time
 
-import torch
-
 
 def main(run: str, sets: list[str]) -> None:
+    import torch
+
     from vars_fast.config import apply_overrides, from_dict, load_yaml, parse_set
     from vars_fast.evaluate.common import Evaluation
     from vars_fast.evaluate.transfer import transfer
