@@ -2,7 +2,7 @@
 sizes, measured on a few items and extrapolated to the preset's catalogue.
 
     python benchmarks/adaptive_cost.py [--preset default] [--items 8] [--steps 2] [--eot 4] \
-        [--threads 1] [--out docs/results/adaptive_cost.json]
+        [--threads 1] [--out docs/results/data/adaptive_cost.json]
 
 The models are the preset's (denoiser, detector, VBPR on the backbone, BN-folded NHWC copies as
 the evaluation uses) with random weights: the cost of a step does not depend on the weights.

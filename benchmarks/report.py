@@ -17,6 +17,7 @@ import sys
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+USAGE = "usage: python benchmarks/report.py BENCHMARK.json [--suffix NAME] [--out-dir DIR]"
 
 
 def _is_baseline(p: str) -> bool:
@@ -77,6 +78,9 @@ def tables(rows: list[dict], machine: dict) -> tuple[str, list[dict]]:
 def main(argv: list[str]) -> int:
     """``--suffix NAME`` saves ``<device>-NAME.md/.json`` (a partial re-run beside the full table);
     ``--out-dir DIR`` saves there instead of ``benchmarks/results``."""
+    if "-h" in argv or "--help" in argv:
+        print(USAGE + "\n\n" + __doc__.split("\n\n")[0])
+        return 0
     opts = {"--suffix": "", "--out-dir": os.path.join(HERE, "results")}
     for name in opts:
         if name in argv:
@@ -87,7 +91,7 @@ def main(argv: list[str]) -> int:
             opts[name], argv = argv[i + 1], argv[:i] + argv[i + 2:]
     suffix, out_dir = opts["--suffix"], opts["--out-dir"]
     if len(argv) != 1:
-        print(__doc__)
+        print(USAGE + "\n" + __doc__)
         return 2
     path = argv[0]
     try:

@@ -308,8 +308,8 @@ class EvalConfig:
     addition_lambda_sigma: float = 0.01  # preference for the smallest sufficient noise
     # the "eval" attack objective: 1 + data.n_negatives images per user and attack, so a seeded
     # subset of users (clean HR is reported on the same subset)
-    # 32 keep the default run near its budget (each user costs ~8 s of the run, docs/results/
-    # default_preset.md); the "full" preset runs 100; 0: every user
+    # 32 keep the default run near its budget (each user costs seconds of attack and evaluation:
+    # docs/results/full_run.md times 100 users against 32); the "full" preset runs 100; 0: every user
     oracle_users: int = 32
     oracle_models: list = field(default_factory=lambda: ["VBPR", "DVBPR"])
     oracle_eps: list = field(default_factory=list)  # /255; empty: eval.table_eps
@@ -336,7 +336,7 @@ class EvalConfig:
     # transfer (evaluate/transfer.py): the defence trained on this catalogue (A) applied to a
     # synthetic catalogue B of another seed and style, with 0 and transfer_finetune_epochs
     # epochs of denoiser fine-tuning on B; the detector stays as trained on A
-    transfer: bool = False  # ~3.5 min on the default preset: docs/results/transfer.md
+    transfer: bool = False  # ~3 min (192 s) on the default preset: docs/results/transfer.md
     transfer_seed: int = 1  # B's data.seed
     transfer_style: str = "geometric"  # B's rendering style (data/synthetic.py STYLES)
     transfer_users: int = 0  # B's users; 0: data.n_users

@@ -521,7 +521,7 @@ def make_figures(run: Path, m: dict, a: dict) -> dict[str, str]:
 FULL_PRESET_NOTE = ("The `default` preset is sized for about 25 minutes on 2 CPU cores. `--preset full` adds the "
                     "`eval` objective on 100 users instead of 32, the adaptive attacker at 8 EOT draws instead of 4, "
                     "and the adaptive attacker on the `eval` lists. A committed run of it is "
-                    "`docs/results/full_run_report.md` in the vars_fast source tree.")
+                    "`docs/results/full_run.md` in the vars_fast source tree.")
 
 
 def write_report(run_folder: str | Path, figures: bool = True) -> Path:

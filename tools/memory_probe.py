@@ -1,18 +1,17 @@
 """Peak resident growth per image per pixel of the defence's networks (CPU, fp32), the numbers
 behind vars_fast/memory.py. One network per fresh process, so that ru_maxrss is its own:
 
-    python docs/results/memory_probe.py                 # every row of docs/results/memory.md
-    python docs/results/memory_probe.py resnet50 96 9 grad
+    python tools/memory_probe.py                 # every row of docs/results/memory.md
+    python tools/memory_probe.py resnet50 96 9 grad
 
 A row is (ru_maxrss after an N-image pass - after a 1-image pass) / (N - 1) / S^2: what one more
 image adds to the peak of a loop. ``saved`` rows count the bytes autograd saves for backward
 (parameters excluded), which fixes how the denoiser's cost scales with width and depth.
 """
+import argparse
 import resource
 import subprocess
 import sys
-
-import torch
 
 DENOISERS = {"w64b9": dict(width=64, n_res_blocks=9, patch_size=16, heads=8, embed_dim=256),
              "w16b4": dict(width=16, n_res_blocks=4, patch_size=8, heads=4, embed_dim=64)}
@@ -31,6 +30,8 @@ def _net(what: str, S: int):
 
 
 def peak_growth(what: str, S: int, N: int, grad: bool) -> float:
+    import torch
+
     torch.set_num_threads(1)
     f = _net(what, S)
 
@@ -49,6 +50,8 @@ def peak_growth(what: str, S: int, N: int, grad: bool) -> float:
 
 
 def saved_bytes(what: str, S: int) -> float:
+    import torch
+
     net = _net(what, S)
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}
     seen = {}
@@ -64,14 +67,22 @@ def saved_bytes(what: str, S: int) -> float:
     return sum(seen.values()) / S / S
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        what, S = sys.argv[1], int(sys.argv[2])
-        if sys.argv[3] == "saved":
-            print(f"{saved_bytes(what, S):.0f}")
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="With no arguments: every row, each network in a fresh process.")
+    ap.add_argument("what", nargs="?", help="one row only: denoiser-w64b9 | denoiser-w16b4 | a backbone name")
+    ap.add_argument("size", nargs="?", type=int, help="image size S in px")
+    ap.add_argument("n", nargs="?", help="N images of the pass, or 'saved' for the bytes autograd saves")
+    ap.add_argument("grad", nargs="?", help="any value: with an input gradient")
+    args = ap.parse_args()
+    if args.what is not None:
+        if args.size is None or args.n is None:
+            ap.error("one row needs WHAT SIZE N [grad] or WHAT SIZE saved")
+        if args.n == "saved":
+            print(f"{saved_bytes(args.what, args.size):.0f}")
         else:
-            print(f"{peak_growth(what, S, int(sys.argv[3]), len(sys.argv) > 4):.0f}")
-        sys.exit(0)
+            print(f"{peak_growth(args.what, args.size, int(args.n), args.grad is not None):.0f}")
+        return
     rows = [("denoiser-w64b9", 96, 9, True), ("denoiser-w64b9", 96, 17, False)]
     for bb in ("resnet50", "efficientnet_lite0", "resnet18"):
         rows += [(bb, 96, 9, True), (bb, 96, 17, False)]
@@ -85,3 +96,7 @@ if __name__ == "__main__":
         out = subprocess.run([sys.executable, __file__, f"denoiser-{d}", "64", "saved"], capture_output=True,
                              text=True, check=True).stdout.strip()
         print(f"| {d} | 64 | {out} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """TAaMR-FGSM on a finished run: the single signed step at many eps, and what it does.
 
-    python docs/results/taamr_fgsm_sweep.py RUN_DIR [--eps 1,2,3,4,6,8,12,16,24,32]
+    python tools/taamr_fgsm_sweep.py RUN_DIR [--eps 1,2,3,4,6,8,12,16,24,32]
 
 RUN_DIR is a run folder of ``python -m vars_fast.train`` after its attack stage (it reads the
 VBPR checkpoint, the catalogue cache and ``attacks/targets.json``). For each eps it takes one
@@ -16,15 +16,15 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-import yaml
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir")
     ap.add_argument("--eps", default="1,2,3,4,6,8,12,16,24,32")
     args = ap.parse_args()
+
+    import torch
+    import yaml
 
     from vars_fast.attacks.base import quantize_within
     from vars_fast.attacks.stage import _encode

@@ -1,7 +1,7 @@
 """How faithful is D(clean)? Trains the full defence on a run folder and measures, after every epoch.
 
-    python docs/results/denoiser_fidelity.py RUN_DIR OUT_DIR [--set defense.KEY=VALUE ...] [--pgd]
-    python docs/results/denoiser_fidelity.py RUN_DIR --measure
+    python tools/denoiser_fidelity.py RUN_DIR OUT_DIR [--set defense.KEY=VALUE ...] [--pgd]
+    python tools/denoiser_fidelity.py RUN_DIR --measure
 
 ``--measure`` trains nothing: it loads RUN_DIR's trained defence (checkpoints/defense.pt) and
 prints the fidelity rows (``vars_fast.metrics.fidelity_rows``) on the held-out test items of

@@ -1,10 +1,10 @@
 """CPU cost per 1,000 catalogue images of the feature pass, FGSM and one PGD step, by image size.
 
-    PYTHONPATH=. python docs/results/image_size_cost.py [--sizes 64,224] [--threads 1]
+    PYTHONPATH=. python benchmarks/image_size_cost.py [--sizes 64,224] [--threads 1]
 
 Runs what the pipeline runs: EfficientNet-Lite0 (packaged ImageNet weights) for the clean
 feature pass; the attack path is the BN-folded NHWC copy the attack stage uses
-(``attacks.fast.fast_copy``) with VBPR's BPR loss on the item's features, FGSM = one forward
+(``nn.fuse.fast_copy``) with VBPR's BPR loss on the item's features, FGSM = one forward
 + one input-gradient backward, a PGD step the same plus the fused ``pgd_step`` update.
 Reports process CPU seconds (robust on a shared machine, unlike wall time); with ``--threads
 1`` this is one core's work, so 2 idle cores take about half of it in wall time.
@@ -13,15 +13,6 @@ from __future__ import annotations
 
 import argparse
 import time
-
-import torch
-
-from vars_fast.attacks.fast import fast_copy
-from vars_fast.attacks.fgsm import FGSM
-from vars_fast.attacks.pgd import PGD
-from vars_fast.backbones import build_backbone
-from vars_fast.config import BackboneConfig
-from vars_fast.recommenders import VBPR
 
 
 def cpu_seconds(fn, reps: int) -> float:
@@ -33,6 +24,15 @@ def cpu_seconds(fn, reps: int) -> float:
 
 
 def measure(size: int, batch: int, reps: int) -> dict:
+    import torch
+
+    from vars_fast.attacks.fgsm import FGSM
+    from vars_fast.attacks.pgd import PGD
+    from vars_fast.backbones import build_backbone
+    from vars_fast.config import BackboneConfig
+    from vars_fast.nn.fuse import fast_copy
+    from vars_fast.recommenders import VBPR
+
     bb = build_backbone(BackboneConfig()).eval().requires_grad_(False)
     rec = VBPR(64, 256, bb.feature_dim, backbone=bb).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
@@ -53,12 +53,14 @@ def measure(size: int, batch: int, reps: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--sizes", default="64,224")
-    p.add_argument("--threads", type=int, default=1)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="64,224", help="comma-separated image sizes in px")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=2, help="timed repetitions after one warm-up")
     a = p.parse_args()
+    import torch
+
     torch.set_num_threads(a.threads)
     print(f"| image size | feature pass | FGSM | one PGD step |  (CPU-s per 1k images, {a.threads} thread)")
     print("|---|---|---|---|")

@@ -1,6 +1,6 @@
 """The seen / unseen detection table on a finished run (its defence stage done).
 
-    python docs/results/detector_generalisation.py RUN_DIR [--json OUT.json]
+    python tools/detector_generalisation.py RUN_DIR [--json OUT.json]
 
 Reads RUN_DIR's config, catalogue cache, VBPR checkpoint and ``checkpoints/defense.pt`` and
 runs the evaluate stage's own ``generalisation`` section (``vars_fast/evaluate/generalisation.py``:
@@ -16,14 +16,14 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
+
+    import torch
 
     from vars_fast.config import from_dict, load_yaml
     from vars_fast.evaluate.common import Evaluation

@@ -1,26 +1,26 @@
 """Run the transfer section alone on a run folder that holds A's VBPR and defence, print its
 per-part CPU seconds and write report.md (docs/results/transfer.md gives the commands).
 
-    python docs/results/transfer_measure.py RUN [--set section.key=value ...]
+    python tools/transfer_measure.py RUN [--set section.key=value ...]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
-import sys
 import time
-
-import torch
-
-from vars_fast.config import apply_overrides, from_dict, load_yaml, parse_set
-from vars_fast.evaluate.common import Evaluation
-from vars_fast.evaluate.transfer import transfer
-from vars_fast.pipeline import Context
-from vars_fast.report import write_report
-from vars_fast.run import RunFolder
 
 
 def main(run: str, sets: list[str]) -> None:
+    import torch
+
+    from vars_fast.config import apply_overrides, from_dict, load_yaml, parse_set
+    from vars_fast.evaluate.common import Evaluation
+    from vars_fast.evaluate.transfer import transfer
+    from vars_fast.pipeline import Context
+    from vars_fast.report import write_report
+    from vars_fast.run import RunFolder
+
     cfg = from_dict(load_yaml(f"{run}/config.yaml"))
     apply_overrides(cfg, parse_set(sets))
     cfg.eval.transfer = True
@@ -36,5 +36,8 @@ def main(run: str, sets: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    main(args[0], [a for a in args[1:] if a != "--set"])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", help="run folder with A's VBPR and defence")
+    ap.add_argument("--set", action="append", default=[], metavar="section.key=value", help="config override")
+    args = ap.parse_args()
+    main(args.run, args.set)
