@@ -21,9 +21,9 @@ from typing import Any, Optional
 
 import yaml
 
+from vars_fast.errors import ConfigError  # noqa: F401 - re-exported: callers import it from here
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key, value or path."""
+
 
 
 # Keys that moved to another section: a config file or ``--set`` that still uses the old key

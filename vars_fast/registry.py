@@ -1,0 +1,102 @@
+"""Registries: one per extensible family, filled where each member is defined.
+
+A new attack, defence, recommender, data source or evaluation section is one file: its
+definition carries ``@REGISTRY.register("name")``, and every list of allowed names (config
+validation, the CLI's choices, ``docs/config.md``, the report's loop) asks the registry. No
+list of member names is written down anywhere else.
+
+A family knows the modules that define its built-in members (``home``) and imports them the
+first time it is asked for its members, so ``"pgd" in ATTACKS`` is true without the caller
+importing ``vars_fast.attacks`` first, and this module imports nothing of the package (the
+config imports it at the top without a cycle). A member defined in user code (a test, a
+plugin) is registered when that code is imported, exactly like a built-in one.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Iterator, Optional
+
+from vars_fast.errors import ConfigError
+
+
+class Registry:
+    """Named members of one family, with optional metadata per member.
+
+    ``family`` names it in messages ("recommender"); ``key`` is the config key that names
+    members ("recommender.models"), so an unknown name fails with one line that names the key
+    and every choice; ``home`` lists the modules holding the built-in members."""
+
+    def __init__(self, family: str, key: str, home: tuple[str, ...] = ()):
+        self.family, self.key, self.home = family, key, tuple(home)
+        self._members: dict[str, Any] = {}
+        self._meta: dict[str, dict] = {}
+        self._loaded = not self.home
+
+    def register(self, name: Optional[str] = None, obj: Any = None, **meta: Any):
+        """``@R.register("name", **meta)`` on a class or function, or ``R.register("name", obj)``.
+        Without a name, ``obj.name`` (a class attribute) is used. Re-registering a name replaces
+        it (a reloaded module, a test's override)."""
+        def add(o: Any) -> Any:
+            n = name if name is not None else getattr(o, "name", None)
+            if not isinstance(n, str) or not n:
+                raise ValueError(f"{self.family} registry: a member needs a name (got {n!r} for {o!r})")
+            self._members[n] = o
+            self._meta[n] = dict(meta)
+            return o
+
+        return add(obj) if obj is not None else add
+
+    def unregister(self, name: str) -> None:
+        self._members.pop(name, None)
+        self._meta.pop(name, None)
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True  # first, so that a home module asking its own registry does not recurse
+            for mod in self.home:
+                importlib.import_module(mod)
+
+    def names(self) -> list[str]:
+        self._load()
+        return list(self._members)
+
+    def meta(self, name: str) -> dict:
+        self[name]
+        return self._meta[name]
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        self._load()
+        return iter(list(self._members.items()))
+
+    def where(self, **meta: Any) -> list[str]:
+        """Names whose metadata matches every ``key=value`` given (e.g. ``targeted=True``)."""
+        self._load()
+        return [n for n, m in self._meta.items() if all(m.get(k) == v for k, v in meta.items())]
+
+    def __contains__(self, name: object) -> bool:
+        self._load()
+        return name in self._members
+
+    def __getitem__(self, name: str) -> Any:
+        self._load()
+        if name not in self._members:
+            raise ConfigError(f"{self.key}: unknown {self.family} {name!r} (choose from {', '.join(self._members)})")
+        return self._members[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def check(self, names: Any, key: Optional[str] = None) -> None:
+        """Raise ConfigError naming ``key`` (default: the family's key) unless every entry of
+        ``names`` (a name or a list of names) is registered."""
+        for n in ([names] if isinstance(names, str) else list(names)):
+            if n not in self:
+                raise ConfigError(f"{key or self.key}: unknown {self.family} {n!r} "
+                                  f"(choose from {', '.join(self.names())})")
+
+    def __repr__(self) -> str:
+        return f"Registry({self.family!r}, {self.names()})"
+
