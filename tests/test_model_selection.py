@@ -82,16 +82,21 @@ def test_selection_is_on_for_files_and_off_for_synthetic():
     assert not selection.enabled(rc, "synthetic")
     assert selection.enabled(RecommenderConfig(select="on"), "synthetic")
     assert not selection.enabled(RecommenderConfig(select="off"), "generic")
+    # YAML reads a bare off as False: it still means off
+    assert make_config("default", overrides={"recommender.select": False}).recommender.select == "off"
 
 
-def test_candidates_start_with_the_config_and_are_seeded_and_bounded():
-    rc = RecommenderConfig(select_trials=4)
-    a = selection.candidates(rc, torch.Generator().manual_seed(3))
-    b = selection.candidates(rc, torch.Generator().manual_seed(3))
-    assert a == b and len(a) == 4 and len({tuple(sorted(c.items())) for c in a}) == 4
-    assert a[0] == {"lr": rc.lr, "weight_decay": rc.weight_decay, "k": rc.k}
-    grid = {(lr, wd, k) for lr in rc.select_lr for wd in rc.select_weight_decay for k in rc.select_k}
-    assert {(c["lr"], c["weight_decay"], c["k"]) for c in a[1:]} <= grid
+def test_coordinate_search_tries_every_dimension_around_the_best_and_is_bounded():
+    rc = RecommenderConfig(lr=1e-2, weight_decay=3e-2, k=64, select_lr=[1e-2, 3e-3, 1e-3],
+                           select_weight_decay=[1e-2, 3e-2, 1e-1], select_k=[16, 64], select_trials=6)
+    # a score that prefers lr 1e-3, then weight_decay 1e-1, then k 16
+    score = lambda c: -abs(c["lr"] - 1e-3) - abs(c["weight_decay"] - 0.1) - abs(c["k"] - 16) / 1e3  # noqa: E731
+    tried = selection.coordinate_search(rc, score)
+    assert tried[0] == {"lr": 1e-2, "weight_decay": 3e-2, "k": 64}  # the config's own first
+    assert [c["lr"] for c in tried[:3]] == [1e-2, 3e-3, 1e-3]
+    assert tried[3:5] == [{"lr": 1e-3, "weight_decay": 1e-2, "k": 64}, {"lr": 1e-3, "weight_decay": 0.1, "k": 64}]
+    assert tried[5] == {"lr": 1e-3, "weight_decay": 0.1, "k": 16} and len(tried) == 6
+    assert len(selection.coordinate_search(RecommenderConfig(select_trials=2), score)) == 2
 
 
 def test_select_and_fit_picks_the_best_holdout_setting_and_retrains_on_all_pairs(caplog):
@@ -102,7 +107,7 @@ def test_select_and_fit_picks_the_best_holdout_setting_and_retrains_on_all_pairs
 
     cat = tiny_catalogue(n_users=40, n_items=32)
     rc = rcfg(lr=1e-5, lr_low=1e-6, select_lr=[1e-5, 0.05], select_weight_decay=[1e-3], select_k=[8],
-              select_trials=2, val_negatives=4, patience=3, epochs=20)
+              select_trials=2, val_negatives=4, patience=3, epochs=20, select_metric="auc")
 
     def build(rc_b):
         return build_recommender("BPR", cat.n_users, cat.n_items, rc_b, seed=0)

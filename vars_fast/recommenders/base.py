@@ -123,12 +123,10 @@ class Holdout:
         """[V] per held-out pair: ``auc``, the share of negatives scored below the positive (ties
         half); ``mrr``, 1 / (1 + rank) with ties against the positive, as the test's HR@N counts.
 
-        NOTE: AUC is a smooth stopping signal (NDCG@10 of 600 held-out items moves by ~0.01
-        between epochs from noise alone, docs/results/recommender_tuning.md), but it weighs the
-        bottom of the list as much as the top: on a long-tail catalogue, where a third of the
-        held-out items have no purchase left in the fold, it falls while HR@10 still rises, as
-        those items sink from the middle to the bottom (docs/results/longtail.md). MRR is
-        continuous too and counts only what reaches the top."""
+        NOTE: AUC is the smooth stopping signal (NDCG@10 of 600 held-out items moves by ~0.01
+        between epochs from noise alone, docs/results/recommender_tuning.md). On the longtail
+        preset it also followed the test's HR@10 best over epochs and settings; MRR, dominated
+        by the first few ranks, did not (docs/results/longtail.md)."""
         was_training = model.training
         model.eval()
         dev = model.device
