@@ -123,3 +123,26 @@ def test_writers_stream_folders_and_shards(tmp_path):
     assert len(shards) == 3
     with tarfile.open(shards[-1]) as t:
         assert t.getnames() == ["item0000006.jpg"]
+
+
+def test_keep_unbought_false_keeps_only_bought_items_with_their_own_images(tiny_cfg, tmp_path):
+    """A catalogue read from a purchase log holds only bought items; the synthetic source can do
+    the same, and each kept item still shows its own generated image."""
+    from vars_fast.data.interactions import split_stats
+
+    full = load_catalogue(dataclasses.replace(tiny_cfg, n_items=400), tmp_path / "a", progress=False)
+    cat = load_catalogue(dataclasses.replace(tiny_cfg, n_items=400, keep_unbought=False), tmp_path / "b",
+                         progress=False)
+    bought = set(full.train[:, 1].tolist()) | set(full.test.tolist())
+    assert cat.n_items == len(bought) < full.n_items
+    assert sorted(int(i[1:]) for i in cat.item_ids) == sorted(bought)
+    for k in (0, cat.n_items // 2, cat.n_items - 1):
+        j = full.item_ids.index(cat.item_ids[k])
+        assert torch.equal(cat.images[k], full.images[j])
+    s = split_stats(cat.train.numpy(), cat.test.numpy(), cat.n_users, cat.n_items)
+    assert s["items"] == cat.n_items and s["train_purchases"] == len(cat.train)
+    assert 0 <= s["test_cold"] <= s["test_le1"] <= 1 and cat.meta["regime"] == s
+    # every item was bought at least once, in training or as someone's test item
+    counts = np.bincount(cat.train[:, 1].numpy(), minlength=cat.n_items) + np.bincount(cat.test.numpy(),
+                                                                                       minlength=cat.n_items)
+    assert counts.min() >= 1
