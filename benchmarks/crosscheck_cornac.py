@@ -21,8 +21,8 @@ otherwise): one training purchase of each user with at least 3 held out, ranked 
 ``val_negatives`` non-positives. This script carves the identical holdout from the same
 generator (and checks it against the popularity and size our run recorded for it), trains
 every Cornac setting of a small grid on the fold (the training pairs minus the held-out ones),
-scores the held-out item against its negatives by MRR (``base._per_user``, ties against the
-positive, as our selection does), retrains the best setting on every training pair and
+scores the held-out item against its negatives by AUC (``base._per_user``, ties half, as
+our selection does), retrains the best setting on every training pair and
 evaluates it on the test split. Items unknown to a Cornac model (no purchase in what it
 trained on; on the fold that includes items whose only purchase was held out) are scored
 as below.
@@ -71,7 +71,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 CORNAC_BPR_LRS = (0.01, 0.05, 0.1)
 CORNAC_VBPR_GRID = tuple({"learning_rate": lr, "lambda_w": lw} for lr in (0.005, 0.001) for lw in (0.01, 0.1))
-SELECT_METRIC = "mrr"  # what our selection reads on the holdout (recommender.select_metric's default)
+SELECT_METRIC = "auc"  # what our selection reads on the holdout (recommender.select_metric's default)
 # the cache key's protocol: bump whenever what Cornac runs or how it is chosen changes
 # (1: fixed VBPR, BPR lr chosen on the test split; 2: both chosen on our training holdout)
 CACHE_PROTOCOL = 2
@@ -189,7 +189,7 @@ def _digest(*ts) -> str:
 
 
 def holdout_score(score_fn, val) -> float:
-    """Mean MRR of each held-out item against its negatives, ties against the positive (our selection's)."""
+    """Mean holdout score (SELECT_METRIC) of each held-out item against its negatives, as our selection scores it."""
     from vars_fast.recommenders.base import _per_user
 
     cand = val.candidates().numpy()
