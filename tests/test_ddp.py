@@ -1,5 +1,6 @@
 """Data parallelism (vars_fast.distributed.ddp): two gloo CPU processes on the same global
-batches give the same parameters as one process, with the helpers the trainers use."""
+batches give the same parameters as one process, with the helpers the trainers use. The tests
+that spawn two ranks are marked ``slow``: ``make test-all`` runs them, ``make test`` does not."""
 from __future__ import annotations
 
 import os
@@ -124,6 +125,7 @@ def test_single_process_helpers_are_noops():
     ddp.shutdown()  # nothing to leave: a no-op
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["mlp", "mlp_odd"])
 def test_two_gloo_ranks_match_one_process(tmp_path, kind):
@@ -139,6 +141,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path, kind):
 
 # NOTE: VBPR.reg divides the dense-weight penalty (E, beta') by the *global* batch size
 # (ddp.global_batch_size): with the local size, W ranks would weigh it W times more.
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["vbpr_noreg", "vbpr"])
 def test_vbpr_train_bpr_two_ranks_match_one(tmp_path, kind):
@@ -171,6 +174,7 @@ def _train_cli_worker(rank: int, world: int, port: int, out: str, caller_joins: 
     Path(out, f"done{rank}").touch()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("caller_joins", [False, True])
 def test_train_run_under_two_ranks_leaves_the_group_it_joined(tmp_path, caller_joins):

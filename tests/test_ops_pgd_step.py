@@ -257,7 +257,6 @@ _TRITON_OPCHECK = textwrap.dedent(f"""
 """)
 
 
-@pytest.mark.slow
 def test_triton_opcheck(run_triton_interpreted):
     """torch.library.opcheck on the Triton ops (schema, autograd registration, fake kernel),
     run by the interpreter on CPU."""

@@ -317,7 +317,6 @@ _TRITON_OPCHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 def test_triton_opcheck_and_double_backward(run_triton_interpreted):
     """The Triton ops under the interpreter: opcheck (schema, autograd registration, fake
     kernel), gradcheck and gradgradcheck in float64 (the shared autograd's double backward)."""

@@ -352,7 +352,6 @@ _TRITON_OPCHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 def test_triton_opcheck(run_triton_interpreted):
     run_triton_interpreted(_TRITON_OPCHECK)
 

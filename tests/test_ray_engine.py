@@ -21,6 +21,7 @@ def _read(out):
     return pq.read_table(sorted(out.glob("part-*.parquet"))).to_pydict()
 
 
+@pytest.mark.slow  # starts a local Ray cluster: `make test-all` runs it, `make test` does not
 @pytest.mark.timeout(600)
 def test_ray_matches_local(tmp_path):
     n_threads = torch.get_num_threads()

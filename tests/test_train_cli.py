@@ -31,7 +31,7 @@ def test_missing_earlier_stage_is_reported(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1].startswith("error: ")
 
 
-@pytest.mark.slow
+# not marked slow: the one whole pipeline that `make test` runs (the paper preset is in `make test-all`)
 def test_quick_preset_end_to_end(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "vars_fast.train", "--preset", "quick", "--out", str(out),
