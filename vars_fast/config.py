@@ -17,11 +17,12 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
 from vars_fast.errors import ConfigError  # noqa: F401 - re-exported: callers import it from here
+from vars_fast import registry as R
 
 
 
@@ -48,7 +49,7 @@ def _after_phase1(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | generic | amazon | dvbpr_npy
+    source: str = "synthetic"  # a member of registry.SOURCES
     seed: int = 0
     # synthetic catalogue
     n_users: int = 600
@@ -81,8 +82,7 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    # resnet50 | resnet18 | efficientnet_lite0
-    name: str = "efficientnet_lite0"
+    name: str = "efficientnet_lite0"  # a member of registry.BACKBONES
     # "pretrained": the packaged / cached ImageNet weights; a path: a local state dict;
     # "none": random init (tests).
     weights: str = "pretrained"
@@ -102,19 +102,19 @@ class RecommenderConfig:
     early_stopping: bool = True
     patience: int = 10  # the holdout AUC dips after a first peak and rises past it (docs/results/recommender_tuning.md)
     val_negatives: int = 100  # sampled non-positives each held-out item is ranked against
-    val_metric: str = "auc"  # what early stopping reads on the holdout: auc | mrr (recommenders/base.py Holdout)
+    val_metric: Literal["auc", "mrr"] = "auc"  # what early stopping reads on the holdout (recommenders/base.py Holdout)
     # per-catalogue model selection for the models trained by fit_bpr (BPR, VBPR; AMR starts from
     # the chosen VBPR): select_trials settings drawn (seeded) from the grid below, the config's own
     # first, each early-stopped on the same holdout by select_metric; the best is retrained on every
     # training pair for its best epoch count. auto: on for catalogues read from files (a fixed
     # schedule fitted to synthetic data lost a quarter of VBPR's HR@10 on a real long-tail log),
     # off for synthetic ones (docs/results/longtail.md)
-    select: str = "auto"  # auto | on | off
+    select: Literal["auto", "on", "off"] = "auto"
     select_trials: int = 6
     select_lr: list = field(default_factory=lambda: [1e-2, 3e-3])
     select_weight_decay: list = field(default_factory=lambda: [1e-2, 3e-2, 1e-1])
     select_k: list = field(default_factory=lambda: [16, 64])
-    select_metric: str = "mrr"  # auc | mrr; AUC weighs the bottom of the list like the top (base.Holdout)
+    select_metric: Literal["auc", "mrr"] = "mrr"  # AUC weighs the bottom of the list like the top (base.Holdout)
     epochs: int = 60  # a cap under early stopping
     lr: float = 1e-2
     lr_low: float = 1e-3  # paper: higher lr for 80% of epochs then lower
@@ -128,7 +128,7 @@ class RecommenderConfig:
     init_std: float = 0.01  # N(0, init_std) init of user / item factors
     # VBPR/AMR feature transform, fitted on the clean catalogue and stored in the model:
     # center_scale: f~ = (f - mean) / mean||f - mean|| (so ||f~|| ~ 1); none: raw features
-    feature_norm: str = "center_scale"
+    feature_norm: Literal["center_scale", "none"] = "center_scale"
     feature_batch: int = 128  # images per batch when extracting catalogue features
     # torch CPU threads while training (0: leave torch's setting). The embedding models' ops are
     # tiny, so a second OpenMP thread mostly waits at barriers (docs/results/defaults.md)
@@ -141,7 +141,7 @@ class RecommenderConfig:
     amr_batch_size: int = 1024  # AMR's steps cost ~3 of VBPR's: kept at the batch its epochs were set for
     # DVBPR (Kang et al. 2017): the CNN is trained end to end with the recommender
     # (numbers: docs/results/dvbpr.md)
-    dvbpr_cnn: str = "backbone"  # backbone: the ImageNet backbone.name fine-tuned; small: a CNN from scratch
+    dvbpr_cnn: Literal["backbone", "small"] = "backbone"  # backbone: the ImageNet backbone.name fine-tuned; small: a CNN from scratch
     dvbpr_train_blocks: int = 1  # backbone: trailing blocks that train (cost: docs/results/dvbpr.md)
     dvbpr_epochs: int = 5
     dvbpr_lr: float = 1e-3  # theta and the projection (1e-2 overfits theta; docs/results/dvbpr.md)
@@ -164,7 +164,7 @@ class AttackConfig:
     triples_per_item: int = 16  # training triples per item for its perturbation (cheap: no extra CNN work)
     # how many of an item's triples have it as the positive: "bpr" (as often as in the BPR
     # triple distribution: pop / (pop + |D|/N)) or "balanced" (half); see attacks/catalogue.py
-    triple_roles: str = "bpr"
+    triple_roles: Literal["bpr", "balanced"] = "bpr"
     batch_size: int = 64
     targets: list = field(default_factory=lambda: ["aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"])
     target_eps: list = field(default_factory=lambda: [4, 8, 16, 32])
@@ -200,12 +200,12 @@ class DefenseConfig:
     # recovers as much HR@10 as 32 x 6 at half the compute (docs/results/defaults.md)
     width: int = 16
     n_res_blocks: int = 4
-    norm: str = "instance"  # instance | batch
+    norm: Literal["instance", "batch"] = "instance"
     patch_size: int = 8
     heads: int = 4
     mlp_ratio: float = 2.0
     embed_dim: int = 64  # token width of the global transformer block (patch -> embed_dim)
-    unpatchify: str = "pixel"  # pixel | smooth: tokens back to the map (defense/denoiser.py)
+    unpatchify: Literal["pixel", "smooth"] = "pixel"  # tokens back to the map (defense/denoiser.py)
     # subtract the residual's spatial mean per image and channel: no colour shift of every image
     # (docs/results/denoiser_fidelity.md)
     zero_mean_residual: bool = False
@@ -253,7 +253,7 @@ class DefenseConfig:
     # x_adv and the distance is small: training at the evaluated eps range is what teaches the
     # detector those distances (docs/results/defaults.md)
     detector_eps: list = _after_phase1(default_factory=lambda: [8, 16, 32, 64])
-    threshold_rule: str = _after_phase1("youden")  # youden | fpr@0.05 | balanced
+    threshold_rule: str = _after_phase1("youden")  # a member of registry.THRESHOLD_RULES
     # adversarial training of the pair against the adaptive attacker: in the detector phase,
     # every other iteration's adversarial view is AdaptivePGD through the current denoiser
     # (EOT over the resize-pad) with the detector hinge, so the detector learns the images
@@ -344,20 +344,20 @@ class EvalConfig:
     transfer_finetune_epochs: int = 2
     # detect+withhold: a flagged item keeps its clean feature ("clean"), or the catalogue's mean
     # feature ("mean": an item with no clean history)
-    withhold_fallback: str = "clean"
+    withhold_fallback: Literal["clean", "mean"] = "clean"
 
 
 @dataclass
 class RunConfig:
     name: str = ""  # "" -> <preset>-<timestamp>
     out: str = "runs"
-    device: str = "cpu"  # cpu | cuda | auto
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
     seed: int = 0
     stages: list = field(default_factory=lambda: ["recommender", "attack", "defense", "evaluate"])
     compile: bool = False
     amp: bool = False  # bf16 autocast where the hardware has it
     channels_last: bool = False
-    backend: str = "auto"  # ops backend: auto | reference | cpp | cuda | triton
+    backend: str = "auto"  # ops backend, or an alias (registry.BACKENDS)
     workers: int = 0
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
     progress: bool = True
@@ -520,6 +520,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return float(value)
         if core is str:
             return str(value)
+        if typing.get_origin(core) is Literal:  # a closed choice: validate() checks the value
+            if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(core):
+                return "on" if value else "off"  # YAML reads a bare on/off as a bool
+            return str(value)
         if core is list or typing.get_origin(core) is list:
             if isinstance(value, str):
                 value = yaml.safe_load(value) if value.strip().startswith("[") else [
@@ -619,33 +623,50 @@ def make_config(preset: str | None = None, config_file: str | None = None,
     return cfg
 
 
+def _check_choices(obj: Any, prefix: str) -> None:
+    """Every ``Literal[...]`` field of the dataclass ``obj`` (recursively) holds one of its values."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        v, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if is_dataclass(v):
+            _check_choices(v, key + ".")
+        elif typing.get_origin(_hint(hints[f.name])) is Literal and v not in typing.get_args(_hint(hints[f.name])):
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, typing.get_args(_hint(hints[f.name]))))} "
+                              f"(got {v!r})")
+
+
 def validate(cfg: Config) -> None:
+    """Names against their family's registry, closed choices against the field's ``Literal``
+    type, and the ranges; a ConfigError names the key."""
     def check(cond: bool, key: str, msg: str) -> None:
         if not cond:
             raise ConfigError(f"{key}: {msg} (got {eval_key(cfg, key)!r})")
 
-    check(cfg.data.source in ("synthetic", "generic", "amazon", "dvbpr_npy"), "data.source",
-          "must be synthetic, generic, amazon or dvbpr_npy")
+    _check_choices(cfg, "")
+    R.SOURCES.check(cfg.data.source)
+    R.BACKBONES.check(cfg.backbone.name)
+    for key in ("recommender.models", "attack.models", "eval.models", "eval.curve_models", "eval.oracle_models"):
+        R.RECOMMENDERS.check(eval_key(cfg, key), key)
+    R.ATTACKS.check(cfg.attack.untargeted, ball="linf")  # eps in /255 per pixel
+    check(len(cfg.attack.objective) > 0, "attack.objective", "must name at least one objective")
+    R.OBJECTIVES.check(cfg.attack.objective)
+    R.TARGETED.check(cfg.attack.targets)
+    R.DEFENSE_VARIANTS.check(cfg.defense.ablations)
+    R.THRESHOLD_RULES.check(cfg.defense.threshold_rule)
+    R.BACKENDS.check(cfg.run.backend)
+    R.STAGES.check(cfg.run.stages)
+    from vars_fast.data.synthetic import STYLES  # numpy only
+
+    check(cfg.eval.transfer_style in STYLES, "eval.transfer_style", f"must be one of {', '.join(STYLES)}")
     check(cfg.data.image_size >= 16, "data.image_size", "must be >= 16")
     check(cfg.data.min_interactions >= 2, "data.min_interactions", "must be >= 2 (leave-one-out needs a train item)")
     check(cfg.data.n_negatives >= 1, "data.n_negatives", "must be >= 1")
-    check(cfg.backbone.name in ("resnet50", "resnet18", "efficientnet_lite0"), "backbone.name",
-          "must be resnet50, resnet18 or efficientnet_lite0")
-    known = {"VBPR", "AMR", "DVBPR", "BPR", "Pop"}
-    check(set(cfg.recommender.models) <= known, "recommender.models", f"entries must be in {sorted(known)}")
-    check(cfg.recommender.select in ("auto", "on", "off"), "recommender.select", "must be auto, on or off")
     check(cfg.recommender.select_trials >= 1, "recommender.select_trials", "must be >= 1")
-    for key in ("val_metric", "select_metric"):
-        check(getattr(cfg.recommender, key) in ("auc", "mrr"), f"recommender.{key}", "must be auc or mrr")
-    check(cfg.recommender.dvbpr_cnn in ("backbone", "small"), "recommender.dvbpr_cnn", "must be backbone or small")
     check(cfg.recommender.dvbpr_backbone_lr_mult > 0, "recommender.dvbpr_backbone_lr_mult", "must be > 0")
     check(cfg.recommender.dvbpr_train_blocks >= 0, "recommender.dvbpr_train_blocks", "must be >= 0")
     check(all(0 < float(e) <= 255 for e in cfg.attack.eps), "attack.eps", "entries must be in (0, 255] (/255 units)")
     check(cfg.attack.pgd_steps >= 1, "attack.pgd_steps", "must be >= 1")
-    check(len(cfg.attack.objective) > 0 and set(cfg.attack.objective) <= {"train", "eval"}, "attack.objective",
-          "entries must be train or eval")
     check(cfg.eval.oracle_users >= 0, "eval.oracle_users", "must be >= 0 (0: every user)")
-    check(cfg.eval.transfer_style in ("classic", "geometric"), "eval.transfer_style", "must be classic or geometric")
     check(cfg.eval.transfer_finetune_epochs >= 0, "eval.transfer_finetune_epochs", "must be >= 0")
     check(cfg.eval.transfer_users >= 0 and cfg.eval.transfer_items >= 0, "eval.transfer_items",
           "eval.transfer_users/transfer_items must be >= 0 (0: as data)")
@@ -655,22 +676,10 @@ def validate(cfg: Config) -> None:
     check(cfg.eval.adaptive_oracle_users >= -1, "eval.adaptive_oracle_users",
           "must be >= -1 (0: every oracle user, -1: off)")
     check(cfg.eval.adaptive_detect_weight >= 0, "eval.adaptive_detect_weight", "must be >= 0")
-    check(cfg.eval.withhold_fallback in ("clean", "mean"), "eval.withhold_fallback", "must be clean or mean")
-    check(set(cfg.attack.untargeted) <= {"fgsm", "pgd"}, "attack.untargeted", "entries must be fgsm or pgd")
-    check(set(cfg.attack.targets) <= {"aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"}, "attack.targets",
-          "entries must be aip-insa, aip-expa, taamr-fgsm or taamr-pgd")
-    check(cfg.defense.norm in ("instance", "batch"), "defense.norm", "must be instance or batch")
-    check(cfg.defense.threshold_rule in ("youden", "fpr@0.05", "balanced"), "defense.threshold_rule",
-          "must be youden, fpr@0.05 or balanced")
     check(0.0 < cfg.defense.rand_min_frac < 1.0, "defense.rand_min_frac", "must be in (0, 1)")
     check(cfg.defense.adaptive_train_steps >= 1, "defense.adaptive_train_steps", "must be >= 1")
     check(cfg.defense.adaptive_train_eot >= 1, "defense.adaptive_train_eot", "must be >= 1")
     check(cfg.defense.temperature > 0, "defense.temperature", "must be > 0")
-    check(cfg.run.device in ("cpu", "cuda", "auto"), "run.device", "must be cpu, cuda or auto")
-    check(cfg.run.backend in ("auto", "reference", "cpp", "cuda", "triton"), "run.backend",
-          "must be auto, reference, cpp, cuda or triton")
-    stages = {"recommender", "attack", "defense", "evaluate"}
-    check(set(cfg.run.stages) <= stages, "run.stages", f"entries must be in {sorted(stages)}")
 
 
 def eval_key(cfg: Config, dotted: str) -> Any:

@@ -69,6 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vars_fast.registry import DEFENSES
+
 FORMAT = "vars_fast.addition/1"
 
 
@@ -140,6 +142,7 @@ def relative_change(s_new: Tensor, s_ref: Tensor) -> Tensor:
     return (s_new - s_ref).abs().sum(-1) / s_ref.abs().sum(-1).clamp_min(1e-8)
 
 
+@DEFENSES.register("addition", label="ADDITION", baseline=True)
 class Addition:
     """ADDITION detector for item images (module docstring).
 

@@ -58,6 +58,7 @@ from vars_fast.defense.denoiser import Denoiser
 from vars_fast.defense.detector import Detector
 from vars_fast.defense.losses import content_loss, contrastive_loss, perceptual_loss
 from vars_fast.distributed import ddp
+from vars_fast.registry import ATTACKS, DEFENSE_VARIANTS
 
 LOSS_KEYS = ("total", "rec", "content", "perceptual", "contrastive")
 
@@ -65,15 +66,27 @@ LOSS_KEYS = ("total", "rec", "content", "perceptual", "contrastive")
 # ---------------------------------------------------------------------------- configuration
 
 def variant_config(dcfg: DefenseConfig, variant: str) -> DefenseConfig:
-    """The Table 5 ablations as configs: "full", "no-detector" (lambda_3 = 0, no detector),
-    "no-perceptual" (lambda_2 = 0)."""
-    if variant == "full":
-        return dcfg
-    if variant == "no-detector":
-        return dataclasses.replace(dcfg, use_detector=False, lambda_contrastive=0.0)
-    if variant == "no-perceptual":
-        return dataclasses.replace(dcfg, use_perceptual=False, lambda_perceptual=0.0)
-    raise ValueError(f"defense.ablations: unknown variant {variant!r} (no-detector, no-perceptual)")
+    """The config of a member of ``DEFENSE_VARIANTS`` (Table 5's ablations; ``defense.ablations``)."""
+    return DEFENSE_VARIANTS[variant](dcfg)
+
+
+# full_phase1: the variant's phase 1 is the full model's (it differs in fields read after phase 1
+# only), so the defence stage trains it in the full model's lane, from its phase 1
+@DEFENSE_VARIANTS.register("full", full_phase1=True)
+def _full(dcfg: DefenseConfig) -> DefenseConfig:
+    return dcfg
+
+
+@DEFENSE_VARIANTS.register("no-detector", full_phase1=True)
+def _no_detector(dcfg: DefenseConfig) -> DefenseConfig:
+    """lambda_3 = 0 and no detector."""
+    return dataclasses.replace(dcfg, use_detector=False, lambda_contrastive=0.0)
+
+
+@DEFENSE_VARIANTS.register("no-perceptual", full_phase1=False)
+def _no_perceptual(dcfg: DefenseConfig) -> DefenseConfig:
+    """lambda_2 = 0."""
+    return dataclasses.replace(dcfg, use_perceptual=False, lambda_perceptual=0.0)
 
 
 def epoch_plan(dcfg: DefenseConfig) -> list[dict]:
@@ -158,16 +171,10 @@ class _ItemObjective:
 
 def make_adversarial(kind: str, loss_fn, x: Tensor, eps255: float, pgd_steps: int,
                      generator: Optional[torch.Generator]) -> Tensor:
-    """x [B,3,S,S] -> FGSM / PGD (random start) image against ``loss_fn``, on the uint8 grid."""
-    from vars_fast.attacks import FGSM, PGD
-
+    """x [B,3,S,S] -> the ``ATTACKS`` member ``kind`` (fgsm; pgd with a random start) against
+    ``loss_fn``, on the uint8 grid."""
     eps = float(eps255) / 255.0
-    if kind == "fgsm":
-        x_adv = FGSM(loss_fn, eps)(x)
-    elif kind == "pgd":
-        x_adv = PGD(loss_fn, eps, steps=pgd_steps, random_start=True, generator=generator)(x)
-    else:
-        raise ValueError(f"unknown attack kind {kind!r}")
+    x_adv = ATTACKS[kind].craft(loss_fn, x, eps, steps=pgd_steps, random_start=True, generator=generator)
     # the evaluated catalogue is uint8: train on what the denoiser will see
     return torch.minimum(torch.maximum(torch.round(x_adv * 255) / 255, x - eps), x + eps).clamp_(0, 1)
 

@@ -15,10 +15,23 @@ from torch import Tensor
 
 from vars_fast.recommenders.base import train_bpr
 from vars_fast.recommenders.vbpr import VBPR
+from vars_fast.registry import RECOMMENDERS
 
 
+@RECOMMENDERS.register()
 class AMR(VBPR):
     name = "AMR"
+    selectable = False  # fine-tunes the selected VBPR
+    base = "VBPR"
+    train_order = 3
+
+    @classmethod
+    def config_kwargs(cls, rc) -> dict:
+        return {**super().config_kwargs(rc), "amr_eps": rc.amr_eps, "amr_lambda": rc.amr_lambda}
+
+    @classmethod
+    def from_trained(cls, base: VBPR, rc) -> "AMR":
+        return cls.from_vbpr(base, rc.amr_eps, rc.amr_lambda)
 
     def __init__(self, *args, amr_eps: float = 0.5, amr_lambda: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)

@@ -34,6 +34,7 @@ from torch.nn.utils import parametrize
 
 from vars_fast.distributed import ddp
 from vars_fast.recommenders.base import Recommender, sq, train_bpr
+from vars_fast.registry import RECOMMENDERS
 
 # Above this many bytes the frozen prefix's output is recomputed per batch instead of cached.
 _PREFIX_CACHE_BYTES = 2 << 30
@@ -175,9 +176,20 @@ class BackboneCNN(nn.Module):
         return list(self.proj.parameters())
 
 
+@RECOMMENDERS.register()
 class DVBPR(Recommender):
     name = "DVBPR"
     uses_images = True
+    train_order = 4
+
+    @classmethod
+    def from_config(cls, n_users, n_items, rc, backbone=None, feature_dim=None):
+        """``recommender.dvbpr_cnn=backbone`` fine-tunes ``backbone``, which must be given."""
+        if rc.dvbpr_cnn == "backbone" and backbone is None:
+            raise ValueError("DVBPR with recommender.dvbpr_cnn=backbone needs the backbone to fine-tune")
+        return cls(n_users, n_items, k=rc.k, width=rc.dvbpr_cnn_width, reg=rc.weight_decay, init_std=rc.init_std,
+                   input_size=rc.dvbpr_input_size, cnn=rc.dvbpr_cnn, train_blocks=rc.dvbpr_train_blocks,
+                   backbone=backbone)
 
     def __init__(self, n_users: int, n_items: int, k: int = 64, width: int = 32, reg: float = 1e-4,
                  init_std: float = 0.01, input_size: int = 0, cnn: str = "small",

@@ -23,14 +23,13 @@ from typing import Callable
 import torch
 
 from vars_fast.recommenders.base import Recommender, holdout_split
-
-# catalogues from the embedded generator: their schedule was chosen on them (recommender_tuning.md)
-UNSELECTED_SOURCES = ("synthetic",)
+from vars_fast.registry import SOURCES
 
 
 def enabled(rc, source: str) -> bool:
-    """``recommender.select``: on, off, or auto (on unless the catalogue is synthetic)."""
-    return rc.select == "on" or (rc.select == "auto" and source not in UNSELECTED_SOURCES)
+    """``recommender.select``: on, off, or auto: on unless the source generates its catalogue
+    (the embedded generator: the fixed schedule was chosen on it, recommender_tuning.md)."""
+    return rc.select == "on" or (rc.select == "auto" and SOURCES.meta(source)["images"] != "generated")
 
 
 def candidates(rc, generator: torch.Generator) -> list[dict]:
