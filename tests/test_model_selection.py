@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from vars_fast.config import RecommenderConfig, make_config
+from vars_fast.config import RecommenderConfig, SelectConfig, make_config
 from vars_fast.data import Catalogue
 from vars_fast.metrics import ranking_metrics
 from vars_fast.recommenders import BPR, build_recommender, selection
@@ -80,17 +80,17 @@ def test_selection_is_on_for_files_and_off_for_synthetic():
     rc = RecommenderConfig()
     assert selection.enabled(rc, "generic") and selection.enabled(rc, "amazon") and selection.enabled(rc, "dvbpr_npy")
     assert not selection.enabled(rc, "synthetic")
-    assert selection.enabled(RecommenderConfig(select="on"), "synthetic")
-    assert not selection.enabled(RecommenderConfig(select="off"), "generic")
+    assert selection.enabled(RecommenderConfig(select=SelectConfig(mode="on")), "synthetic")
+    assert not selection.enabled(RecommenderConfig(select=SelectConfig(mode="off")), "generic")
 
 
 def test_candidates_start_with_the_config_and_are_seeded_and_bounded():
-    rc = RecommenderConfig(select_trials=4)
+    rc = RecommenderConfig(select=SelectConfig(trials=4))
     a = selection.candidates(rc, torch.Generator().manual_seed(3))
     b = selection.candidates(rc, torch.Generator().manual_seed(3))
     assert a == b and len(a) == 4 and len({tuple(sorted(c.items())) for c in a}) == 4
     assert a[0] == {"lr": rc.lr, "weight_decay": rc.weight_decay, "k": rc.k}
-    grid = {(lr, wd, k) for lr in rc.select_lr for wd in rc.select_weight_decay for k in rc.select_k}
+    grid = {(lr, wd, k) for lr in rc.select.lr for wd in rc.select.weight_decay for k in rc.select.k}
     assert {(c["lr"], c["weight_decay"], c["k"]) for c in a[1:]} <= grid
 
 
@@ -101,8 +101,8 @@ def test_select_and_fit_picks_the_best_holdout_setting_and_retrains_on_all_pairs
     from test_recommenders import tiny_catalogue
 
     cat = tiny_catalogue(n_users=40, n_items=32)
-    rc = rcfg(lr=1e-5, lr_low=1e-6, select_lr=[1e-5, 0.05], select_weight_decay=[1e-3], select_k=[8],
-              select_trials=2, val_negatives=4, patience=3, epochs=20)
+    rc = rcfg(lr=1e-5, lr_low=1e-6, select=SelectConfig(lr=[1e-5, 0.05], weight_decay=[1e-3], k=[8], trials=2),
+              val_negatives=4, patience=3, epochs=20)
 
     def build(rc_b):
         return build_recommender("BPR", cat.n_users, cat.n_items, rc_b, seed=0)

@@ -3,10 +3,10 @@
 One schedule does not fit every catalogue. Adam 1e-2 with λ 3e-2 was chosen on synthetic
 presets; on a real long-tail purchase log it stopped VBPR at epoch 3 and lost a quarter of
 its HR@10 (docs/results/longtail.md). So, as Elliot does per data set, a bounded number of
-settings (``recommender.select_trials``, drawn without replacement from the grid
-``select_lr`` × ``select_weight_decay`` × ``select_k``, the config's own setting first) each
+settings (``recommender.select.trials``, drawn without replacement from the grid
+``select.lr`` × ``select.weight_decay`` × ``select.k``, the config's own setting first) each
 train with early stopping on one shared holdout (``base.holdout_split``: one training purchase
-per user, never the test split), scored by ``select_metric``. The best setting is retrained
+per user, never the test split), scored by ``select.metric``. The best setting is retrained
 on every training pair for its best epoch count, with its learning-rate drop where it
 happened, so that the held-out purchases are not lost (on a long-tail log, a held-out
 purchase is often an item's only one).
@@ -27,21 +27,21 @@ from vars_fast.registry import SOURCES
 
 
 def enabled(rc, source: str) -> bool:
-    """``recommender.select``: on, off, or auto: on unless the source generates its catalogue
+    """``recommender.select.mode``: on, off, or auto: on unless the source generates its catalogue
     (the embedded generator: the fixed schedule was chosen on it, recommender_tuning.md)."""
-    return rc.select == "on" or (rc.select == "auto" and SOURCES.meta(source)["images"] != "generated")
+    return rc.select.mode == "on" or (rc.select.mode == "auto" and SOURCES.meta(source)["images"] != "generated")
 
 
 def candidates(rc, generator: torch.Generator) -> list[dict]:
-    """The config's own (lr, weight_decay, k), then ``select_trials - 1`` others from the grid,
+    """The config's own (lr, weight_decay, k), then ``select.trials - 1`` others from the grid,
     in a seeded random order (an empty grid list means the config's value)."""
     own = {"lr": float(rc.lr), "weight_decay": float(rc.weight_decay), "k": int(rc.k)}
     grid = [{"lr": float(lr), "weight_decay": float(wd), "k": int(k)}
-            for lr in (rc.select_lr or [rc.lr]) for wd in (rc.select_weight_decay or [rc.weight_decay])
-            for k in (rc.select_k or [rc.k])]
+            for lr in (rc.select.lr or [rc.lr]) for wd in (rc.select.weight_decay or [rc.weight_decay])
+            for k in (rc.select.k or [rc.k])]
     rest = [g for g in grid if g != own]
     order = torch.randperm(len(rest), generator=generator).tolist()
-    return [own] + [rest[i] for i in order][:max(0, int(rc.select_trials) - 1)]
+    return [own] + [rest[i] for i in order][:max(0, int(rc.select.trials) - 1)]
 
 
 def _setting(rc, c: dict, **kw):
@@ -61,7 +61,7 @@ def select_and_fit(name: str, build: Callable[[object], Recommender], cat, rc, g
     t_all = time.perf_counter()
     fold, val = holdout_split(cat, rc.val_negatives, generator)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # every trial sees the same triples
-    metric = rc.select_metric
+    metric = rc.select.metric
     chance, se = val.chance(metric)
     trials = []
     for c in candidates(rc, generator):
