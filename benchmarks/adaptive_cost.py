@@ -82,8 +82,8 @@ def main() -> None:
     b = max((rk - r1) / max(a.eot - 1, 1), 0.0)
     base = max(r1 - b, 0.0)
     ec = cfg.eval
-    steps = int(ec.adaptive_steps or cfg.attack.pgd_steps)
-    N = int(ec.adaptive_items) or int(cfg.data.n_items)
+    steps = int(ec.adaptive.steps or cfg.attack.pgd_steps)
+    N = int(ec.adaptive.items) or int(cfg.data.n_items)
 
     def section(eot: int, steps: int = steps) -> float:
         return N * steps * (det + base + eot * b)
@@ -92,8 +92,8 @@ def main() -> None:
            "steps_timed": a.steps, "eot_timed": a.eot,
            "cpu_s_per_item_step": {"denoise": det, "denoise+rand eot=1": r1, f"denoise+rand eot={a.eot}": rk},
            "fit": {"a_denoiser_detector": base, "b_per_draw": b},
-           "catalogue_items": N, "preset_steps": steps, "preset_eot": int(ec.adaptive_eot),
-           "section_cpu_s": {f"eot={k}": section(k) for k in sorted({1, 2, 4, 8, int(ec.adaptive_eot)})}}
+           "catalogue_items": N, "preset_steps": steps, "preset_eot": int(ec.adaptive.eot),
+           "section_cpu_s": {f"eot={k}": section(k) for k in sorted({1, 2, 4, 8, int(ec.adaptive.eot)})}}
     print(json.dumps(res, indent=2))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2) + "\n")

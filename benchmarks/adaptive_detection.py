@@ -2,10 +2,10 @@
 the evaluation's own adaptive section (``vars_fast/evaluate/adaptive.py``, train objective)
 on the run folder, its detection rows printed and written as JSON.
 
-    python benchmarks/adaptive_detection.py RUN_DIR [--set eval.adaptive_steps=10 ...] [--out FILE]
+    python benchmarks/adaptive_detection.py RUN_DIR [--set eval.adaptive.steps=10 ...] [--out FILE]
 
 The run folder needs the recommender and defence checkpoints. The attacker is the run's
-``eval.adaptive_*`` settings with the ``--set`` overrides; comparing two defences means the
+``eval.adaptive.*`` settings with the ``--set`` overrides; comparing two defences means the
 same overrides on both folders (docs/results/adaptive_hardening.md). The section writes its
 rows into the run's metrics.json as the evaluation does.
 """

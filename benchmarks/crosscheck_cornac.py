@@ -71,7 +71,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 CORNAC_BPR_LRS = (0.01, 0.05, 0.1)
 CORNAC_VBPR_GRID = tuple({"learning_rate": lr, "lambda_w": lw} for lr in (0.005, 0.001) for lw in (0.01, 0.1))
-SELECT_METRIC = "auc"  # what our selection reads on the holdout (recommender.select_metric's default)
+SELECT_METRIC = "auc"  # what our selection reads on the holdout (recommender.select.metric's default)
 # the cache key's protocol: bump whenever what Cornac runs or how it is chosen changes
 # (1: fixed VBPR, BPR lr chosen on the test split; 2: both chosen on our training holdout)
 CACHE_PROTOCOL = 2

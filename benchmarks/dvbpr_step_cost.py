@@ -1,8 +1,9 @@
-"""CPU cost of one DVBPR training step on EfficientNet-Lite0 at 64 px, per dvbpr_train_blocks.
+"""CPU cost of one DVBPR training step on EfficientNet-Lite0 at 64 px, per
+recommender.dvbpr.train_blocks.
 
 One step runs the trainable suffix forward and backward on the batch's distinct items (about
-400 of the default preset's 800 at dvbpr_batch_size 256); the frozen prefix runs once per
-item per fit. Prints CPU seconds (process time, 1 thread). Results: docs/results/dvbpr.md.
+400 of the default preset's 800 at recommender.dvbpr.batch_size 256); the frozen prefix runs
+once per item per fit. Prints CPU seconds (process time, 1 thread). Results: docs/results/dvbpr.md.
 
     PYTHONPATH=$PWD python benchmarks/dvbpr_step_cost.py
 """

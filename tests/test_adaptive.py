@@ -112,7 +112,7 @@ def test_tpr_at_fpr_keeps_the_false_positive_rate():
 
 
 def test_every_given_item_is_attacked_and_rows_record_the_attacker(tmp_path):
-    """The evaluation's adaptive section with eval.adaptive_items = 0 on a tiny run: every
+    """The evaluation's adaptive section with eval.adaptive.items = 0 on a tiny run: every
     item's image is an adaptive one (the base is the clean catalogue, nothing is mixed in),
     and the rows carry steps, EOT draws, items and the detector weight."""
     import json
@@ -128,7 +128,7 @@ def test_every_given_item_is_attacked_and_rows_record_the_attacker(tmp_path):
     try:
         ctx = build_tiny_run(tmp_path / "run", evaluate=False)
         e = ctx.cfg.eval
-        e.adaptive_items, e.adaptive_steps, e.adaptive_eot, e.adaptive_oracle_users = 0, 1, 2, 2
+        e.adaptive.items, e.adaptive.steps, e.adaptive.eot, e.adaptive.oracle_users = 0, 1, 2, 2
         users = [int(u) for u in (ctx.catalogue.test >= 0).nonzero().squeeze(1)[:3]]
         (ctx.run.path / "attacks" / "oracle_users.json").write_text(json.dumps({"users": users}))
         adaptive(Evaluation(ctx))
@@ -164,12 +164,12 @@ class DistanceDetector(ToyDetector):
 def test_detector_phase_trains_on_adaptive_views_when_asked():
     import dataclasses
 
-    from vars_fast.config import DefenseConfig
+    from vars_fast.config import AdaptiveTrainConfig, DefenseConfig
     from vars_fast.defense.training import epoch_plan, make_adaptive
 
     dcfg = DefenseConfig()
     assert all(ep["kinds"] == ["fgsm"] for ep in epoch_plan(dcfg) if ep["phase"] == "detector")
-    hard = dataclasses.replace(dcfg, adaptive_train=True, adaptive_train_steps=2, adaptive_train_eot=2)
+    hard = dataclasses.replace(dcfg, adaptive_train=AdaptiveTrainConfig(enabled=True, steps=2, eot=2))
     det_phase = [ep for ep in epoch_plan(hard) if ep["phase"] == "detector"]
     assert det_phase and all(ep["kinds"] == ["fgsm", "adaptive"] for ep in det_phase)
     d = ToyDefense()

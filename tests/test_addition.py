@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vars_fast.config import ConfigError, EvalConfig
+from vars_fast.config import AdditionConfig, ConfigError
 from vars_fast.defense.addition import (Addition, NoiseLevelNet, NoiseReducer, build_addition, check_config,
                                         relative_change)
 
@@ -44,12 +44,12 @@ class ToyRec(nn.Module):
 
 
 def _small_cfg(**kw):
-    cfg = EvalConfig()
-    cfg.addition_sigma_min, cfg.addition_sigma_max = 0.03, 0.12
-    cfg.addition_width, cfg.addition_depth, cfg.addition_hidden = 16, 3, 8
-    cfg.addition_train_eps = [8, 16]
-    cfg.addition_batch_size = 8
-    cfg.addition_lr = 3e-3
+    cfg = AdditionConfig()
+    cfg.sigma_min, cfg.sigma_max = 0.03, 0.12
+    cfg.width, cfg.depth, cfg.hidden = 16, 3, 8
+    cfg.train_eps = [8, 16]
+    cfg.batch_size = 8
+    cfg.lr = 3e-3
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -92,7 +92,7 @@ def one_thread():
 def test_fit_trains_both_modules_and_the_denoiser_loss_goes_down(tiny_catalogue, one_thread):
     torch.manual_seed(0)
     rec = _rec_with_catalogue(tiny_catalogue)
-    cfg = _small_cfg(addition_denoiser_epochs=6, addition_noise_epochs=1)
+    cfg = _small_cfg(denoiser_epochs=6, noise_epochs=1)
     add = build_addition(rec, torch.arange(20), cfg)
     items = list(range(24))
     x = tiny_catalogue.images[:16].float() / 255.0
@@ -178,9 +178,9 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_bad_config_names_the_key():
-    with pytest.raises(ConfigError, match="eval.addition_sigma_max"):
-        check_config(_small_cfg(addition_sigma_min=0.3, addition_sigma_max=0.1))
-    with pytest.raises(ConfigError, match="eval.addition_train_eps"):
-        check_config(_small_cfg(addition_train_eps=[]))
-    with pytest.raises(ConfigError, match="eval.addition_depth"):
-        check_config(_small_cfg(addition_depth=1))
+    with pytest.raises(ConfigError, match="defense.addition.sigma_max"):
+        check_config(_small_cfg(sigma_min=0.3, sigma_max=0.1))
+    with pytest.raises(ConfigError, match="defense.addition.train_eps"):
+        check_config(_small_cfg(train_eps=[]))
+    with pytest.raises(ConfigError, match="defense.addition.depth"):
+        check_config(_small_cfg(depth=1))

@@ -20,8 +20,8 @@ from vars_fast.run import RunFolder  # noqa: E402
 def ctx(tmp_path_factory):
     cfg = make_config("quick", overrides={
         "data.n_users": 40, "data.n_items": 48, "data.image_size": 32, "backbone.weights": "none",
-        "recommender.models": ["VBPR", "DVBPR"], "recommender.epochs": 2, "recommender.dvbpr_epochs": 1,
-        "recommender.k": 8, "recommender.dvbpr_cnn_width": 8,
+        "recommender.models": ["VBPR", "DVBPR"], "recommender.epochs": 2, "recommender.dvbpr.epochs": 1,
+        "recommender.k": 8, "recommender.dvbpr.cnn_width": 8,
         "attack.models": ["VBPR", "DVBPR", "AMR"], "attack.eps": [8], "attack.pgd_steps": 2,
         "attack.triples_per_item": 2, "attack.batch_size": 16, "attack.n_targets": 3,
         "attack.target_eps": [4, 16], "attack.insa_users": 0, "attack.random_start": False,

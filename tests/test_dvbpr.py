@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vars_fast.backbones import build_backbone
-from vars_fast.config import BackboneConfig, ConfigError, RecommenderConfig, make_config
+from vars_fast.config import BackboneConfig, ConfigError, DVBPRConfig, RecommenderConfig, make_config
 from vars_fast.recommenders import build_recommender, load_recommender, save_recommender
 from vars_fast.recommenders.dvbpr import DVBPR, BackboneCNN, SmallCNN, lr_multiplier
 from vars_fast.report import ranking_table
@@ -19,9 +19,9 @@ def lite0():
     return build_backbone(BackboneConfig(name="efficientnet_lite0", weights="pretrained"))
 
 
-def rcfg(**kw):
-    base = dict(k=8, dvbpr_epochs=1, dvbpr_batch_size=64, dvbpr_lr=1e-2, dvbpr_train_blocks=2, threads=0)
-    return RecommenderConfig(**{**base, **kw})
+def rcfg(dvbpr=None, **kw):
+    d = DVBPRConfig(**{"epochs": 1, "batch_size": 64, "lr": 1e-2, "train_blocks": 2, **(dvbpr or {})})
+    return RecommenderConfig(**{"k": 8, "threads": 0, **kw}, dvbpr=d)
 
 
 def test_backbone_cnn_trains_only_its_last_blocks_and_gets_gradients(tiny_catalogue, lite0):
@@ -59,7 +59,7 @@ def test_fit_changes_the_trained_blocks_only_and_caches_phi(tiny_catalogue, lite
     frozen_before = net._blocks[0]._depthwise_conv.weight.clone()
     trained_before = net._blocks[-1]._project_conv.weight.clone()
     head_before = net._conv_head.weight.clone()
-    hist = m.fit(cat, rcfg(dvbpr_epochs=2), torch.Generator().manual_seed(0), show_progress=False)
+    hist = m.fit(cat, rcfg(dvbpr={"epochs": 2}), torch.Generator().manual_seed(0), show_progress=False)
     assert len(hist) == 2 and all(math.isfinite(h) for h in hist)
     assert torch.equal(net._blocks[0]._depthwise_conv.weight, frozen_before)
     assert not torch.equal(net._blocks[-1]._project_conv.weight, trained_before)
@@ -86,7 +86,7 @@ def test_lr_multiplier_scales_the_adam_step_and_leaves_plain_parameters():
 
 def test_small_cnn_option_still_trains(tiny_catalogue):
     cat = tiny_catalogue
-    cfg = rcfg(dvbpr_cnn="small", dvbpr_cnn_width=4, dvbpr_input_size=16)
+    cfg = rcfg(dvbpr={"cnn": "small", "cnn_width": 4, "input_size": 16})
     m = build_recommender("DVBPR", cat.n_users, cat.n_items, cfg, seed=0)  # needs no backbone
     assert isinstance(m.cnn, SmallCNN) and m.kwargs["cnn"] == "small"
     before = [p.clone() for p in m.cnn.parameters()]
@@ -100,8 +100,8 @@ def test_small_cnn_option_still_trains(tiny_catalogue):
 def test_backbone_option_needs_a_backbone_and_a_known_cnn(tiny_catalogue):
     with pytest.raises(ValueError, match="needs the backbone"):
         build_recommender("DVBPR", 4, 4, rcfg())
-    with pytest.raises(ConfigError, match="recommender.dvbpr_cnn"):
-        make_config("quick", overrides={"recommender.dvbpr_cnn": "resnet"})
+    with pytest.raises(ConfigError, match="recommender.dvbpr.cnn"):
+        make_config("quick", overrides={"recommender.dvbpr.cnn": "resnet"})
 
 
 def test_checkpoint_round_trip_weights_only(tmp_path, tiny_catalogue, lite0):

@@ -31,8 +31,8 @@ def build_tiny_run(path, evaluate: bool = True) -> Context:
         "attack.models": ["VBPR"], "attack.eps": [8], "attack.pgd_steps": 2, "attack.triples_per_item": 2,
         "attack.targets": ["aip-insa"], "attack.target_eps": [8],
         "eval.detect_eps": [8], "eval.noise_sigmas": [0.05], "eval.detect_items": 12,
-        "eval.adaptive_eot": 2, "eval.adaptive_steps": 1, "eval.adaptive_items": 10, "eval.batch_size": 64,
-        "eval.tsne_points": 24, "eval.addition_users": 16, "run.progress": False})
+        "eval.adaptive.eot": 2, "eval.adaptive.steps": 1, "eval.adaptive.items": 10, "eval.batch_size": 64,
+        "eval.tsne_points": 24, "defense.addition.users": 16, "run.progress": False})
     run = RunFolder(path)
     c = Context(cfg=cfg, run=run, device=torch.device("cpu"), log=logging.getLogger("test_evaluate"))
     from vars_fast.defense import Defense, Denoiser, Detector, save_defense

@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from vars_fast.config import RecommenderConfig, make_config
+from vars_fast.config import RecommenderConfig, SelectConfig, make_config
 from vars_fast.data import Catalogue
 from vars_fast.metrics import ranking_metrics
 from vars_fast.recommenders import BPR, build_recommender, selection
@@ -80,15 +80,15 @@ def test_selection_is_on_for_files_and_off_for_synthetic():
     rc = RecommenderConfig()
     assert selection.enabled(rc, "generic") and selection.enabled(rc, "amazon") and selection.enabled(rc, "dvbpr_npy")
     assert not selection.enabled(rc, "synthetic")
-    assert selection.enabled(RecommenderConfig(select="on"), "synthetic")
-    assert not selection.enabled(RecommenderConfig(select="off"), "generic")
+    assert selection.enabled(RecommenderConfig(select=SelectConfig(mode="on")), "synthetic")
+    assert not selection.enabled(RecommenderConfig(select=SelectConfig(mode="off")), "generic")
     # YAML reads a bare off as False: it still means off
-    assert make_config("default", overrides={"recommender.select": False}).recommender.select == "off"
+    assert make_config("default", overrides={"recommender.select.mode": False}).recommender.select.mode == "off"
 
 
 def test_coordinate_search_tries_every_dimension_around_the_best_and_is_bounded():
-    rc = RecommenderConfig(lr=1e-2, weight_decay=3e-2, k=64, select_lr=[1e-2, 3e-3, 1e-3],
-                           select_weight_decay=[1e-2, 3e-2, 1e-1], select_k=[16, 64], select_trials=6)
+    rc = RecommenderConfig(lr=1e-2, weight_decay=3e-2, k=64, select=SelectConfig(
+        lr=[1e-2, 3e-3, 1e-3], weight_decay=[1e-2, 3e-2, 1e-1], k=[16, 64], trials=6))
     # a score that prefers lr 1e-3, then weight_decay 1e-1, then k 16
     score = lambda c: -abs(c["lr"] - 1e-3) - abs(c["weight_decay"] - 0.1) - abs(c["k"] - 16) / 1e3  # noqa: E731
     tried = selection.coordinate_search(rc, score)
@@ -96,7 +96,7 @@ def test_coordinate_search_tries_every_dimension_around_the_best_and_is_bounded(
     assert [c["lr"] for c in tried[:3]] == [1e-2, 3e-3, 1e-3]
     assert tried[3:5] == [{"lr": 1e-3, "weight_decay": 1e-2, "k": 64}, {"lr": 1e-3, "weight_decay": 0.1, "k": 64}]
     assert tried[5] == {"lr": 1e-3, "weight_decay": 0.1, "k": 16} and len(tried) == 6
-    assert len(selection.coordinate_search(RecommenderConfig(select_trials=2), score)) == 2
+    assert len(selection.coordinate_search(RecommenderConfig(select=SelectConfig(trials=2)), score)) == 2
 
 
 def test_select_and_fit_picks_the_best_holdout_setting_and_retrains_on_all_pairs(caplog):
@@ -106,8 +106,8 @@ def test_select_and_fit_picks_the_best_holdout_setting_and_retrains_on_all_pairs
     from test_recommenders import tiny_catalogue
 
     cat = tiny_catalogue(n_users=40, n_items=32)
-    rc = rcfg(lr=1e-5, lr_low=1e-6, select_lr=[1e-5, 0.05], select_weight_decay=[1e-3], select_k=[8],
-              select_trials=2, val_negatives=4, patience=3, epochs=20, select_metric="auc")
+    rc = rcfg(lr=1e-5, lr_low=1e-6, select=SelectConfig(lr=[1e-5, 0.05], weight_decay=[1e-3], k=[8], trials=2,
+                                                          metric="auc"), val_negatives=4, patience=3, epochs=20)
 
     def build(rc_b):
         return build_recommender("BPR", cat.n_users, cat.n_items, rc_b, seed=0)

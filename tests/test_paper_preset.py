@@ -21,13 +21,13 @@ CAP_GB = 8.0
 SETS = [
     "data.n_users=12", "data.n_items=24", "data.n_negatives=10", "backbone.weights=none",
     "run.device=cpu", "run.amp=false",
-    "recommender.epochs=1", "recommender.amr_epochs=1", "recommender.dvbpr_epochs=1",
+    "recommender.epochs=1", "recommender.amr.epochs=1", "recommender.dvbpr.epochs=1",
     "attack.eps=[8]", "attack.pgd_steps=1", "attack.target_eps=[8]", "attack.n_targets=1",
     "attack.target_steps=1",
     "defense.epochs_phase1=1", "defense.epochs_phase2=1", "defense.detector_epochs=1",
     "defense.train_pgd_steps=1", "defense.batch_size=2", "defense.train_item_frac=0.1",
-    "eval.curve_eps=[]", "eval.adaptive_steps=1", "eval.adaptive_items=4", "eval.tsne_points=12",
-    "eval.oracle_users=3", "eval.addition_denoiser_epochs=1", "eval.addition_noise_epochs=1",
+    "eval.curve_eps=[]", "eval.adaptive.steps=1", "eval.adaptive.items=4", "eval.tsne_points=12",
+    "eval.oracle_users=3", "defense.addition.denoiser_epochs=1", "defense.addition.noise_epochs=1",
     "eval.generalisation_fgsm_eps=[8]", "attack.objective=[train,eval]", "eval.oracle_models=[VBPR]", "attack.models=[VBPR,DVBPR]",
     # the adaptive attack holds each item's denoiser graph at once: ~0.9 GiB per item at 224 px
     "eval.batch_size=4",

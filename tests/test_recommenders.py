@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vars_fast.config import Config, RecommenderConfig
+from vars_fast.config import AMRConfig, Config, DVBPRConfig, RecommenderConfig
 from vars_fast.data import Catalogue
 from vars_fast.recommenders import (AMR, BPR, DVBPR, VBPR, Pop, bpr_loss, build_recommender, encode_catalogue,
                                     load_recommender, save_recommender)
@@ -59,9 +59,9 @@ def bb():
     return LinearBackbone()
 
 
-def rcfg(**kw):
-    base = dict(k=4, visual_k=3, epochs=6, batch_size=16, lr=0.05, lr_low=0.01, amr_epochs=1, dvbpr_epochs=1,
-                dvbpr_cnn="small", dvbpr_cnn_width=4, threads=0)
+def rcfg(dvbpr=None, **kw):
+    base = dict(k=4, visual_k=3, epochs=6, batch_size=16, lr=0.05, lr_low=0.01, amr=AMRConfig(epochs=1), threads=0,
+                dvbpr=DVBPRConfig(**{"epochs": 1, "cnn": "small", "cnn_width": 4, **(dvbpr or {})}))
     return RecommenderConfig(**{**base, **kw})
 
 
@@ -186,7 +186,7 @@ def test_encode_is_differentiable_in_images(cat, bb):
 def test_dvbpr_trains_end_to_end(cat):
     m = build_recommender("DVBPR", cat.n_users, cat.n_items, rcfg(), seed=0)
     before = [p.clone() for p in m.cnn.parameters()]
-    hist = m.fit(cat, rcfg(dvbpr_epochs=2), torch.Generator().manual_seed(0), show_progress=False)
+    hist = m.fit(cat, rcfg(dvbpr={"epochs": 2}), torch.Generator().manual_seed(0), show_progress=False)
     assert len(hist) == 2 and all(math.isfinite(h) for h in hist)
     assert any(not torch.equal(a, b) for a, b in zip(before, m.cnn.parameters()))  # the CNN is trained
     assert m.item_visual.shape == (cat.n_items, 4)

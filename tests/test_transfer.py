@@ -30,8 +30,8 @@ def test_style_b_differs_from_a():
 def test_transfer_style_is_validated():
     from vars_fast.config import ConfigError, make_config
 
-    with pytest.raises(ConfigError, match="eval.transfer_style"):
-        make_config("quick", overrides={"eval.transfer_style": "nope"})
+    with pytest.raises(ConfigError, match="eval.transfer.style"):
+        make_config("quick", overrides={"eval.transfer.style": "nope"})
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def transferred(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         ctx = build_tiny_run(tmp_path_factory.mktemp("run"), evaluate=False)
-        ctx.cfg.eval.transfer = True
-        ctx.cfg.eval.transfer_finetune_epochs = 1
+        ctx.cfg.eval.transfer.enabled = True
+        ctx.cfg.eval.transfer.finetune_epochs = 1
         ctx.cfg.defense.batch_size = 8
         ctx.cfg.defense.train_pgd_steps = 1
         ctx.cfg.attack.pgd_steps = 1

@@ -23,7 +23,7 @@ def main(run: str, sets: list[str]) -> None:
 
     cfg = from_dict(load_yaml(f"{run}/config.yaml"))
     apply_overrides(cfg, parse_set(sets))
-    cfg.eval.transfer = True
+    cfg.eval.transfer.enabled = True
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     ctx = Context(cfg=cfg, run=RunFolder(run), device=torch.device("cpu"), log=logging.getLogger("transfer"))
     torch.manual_seed(cfg.run.seed)

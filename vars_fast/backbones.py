@@ -1,4 +1,5 @@
-"""Frozen image backbones behind one interface: ResNet50 / ResNet18 (torchvision), EfficientNet-Lite0.
+"""Frozen image backbones behind one interface: ResNet50 / ResNet18 (torchvision), EfficientNet-Lite0,
+each registered in ``BACKBONES`` (``backbone.name``) with its input normalisation.
 
 Every backbone takes images in [0,1] ``[B, 3, S, S]`` and normalises them itself, so attacks
 and defences work in pixel space. Three views of one trunk:
@@ -23,13 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vars_fast.config import BackboneConfig, ConfigError
+from vars_fast.registry import BACKBONES
 
 # EfficientNet-Lite was trained in TF with (pixel - 127) / 128, not the torchvision mean/std
 # (the check on reference images is in docs/results/defaults.md).
 _LITE_MEAN, _LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-_RESNETS = {"resnet50": ("resnet50", "ResNet50_Weights"), "resnet18": ("resnet18", "ResNet18_Weights")}
 
 
 def _load_state_dict(path: str, key: str = "backbone.weights") -> dict:
@@ -43,11 +44,12 @@ def _load_state_dict(path: str, key: str = "backbone.weights") -> dict:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def _torchvision_cached(name: str) -> Path:
-    """Path of the cached torchvision ImageNet weights for ``name``; raise if not cached."""
+def _torchvision_cached(name: str, weights_enum: str) -> Path:
+    """Path of the cached torchvision ImageNet weights (``torchvision.models.<weights_enum>``)
+    for ``name``; raise if not cached."""
     import torchvision.models as tvm
 
-    enum = getattr(tvm, _RESNETS[name][1])
+    enum = getattr(tvm, weights_enum)
     ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
     for w in (enum.IMAGENET1K_V1, enum.IMAGENET1K_V2):
         f = ckpt_dir / Path(w.url).name
@@ -59,18 +61,27 @@ def _torchvision_cached(name: str) -> Path:
         f"{Path(enum.IMAGENET1K_V1.url).name}) or backbone.weights=none")
 
 
-def _build_resnet(name: str, weights: str) -> nn.Module:
-    import torchvision.models as tvm
+def _resnet(name: str, weights_enum: str):
+    """The builder of torchvision's ``name`` with ImageNet weights ``weights_enum``."""
+    def build(weights: str) -> nn.Module:
+        import torchvision.models as tvm
 
-    sd = None
-    if weights != "none":  # resolve and read the file first: a bad path fails before the slow init
-        sd = _load_state_dict(str(_torchvision_cached(name) if weights == "pretrained" else weights))
-    net = getattr(tvm, _RESNETS[name][0])(weights=None)
-    if sd is not None:
-        net.load_state_dict(sd)
-    return net
+        sd = None
+        if weights != "none":  # resolve and read the file first: a bad path fails before the slow init
+            sd = _load_state_dict(str(_torchvision_cached(name, weights_enum) if weights == "pretrained" else weights))
+        net = getattr(tvm, name)(weights=None)
+        if sd is not None:
+            net.load_state_dict(sd)
+        return net
+
+    return build
 
 
+BACKBONES.register("resnet50", _resnet("resnet50", "ResNet50_Weights"), mean=_IMAGENET_MEAN, std=_IMAGENET_STD)
+BACKBONES.register("resnet18", _resnet("resnet18", "ResNet18_Weights"), mean=_IMAGENET_MEAN, std=_IMAGENET_STD)
+
+
+@BACKBONES.register("efficientnet_lite0", mean=_LITE_MEAN, std=_LITE_STD)
 def _build_lite0(weights: str) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -189,10 +200,5 @@ def _is_channels_last(m: Backbone) -> bool:
 def build_backbone(cfg: BackboneConfig) -> Backbone:
     """Backbone from config; never downloads (see the module docstring for ``weights``)."""
     name, weights = cfg.name, str(cfg.weights)
-    if name in _RESNETS:
-        net, mean, std = _build_resnet(name, weights), _IMAGENET_MEAN, _IMAGENET_STD
-    elif name == "efficientnet_lite0":
-        net, mean, std = _build_lite0(weights), _LITE_MEAN, _LITE_STD
-    else:
-        raise ConfigError(f"backbone.name: unknown backbone {name!r} (resnet50, resnet18, efficientnet_lite0)")
-    return Backbone(name, net, mean, std, input_size=cfg.input_size)
+    build, meta = BACKBONES[name], BACKBONES.meta(name)  # ConfigError naming backbone.name
+    return Backbone(name, build(weights), meta["mean"], meta["std"], input_size=cfg.input_size)

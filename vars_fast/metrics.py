@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vars_fast.registry import THRESHOLD_RULES
+
 
 def hr_ndcg(pos_scores: Tensor, neg_scores: Tensor, topk: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
     """pos_scores [U], neg_scores [U, C] -> {"HR@N", "NDCG@N"} averaged over users."""
@@ -89,26 +91,43 @@ def auc_score(d_clean, d_adv) -> float:
     return float((below + 0.5 * ties).sum() / (c.size * a.size))
 
 
-def choose_threshold(d_clean, d_adv, rule: str = "youden") -> float:
-    """Threshold on held-out distances. Rules:
+# The rules (``THRESHOLD_RULES``, ``defense.threshold_rule``): ``(fpr, tpr) -> index`` of the
+# chosen ROC point; ``roc_curve`` orders thresholds decreasing, so argmax/argmin ties go to the
+# larger threshold (fewer false alarms).
 
-    * ``youden``   max TPR - FPR (= max balanced accuracy);
-    * ``fpr@0.05`` max TPR subject to FPR <= 0.05 (flag at most 5% of clean inputs);
-    * ``balanced`` equal error rate: FPR closest to the miss rate 1 - TPR.
-    Ties go to the larger threshold (fewer false alarms).
-    """
-    fpr, tpr, thr = roc_curve(d_clean, d_adv)
-    if rule == "youden":
-        k = int(np.argmax(tpr - fpr))
-    elif rule.startswith("fpr@"):
-        limit = float(rule[4:])
+@THRESHOLD_RULES.register("youden")
+def youden_rule(fpr: np.ndarray, tpr: np.ndarray) -> int:
+    """max TPR - FPR (= max balanced accuracy)."""
+    return int(np.argmax(tpr - fpr))
+
+
+def fpr_rule(limit: float):
+    """max TPR subject to FPR <= ``limit`` (flag at most that share of clean inputs)."""
+    def rule(fpr: np.ndarray, tpr: np.ndarray) -> int:
         ok = np.flatnonzero(fpr <= limit + 1e-12)
-        k = int(ok[np.argmax(tpr[ok])])
-    elif rule == "balanced":
-        k = int(np.argmin(np.abs(fpr - (1 - tpr))))
+        return int(ok[np.argmax(tpr[ok])])
+
+    return rule
+
+
+THRESHOLD_RULES.register("fpr@0.05", fpr_rule(0.05))
+
+
+@THRESHOLD_RULES.register("balanced")
+def balanced_rule(fpr: np.ndarray, tpr: np.ndarray) -> int:
+    """equal error rate: FPR closest to the miss rate 1 - TPR."""
+    return int(np.argmin(np.abs(fpr - (1 - tpr))))
+
+
+def choose_threshold(d_clean, d_adv, rule: str = "youden") -> float:
+    """Threshold on held-out distances by a member of ``THRESHOLD_RULES`` (youden, fpr@0.05,
+    balanced; any ``fpr@<limit>`` also works). Ties go to the larger threshold."""
+    fpr, tpr, thr = roc_curve(d_clean, d_adv)
+    if rule not in THRESHOLD_RULES and rule.startswith("fpr@"):
+        pick = fpr_rule(float(rule[4:]))
     else:
-        raise ValueError(f"defense.threshold_rule: unknown rule {rule!r} (youden | fpr@0.05 | balanced)")
-    return float(thr[k])
+        pick = THRESHOLD_RULES[rule]  # ConfigError naming defense.threshold_rule
+    return float(thr[pick(fpr, tpr)])
 
 
 def detection_metrics(d_clean, d_adv, threshold: float) -> dict:

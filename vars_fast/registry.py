@@ -89,14 +89,55 @@ class Registry:
     def __len__(self) -> int:
         return len(self.names())
 
-    def check(self, names: Any, key: Optional[str] = None) -> None:
+    def check(self, names: Any, key: Optional[str] = None, **meta: Any) -> None:
         """Raise ConfigError naming ``key`` (default: the family's key) unless every entry of
-        ``names`` (a name or a list of names) is registered."""
+        ``names`` (a name or a list of names) is registered and, with ``meta``, its metadata
+        matches (``ATTACKS.check(names, ball="linf")``: the members usable there)."""
+        allowed = self.where(**meta) if meta else self.names()
         for n in ([names] if isinstance(names, str) else list(names)):
-            if n not in self:
-                raise ConfigError(f"{key or self.key}: unknown {self.family} {n!r} "
-                                  f"(choose from {', '.join(self.names())})")
+            if n not in allowed:
+                what = f"unknown {self.family}" if n not in self else f"{self.family} not usable here:"
+                raise ConfigError(f"{key or self.key}: {what} {n!r} (choose from {', '.join(allowed)})")
 
     def __repr__(self) -> str:
         return f"Registry({self.family!r}, {self.names()})"
 
+
+
+# ---------------------------------------------------------------------------- the families
+# One registry per extensible family. The objects live here, in a module that imports nothing
+# of the package, so that the config validates names against them without importing torch or
+# making a cycle; members register where they are defined (the ``home`` modules, imported on
+# first use), and each family re-exports its registry (``vars_fast.attacks.ATTACKS``, ...).
+
+#: ``data.source``: ``read(DataConfig) -> RawData``; meta ``images``: "generated" (drawn by the
+#: source), "embedded" (inside the interaction file) or "files" (under ``data.images_root``)
+SOURCES = Registry("data source", "data.source", home=("vars_fast.data.catalogue", "vars_fast.data.interactions"))
+#: ``backbone.name``: ``build(weights) -> nn.Module``; meta ``mean``, ``std`` (input normalisation)
+BACKBONES = Registry("backbone", "backbone.name", home=("vars_fast.backbones",))
+#: ``recommender.models``: ``Recommender`` subclasses (``from_config``; class attributes say
+#: what they consume and the order the recommender stage trains them in)
+RECOMMENDERS = Registry("recommender", "recommender.models", home=("vars_fast.recommenders",))
+#: ``attack.untargeted``: ``Attack`` optimisers (``craft``); meta ``iterative`` (takes steps,
+#: a step size and a start), ``ball`` ("linf": eps in /255 per pixel; "l2")
+ATTACKS = Registry("attack", "attack.untargeted",
+                   home=("vars_fast.attacks.fgsm", "vars_fast.attacks.pgd", "vars_fast.attacks.pgd_l2"))
+#: ``attack.objective``: who the images are crafted against; the member crafts them
+OBJECTIVES = Registry("attack objective", "attack.objective",
+                      home=("vars_fast.attacks.catalogue", "vars_fast.attacks.oracle"))
+#: ``attack.targets``: ``attacks.base.TargetedAttack`` (a loss and the optimiser that runs it)
+TARGETED = Registry("targeted attack", "attack.targets", home=("vars_fast.attacks.aip", "vars_fast.attacks.taamr"))
+#: the defences whose detectors the evaluation compares (ours, the ADDITION baseline); meta ``label``
+DEFENSES = Registry("defence", "defense", home=("vars_fast.defense.model", "vars_fast.defense.addition"))
+#: ``defense.ablations``: ``DefenseConfig -> DefenseConfig`` (Table 5's variants)
+DEFENSE_VARIANTS = Registry("defence variant", "defense.ablations", home=("vars_fast.defense.training",))
+#: ``defense.threshold_rule``: ``(fpr, tpr) -> index`` of the chosen ROC point
+THRESHOLD_RULES = Registry("threshold rule", "defense.threshold_rule", home=("vars_fast.metrics",))
+#: ``run.backend``: the custom ops' backends and their aliases; the member is the backend an
+#: alias means ("" for automatic)
+BACKENDS = Registry("ops backend", "run.backend", home=("vars_fast.ops._dispatch",))
+#: ``run.stages``: ``run_stage(ctx)`` in pipeline order; meta ``main_only`` (rank 0 alone runs it)
+STAGES = Registry("stage", "run.stages", home=("vars_fast.train",))
+
+FAMILIES: tuple[Registry, ...] = (SOURCES, BACKBONES, RECOMMENDERS, ATTACKS, OBJECTIVES, TARGETED, DEFENSES,
+                                  DEFENSE_VARIANTS, THRESHOLD_RULES, BACKENDS, STAGES)

@@ -208,7 +208,7 @@ def adaptive_table(m: dict) -> str:
     R, D = m.get("ranking", []), m.get("detection", [])
     A = [r for r in R if r.get("attack") == "adaptive-pgd"]
     if not A:
-        return _missing("no adaptive-attack rows (eval.adaptive off or not run)")
+        return _missing("no adaptive-attack rows (eval.adaptive.enabled off or not run)")
     rows = []
     for r in A:
         e = r["eps"]
@@ -229,7 +229,7 @@ def adaptive_eval_table(rows: list[dict]) -> str:
     A = [r for r in rows if r.get("attack") == "adaptive-pgd"]
     if not A:
         # off by design in the default preset (its cost: docs/results/adaptive_cost.md), so not a gap
-        return ("Not run in this configuration: `eval.adaptive_oracle_users = -1` (the default; "
+        return ("Not run in this configuration: `eval.adaptive.oracle_users = -1` (the default; "
                 "`--preset full` runs it) or no `eval` objective.")
     out = []
     for r in A:

@@ -18,20 +18,35 @@ from datetime import datetime
 from pathlib import Path
 
 from vars_fast.cli import add_debug_flag, user_errors_exit
+from vars_fast.registry import STAGES
 
-STAGES = ("recommender", "attack", "defense", "evaluate")
+# The pipeline: STAGES in registration order. Each member imports its stage when it runs, so
+# that --help and config checks stay free of torch. main_only: rank 0 runs it alone under DDP
+# (the inference stages), the other ranks wait at a barrier.
 
 
-def _stage_fn(name: str):
-    if name == "recommender":
-        from vars_fast.recommenders.stage import run_stage
-    elif name == "attack":
-        from vars_fast.attacks.stage import run_stage
-    elif name == "defense":
-        from vars_fast.defense.stage import run_stage
-    else:
-        from vars_fast.evaluate import run_stage
-    return run_stage
+@STAGES.register("recommender", main_only=False)
+def _recommender(ctx) -> None:
+    from vars_fast.recommenders.stage import run_stage
+    run_stage(ctx)
+
+
+@STAGES.register("attack", main_only=True)
+def _attack(ctx) -> None:
+    from vars_fast.attacks.stage import run_stage
+    run_stage(ctx)
+
+
+@STAGES.register("defense", main_only=False)
+def _defense(ctx) -> None:
+    from vars_fast.defense.stage import run_stage
+    run_stage(ctx)
+
+
+@STAGES.register("evaluate", main_only=True)
+def _evaluate(ctx) -> None:
+    from vars_fast.evaluate import run_stage
+    run_stage(ctx)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace):
-    from vars_fast.config import ConfigError, from_dict, load_yaml, make_config, parse_set
+    from vars_fast.config import from_dict, load_yaml, make_config, parse_set
 
     overrides = parse_set(args.set)
     if args.device:
@@ -64,9 +79,7 @@ def resolve_config(args: argparse.Namespace):
         overrides["run.seed"] = args.seed
     if args.stages:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-        bad = [s for s in stages if s not in STAGES]
-        if bad:
-            raise ConfigError(f"--stages: unknown stage {bad[0]!r} (choose from {', '.join(STAGES)})")
+        STAGES.check(stages, "--stages")
         overrides["run.stages"] = stages
     if args.no_progress:
         overrides["run.progress"] = False
@@ -144,15 +157,16 @@ def run(cfg, out: str | None = None) -> int:
              f", {ddp.world_size()} ranks" if ddp.is_distributed() else "")
 
     timings = dict(run_folder.load_metrics().get("meta", {}).get("timings", {}))
-    for stage in STAGES:
+    for stage, run_stage in STAGES.items():
         if stage not in cfg.run.stages:
             continue
-        if stage in ("attack", "evaluate") and not ddp.is_main():
+        main_only = STAGES.meta(stage)["main_only"]
+        if main_only and not ddp.is_main():
             ddp.barrier()  # inference stages run on rank 0 only
             continue
         log.info("stage %s: start", stage)
         t0 = time.perf_counter()
-        _stage_fn(stage)(ctx)
+        run_stage(ctx)
         dt = time.perf_counter() - t0
         # re-read: the stage may have written its own entries (train_<model>_s, ...), which
         # replace those of an earlier run in the same folder
@@ -161,7 +175,7 @@ def run(cfg, out: str | None = None) -> int:
         if ddp.is_main():
             run_folder.update_meta(timings=timings)
         log.info("stage %s: done in %.1f s", stage, dt)
-        if stage in ("attack", "evaluate"):
+        if main_only:
             ddp.barrier()
 
     if ddp.is_main():

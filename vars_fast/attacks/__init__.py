@@ -2,6 +2,9 @@
 TAaMR (targeted), plus the catalogue-wide driver and the "attack" stage (``stage.py``).
 
 Every attack maximises a ``loss_fn(x) -> [B]`` in [0,1] pixel space (see ``base.Attack``).
+Three registries name them: ``ATTACKS`` (the optimisers: fgsm, pgd, pgd-l2; ``attack.untargeted``),
+``OBJECTIVES`` (whom the images are crafted against: train, eval; ``attack.objective``) and
+``TARGETED`` (aip-insa, aip-expa, taamr-fgsm, taamr-pgd; ``attack.targets``).
 """
 from vars_fast.attacks.aip import expa_loss, insa_loss
 from vars_fast.attacks.base import Attack, frozen, quantize_within
@@ -12,8 +15,9 @@ from vars_fast.attacks.pgd import PGD, default_alpha
 from vars_fast.attacks.pgd_l2 import PGDL2, l2_radius
 from vars_fast.attacks.taamr import popular_class, taamr_loss
 from vars_fast.attacks.transfer import build_surrogate, feature_shift_loss, transfer_attack
+from vars_fast.registry import ATTACKS, OBJECTIVES, TARGETED
 
 __all__ = ["Attack", "FGSM", "PGD", "frozen", "quantize_within", "default_alpha", "bpr_image_loss",
            "attack_catalogue", "sample_item_triples", "ItemTriples", "item_loss_fn", "insa_loss",
            "expa_loss", "taamr_loss", "popular_class", "PGDL2", "l2_radius", "transfer_attack",
-           "feature_shift_loss", "build_surrogate"]
+           "feature_shift_loss", "build_surrogate", "ATTACKS", "OBJECTIVES", "TARGETED"]

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from vars_fast.attacks.base import TargetedAttack
+from vars_fast.registry import TARGETED
+
 
 def insa_loss(rec, targets: Tensor, users: Tensor):
     """``x [T,3,S,S] -> mean_u y_(u, targets[t]) [T]`` over ``users`` [U'] (all users, or a sample).
@@ -40,3 +43,7 @@ def expa_loss(rec, hook_feature: Tensor):
         return -(f - hook_feature.to(f)).pow(2).sum(1)
 
     return loss_fn
+
+
+TARGETED.register("aip-insa", TargetedAttack(lambda b: insa_loss(b.rec, b.targets, b.users), optimiser="pgd"))
+TARGETED.register("aip-expa", TargetedAttack(lambda b: expa_loss(b.rec, b.hook_feature), optimiser="pgd"))

@@ -14,12 +14,33 @@ is touched, and ``frozen(...)`` additionally puts the models in eval mode with
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 LossFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class TargetedAttack:
+    """A member of ``TARGETED`` (``attack.targets``): ``loss(batch) -> loss_fn`` for one batch of
+    targets, maximised by the ``ATTACKS`` member ``optimiser``. ``batch`` carries ``rec``,
+    ``backbone``, ``targets`` [T], ``users`` (INSA's), ``hook_feature`` (EXPA's) and
+    ``target_class`` (TAaMR's). ``through``: what the loss differentiates, "recommender" (its
+    encoder) or "backbone" (the ImageNet classifier; the attack stage then finds a target class)."""
+
+    loss: Callable[[Any], LossFn]
+    optimiser: str
+    through: str = "recommender"
+
+    @property
+    def iterative(self) -> bool:
+        """Whether the optimiser takes steps from a start (so a warm start means something)."""
+        from vars_fast.registry import ATTACKS
+
+        return bool(ATTACKS.meta(self.optimiser)["iterative"])
 
 
 @contextlib.contextmanager
@@ -91,6 +112,14 @@ class Attack:
 
     def perturb(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def craft(cls, loss_fn: LossFn, x: Tensor, eps: float | Tensor, *, steps: int = 1,
+              alpha: float | Tensor | None = None, init: Optional[Tensor] = None, random_start: bool = False,
+              generator: torch.Generator | None = None, keep_best: bool = False) -> Tensor:
+        """The one call every caller makes (``ATTACKS[name].craft(...)``): ``x_adv`` for ``x``.
+        Settings an optimiser has no use for (FGSM's steps, a start) are ignored."""
+        raise NotImplementedError  # pragma: no cover - abstract
 
     @torch.no_grad()
     def __call__(self, x: Tensor, **kw) -> Tensor:

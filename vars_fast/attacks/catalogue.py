@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vars_fast.attacks.base import frozen, quantize_within
-from vars_fast.attacks.fgsm import FGSM
-from vars_fast.attacks.pgd import PGD, default_alpha
+from vars_fast.attacks.pgd import default_alpha
 from vars_fast.nn.fuse import fast_copy
+from vars_fast.registry import ATTACKS, OBJECTIVES
 
 
 def bpr_image_loss(rec, triples: Tensor, x_i: Tensor | None, x_j: Tensor | None) -> Tensor:
@@ -223,10 +223,9 @@ def attack_items(rec, cat, items: Tensor, attack: Callable[[Callable, Tensor, Te
 
 
 def step_params(method: str, eps255: float, cfg) -> tuple[float, int, float]:
-    """(eps, steps, alpha) in pixel units for ``method`` ("fgsm" | "pgd") from an AttackConfig
-    (``pgd_steps``, ``pgd_alpha`` in /255, 0: Madry et al.'s 2.5 eps / steps)."""
-    if method not in ("fgsm", "pgd"):
-        raise ValueError(f"attack method {method!r}: expected fgsm or pgd (attack.untargeted)")
+    """(eps, steps, alpha) in pixel units for ``method`` (an L-inf member of ``ATTACKS``) from an
+    AttackConfig (``pgd_steps``, ``pgd_alpha`` in /255, 0: Madry et al.'s 2.5 eps / steps)."""
+    ATTACKS.check(method, "attack.untargeted", ball="linf")
     eps, steps = float(eps255) / 255.0, int(cfg.pgd_steps)
     return eps, steps, cfg.pgd_alpha / 255.0 if cfg.pgd_alpha > 0 else default_alpha(eps, steps)
 
@@ -238,7 +237,7 @@ def attack_catalogue(rec, cat, method: str, eps255: float, cfg, generator: torch
                      items: Tensor | None = None) -> Tensor:
     """Attack the catalogue images of ``cat`` against ``rec``; returns uint8 [N,3,S,S] (CPU).
 
-    method: "fgsm" | "pgd"; eps255: radius in /255 units; cfg: AttackConfig (pgd_steps,
+    method: an L-inf member of ``ATTACKS`` (fgsm, pgd); eps255: radius in /255 units; cfg: AttackConfig (pgd_steps,
     pgd_alpha, random_start, triples_per_item, triple_roles, batch_size). ``items``: attack
     only these (default: every item; the result then has one row per given item). ``compile``:
     torch.compile the image->loss function (the last batch is padded so that shapes never
@@ -248,6 +247,7 @@ def attack_catalogue(rec, cat, method: str, eps255: float, cfg, generator: torch
     (see ``quantize_within``).
     """
     eps, steps, alpha = step_params(method, eps255, cfg)
+    optimiser, iterative = ATTACKS[method], ATTACKS.meta(method)["iterative"]
     device = torch.device(device)
     N = cat.n_items
     amp = amp and amp_available(device)
@@ -263,10 +263,8 @@ def attack_catalogue(rec, cat, method: str, eps255: float, cfg, generator: torch
         return x + (2 * noise.to(x) - 1) * eps
 
     def attack(fn, x: Tensor, idx: Tensor) -> Tensor:
-        if method == "fgsm":
-            return FGSM(fn, eps)(x)
-        atk = PGD(fn, eps, alpha=alpha, steps=steps, random_start=False)
-        return atk(x, init=per_item_start(idx, x) if cfg.random_start else None)
+        init = per_item_start(idx, x) if iterative and cfg.random_start else None
+        return optimiser.craft(fn, x, eps, steps=steps, alpha=alpha, init=init)
 
     # fixed shapes (padded last batch): one compilation serves every batch and step
     loss = torch.compile(item_loss, dynamic=False) if compile else item_loss
@@ -277,3 +275,7 @@ def attack_catalogue(rec, cat, method: str, eps255: float, cfg, generator: torch
                         int(batch_size or cfg.batch_size), loss=loss, amp=amp, channels_last=channels_last,
                         pad=compile, desc=f"attack {getattr(rec, 'name', 'rec')} {method} eps={eps255:g}",
                         progress=progress)
+
+
+# the "train" objective: one image per item, crafted from training triples (what an uploader can do)
+OBJECTIVES.register("train", attack_catalogue, per_user=False)

@@ -9,10 +9,17 @@ from __future__ import annotations
 from torch import Tensor
 
 from vars_fast.attacks.base import Attack, as_eps
+from vars_fast.registry import ATTACKS
 
 
+@ATTACKS.register("fgsm", iterative=False, ball="linf")
 class FGSM(Attack):
     """``FGSM(loss_fn, eps)(x) -> x_adv``; eps in pixel units (float or [B])."""
+
+    @classmethod
+    def craft(cls, loss_fn, x, eps, **_):
+        """One signed-gradient step of size eps: steps, alpha and a start do not apply."""
+        return cls(loss_fn, eps)(x)
 
     def perturb(self, x: Tensor) -> Tensor:
         _, grad = self.loss_and_grad(x)

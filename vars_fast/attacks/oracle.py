@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vars_fast.attacks.base import frozen, quantize_within
-from vars_fast.attacks.fgsm import FGSM
-from vars_fast.attacks.pgd import PGD
+from vars_fast.registry import ATTACKS, OBJECTIVES
 
 
 def oracle_users(cat, n: int, generator: torch.Generator) -> Tensor:
@@ -79,7 +78,7 @@ def attack_eval_lists(rec, cat, users: Tensor, method: str, eps255: float, cfg, 
                       batch_images: Optional[int] = None, fast: Optional[bool] = None) -> Tensor:
     """Attack every evaluated user's candidate images; returns uint8 [U, 1 + C, 3, S, S] (CPU).
 
-    method: "fgsm" | "pgd"; eps255 in /255 units; cfg: AttackConfig (pgd_steps, pgd_alpha,
+    method: an L-inf member of ``ATTACKS`` (fgsm, pgd); eps255 in /255 units; cfg: AttackConfig (pgd_steps, pgd_alpha,
     random_start, batch_size, fast_encoder). ``batch_images`` bounds the images per step
     (default ``cfg.batch_size``; at least one whole list). Each user's random start comes from
     its own seed, so the batch size does not change the result.
@@ -89,6 +88,7 @@ def attack_eval_lists(rec, cat, users: Tensor, method: str, eps255: float, cfg, 
     from vars_fast.utils import progress as progress_bar
 
     eps, steps, alpha = step_params(method, eps255, cfg)
+    optimiser, iterative = ATTACKS[method], ATTACKS.meta(method)["iterative"]
     device = torch.device(device)
     users = users.long().cpu()
     lists = eval_lists(cat, users)
@@ -113,16 +113,13 @@ def attack_eval_lists(rec, cat, users: Tensor, method: str, eps255: float, cfg, 
                 x = x.contiguous(memory_format=torch.channels_last)
             u_dev, li_dev = users[rows].to(device), li.to(device)
             fn = lambda t: list_loss(rec, t, u_dev, li_dev)  # noqa: E731
-            if method == "fgsm":
-                x_adv = FGSM(fn, eps)(x)
-            else:
-                init = None
-                if cfg.random_start:  # one generator per user: independent of the batch
-                    noise = torch.cat([torch.rand((L,) + tuple(x.shape[1:]),
-                                                  generator=torch.Generator().manual_seed(seed_base + int(users[r])))
-                                       for r in rows])
-                    init = x + (2 * noise.to(x) - 1) * eps
-                x_adv = PGD(fn, eps, alpha=alpha, steps=steps, random_start=False)(x, init=init)
+            init = None
+            if iterative and cfg.random_start:  # one generator per user: independent of the batch
+                noise = torch.cat([torch.rand((L,) + tuple(x.shape[1:]),
+                                              generator=torch.Generator().manual_seed(seed_base + int(users[r])))
+                                   for r in rows])
+                init = x + (2 * noise.to(x) - 1) * eps
+            x_adv = optimiser.craft(fn, x, eps, steps=steps, alpha=alpha, init=init)
             clean = cat.images[li.reshape(-1)]
             out[rows] = quantize_within(x_adv.cpu(), clean, eps255).view(rows.numel(), L, *clean.shape[1:])
             bar.update(rows.numel())
@@ -162,3 +159,7 @@ def encode_lists(encode, images: Tensor, batch_size: int, device) -> Tensor:
         f = batched_encode(encode, images.reshape(U * L, *images.shape[2:]), batch_size, device,
                            show_progress=False)
     return f.view(U, L, f.shape[-1])
+
+
+# the "eval" objective: per-user images crafted on each evaluated user's list (an oracle bound)
+OBJECTIVES.register("eval", attack_eval_lists, per_user=True)

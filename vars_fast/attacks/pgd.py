@@ -15,6 +15,7 @@ from torch import Tensor
 
 from vars_fast.attacks.base import Attack, LossFn, as_eps
 from vars_fast.ops import pgd_step
+from vars_fast.registry import ATTACKS
 
 
 def default_alpha(eps: float | Tensor, steps: int) -> float | Tensor:
@@ -22,6 +23,7 @@ def default_alpha(eps: float | Tensor, steps: int) -> float | Tensor:
     return 2.5 * eps / steps
 
 
+@ATTACKS.register("pgd", iterative=True, ball="linf")
 class PGD(Attack):
     """``PGD(loss_fn, eps, alpha=None, steps=10, random_start=True, generator=None)(x)``.
 
@@ -41,6 +43,12 @@ class PGD(Attack):
         self.alpha = default_alpha(eps, steps) if alpha is None else alpha
         self.random_start = bool(random_start)
         self.keep_best = bool(keep_best)
+
+    @classmethod
+    def craft(cls, loss_fn, x, eps, *, steps=10, alpha=None, init=None, random_start=False, generator=None,
+              keep_best=False):
+        return cls(loss_fn, eps, alpha=alpha, steps=steps, random_start=random_start, generator=generator,
+                   keep_best=keep_best)(x, init=init)
 
     def start(self, x: Tensor) -> Tensor:
         """Uniform start in the eps-ball (intersected with [0,1]), drawn from ``generator``."""

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from vars_fast.attacks.base import Attack, LossFn, as_eps
 from vars_fast.attacks.pgd import default_alpha
+from vars_fast.registry import ATTACKS
 
 
 def l2_radius(rms255: float, shape) -> float:
@@ -41,6 +42,7 @@ def project_l2(x_adv: Tensor, x0: Tensor, eps: float | Tensor) -> Tensor:
     return (x0 + d).clamp_(0.0, 1.0)
 
 
+@ATTACKS.register("pgd-l2", iterative=True, ball="l2")
 class PGDL2(Attack):
     """``PGDL2(loss_fn, eps, alpha=None, steps=10, random_start=False, generator=None)(x)``.
 
@@ -57,6 +59,13 @@ class PGDL2(Attack):
         self.steps = int(steps)
         self.alpha = default_alpha(eps, steps) if alpha is None else alpha
         self.random_start = bool(random_start)
+
+    @classmethod
+    def craft(cls, loss_fn, x, eps, *, steps=10, alpha=None, init=None, random_start=False, generator=None,
+              keep_best=False):
+        if init is not None or keep_best:
+            raise ValueError("PGD-L2 takes no init and keeps the last iterate")
+        return cls(loss_fn, eps, alpha=alpha, steps=steps, random_start=random_start, generator=generator)(x)
 
     def start(self, x: Tensor) -> Tensor:
         gen_device = self.generator.device if self.generator is not None else torch.device("cpu")

@@ -26,6 +26,7 @@ from vars_fast.attacks.catalogue import amp_available, attack_catalogue, sample_
 from vars_fast.attacks.targeted import (choose_hook, choose_targets, target_scores, targeted_attack,
                                         targeted_metrics)
 from vars_fast.io import atomic_write_bytes, atomic_write_json
+from vars_fast.registry import TARGETED
 
 
 def _eps_key(eps):
@@ -197,7 +198,7 @@ def run_targeted(ctx, amp: bool, topk, timing: dict) -> None:
     targets = choose_targets(cat, acfg.n_targets, ctx.generator("attack:targets"))
     hook = choose_hook(cat)
     target_class = None
-    if any(t.startswith("taamr") for t in acfg.targets):
+    if any(TARGETED[t].through == "backbone" for t in acfg.targets):  # TAaMR: a class to push towards
         target_class, _ = popular_class(ctx.backbone, cat, acfg.batch_size * 2, dev)
     users = torch.arange(cat.n_users)
     if 0 < acfg.insa_users < cat.n_users:  # unbiased sample of the mean score (linear in users)
@@ -224,7 +225,7 @@ def run_targeted(ctx, amp: bool, topk, timing: dict) -> None:
                 adv = targeted_attack(name, rec, ctx.backbone, cat, targets, eps, acfg,
                                       ctx.generator(f"attack:{name}:{eps}"), dev, users=users,
                                       hook_feature=hook_feature, target_class=target_class, amp=amp,
-                                      init=prev if warm and name != "taamr-fgsm" else None)
+                                      init=prev if warm and TARGETED[name].iterative else None)
                 timing[f"VBPR/{name}/{_eps_key(eps)}"] = round(time.perf_counter() - t0, 2)
                 save_npy(path, adv)
             with torch.no_grad():

@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vars_fast.attacks.base import TargetedAttack
+from vars_fast.registry import TARGETED
+
 
 def taamr_loss(backbone, target_class: int):
     """``x [T,3,S,S] -> log softmax(classify(x))[target_class] [T]``."""
@@ -36,3 +39,10 @@ def popular_class(backbone, cat, batch_size: int = 128, device: torch.device | s
     pop = torch.bincount(cat.train[:, 1].cpu(), minlength=cat.n_items).double()
     weight = torch.bincount(pred, weights=pop)  # popularity mass per predicted class
     return int(weight.argmax()), pred
+
+
+# TAaMR's two optimisers on the backbone's classifier (the feature extractor, not the recommender)
+TARGETED.register("taamr-fgsm", TargetedAttack(lambda b: taamr_loss(b.backbone, b.target_class), optimiser="fgsm",
+                                               through="backbone"))
+TARGETED.register("taamr-pgd", TargetedAttack(lambda b: taamr_loss(b.backbone, b.target_class), optimiser="pgd",
+                                              through="backbone"))

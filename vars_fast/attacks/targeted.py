@@ -17,15 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vars_fast.attacks.aip import expa_loss, insa_loss
+from types import SimpleNamespace
+
 from vars_fast.attacks.base import frozen, quantize_within
 from vars_fast.attacks.catalogue import wrap_loss
-from vars_fast.attacks.fgsm import FGSM
-from vars_fast.attacks.pgd import PGD, default_alpha
-from vars_fast.attacks.taamr import taamr_loss
+from vars_fast.attacks.pgd import default_alpha
 from vars_fast.nn.fuse import fast_copy
-
-TARGETED = ("aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd")
+from vars_fast.registry import ATTACKS, TARGETED
 
 
 def item_popularity(cat) -> Tensor:
@@ -58,15 +56,15 @@ def targeted_attack(name: str, rec, backbone, cat, targets: Tensor, eps255: floa
                     target_class: int | None = None, amp: bool = False, init: Tensor | None = None) -> Tensor:
     """Attack the target images; returns uint8 [T,3,S,S] within eps255 of the clean ones.
 
-    name: one of ``TARGETED``; users: the users INSA averages over (default all);
+    name: a member of ``TARGETED``; users: the users INSA averages over (default all);
     hook_feature [F]: EXPA's hook visual feature; target_class: TAaMR's ImageNet class.
-    The PGD-based attacks (all but TAaMR-FGSM) run ``cfg.target_steps`` steps of
+    The attacks with an iterative optimiser (all but TAaMR-FGSM) run ``cfg.target_steps`` steps of
     ``cfg.target_alpha`` (0: 2.5 eps / steps) and return each target's best iterate when
     ``cfg.target_keep_best``; ``init`` (uint8 [T,3,S,S], e.g. the result at a smaller eps)
     replaces the random start, so the attack at this eps never ends below it.
     """
-    if name not in TARGETED:
-        raise ValueError(f"targeted attack {name!r}: expected one of {', '.join(TARGETED)} (attack.targets)")
+    spec = TARGETED[name]  # ConfigError naming attack.targets
+    optimiser = ATTACKS[spec.optimiser]
     eps = float(eps255) / 255.0
     steps = int(getattr(cfg, "target_steps", 0) or cfg.pgd_steps)
     a255 = float(getattr(cfg, "target_alpha", 0.0) or 0.0)
@@ -78,7 +76,7 @@ def targeted_attack(name: str, rec, backbone, cat, targets: Tensor, eps255: floa
     if getattr(cfg, "fast_encoder", False):  # BN-folded NHWC copies (see nn/fuse.py)
         example = cat.item_batch(targets[:4], device)
         shared = backbone is getattr(rec, "backbone", None)
-        if name.startswith("taamr"):
+        if spec.through == "backbone":
             backbone = fast_copy(rec, example).backbone if shared else backbone
         else:
             rec = fast_copy(rec, example)
@@ -86,19 +84,13 @@ def targeted_attack(name: str, rec, backbone, cat, targets: Tensor, eps255: floa
         for s in range(0, targets.numel(), int(cfg.batch_size)):
             t = targets[s: s + int(cfg.batch_size)]
             x = cat.item_batch(t, device)
-            if name == "aip-insa":
-                fn = insa_loss(rec, t.to(device), users.to(device))
-            elif name == "aip-expa":
-                fn = expa_loss(rec, hook_feature.to(device))
-            else:
-                fn = taamr_loss(backbone, target_class)
-            fn = wrap_loss(fn, device, amp)
-            if name == "taamr-fgsm":
-                x_adv = FGSM(fn, eps)(x)
-            else:
-                start = init[s: s + t.numel()].to(device).float() / 255 if init is not None else None
-                x_adv = PGD(fn, eps, alpha=alpha, steps=steps, random_start=cfg.random_start, generator=generator,
-                            keep_best=keep_best)(x, init=start)
+            batch = SimpleNamespace(rec=rec, backbone=backbone, targets=t.to(device), users=users.to(device),
+                                    hook_feature=None if hook_feature is None else hook_feature.to(device),
+                                    target_class=target_class)
+            fn = wrap_loss(spec.loss(batch), device, amp)
+            start = init[s: s + t.numel()].to(device).float() / 255 if init is not None and spec.iterative else None
+            x_adv = optimiser.craft(fn, x, eps, alpha=alpha, steps=steps, random_start=cfg.random_start,
+                                    generator=generator, keep_best=keep_best, init=start)
             out[s: s + t.numel()] = quantize_within(x_adv.cpu(), cat.images[t], eps255)
     return out
 

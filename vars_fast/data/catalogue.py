@@ -27,6 +27,7 @@ import torch
 
 from vars_fast.config import ConfigError, DataConfig
 from vars_fast.io import atomic_write_bytes
+from vars_fast.registry import SOURCES
 
 __all__ = ["Catalogue", "load_catalogue"]
 
@@ -124,7 +125,10 @@ def _split_key(cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+@SOURCES.register("synthetic", images="generated")
 def _synthetic_raw(cfg: DataConfig):
+    """The embedded generator's log; with ``keep_unbought`` its catalogue is every generated
+    item, else the items of the log (sorted by id: i<index> keeps index order)."""
     from vars_fast.data import synthetic as syn
     from vars_fast.data.interactions import RawData
 
@@ -135,24 +139,17 @@ def _synthetic_raw(cfg: DataConfig):
                                     n_styles=cfg.n_styles)
     item_ids = [f"i{i:07d}" for i in range(cfg.n_items)]
     names = [syn.CATEGORY_NAMES[k % 8] + (f"-{k // 8}" if k >= 8 else "") for k in range(cfg.n_categories)]
-    raw = RawData(np.array([f"u{u:06d}" for u in pairs[:, 0]]), np.array(item_ids)[pairs[:, 1]],
-                  item_category={iid: names[c] for iid, c in zip(item_ids, attrs["category"])})
-    return raw, item_ids, names
+    return RawData(np.array([f"u{u:06d}" for u in pairs[:, 0]]), np.array(item_ids)[pairs[:, 1]],
+                   item_category={iid: names[c] for iid, c in zip(item_ids, attrs["category"])},
+                   all_items=item_ids if cfg.keep_unbought else None, category_names=names)
 
 
 def _build_split(cfg: DataConfig) -> dict:
     """Load the source, preprocess and split; returns the arrays stored in the split cache."""
-    from vars_fast.data.interactions import LOADERS, leave_one_out, preprocess
+    from vars_fast.data.interactions import leave_one_out, preprocess
 
-    all_items, names = None, None
-    if cfg.source == "synthetic":
-        raw, all_items, names = _synthetic_raw(cfg)
-        if not cfg.keep_unbought:
-            all_items = None  # the items of the log, sorted by id: i<index> keeps index order
-    elif cfg.source in LOADERS:
-        raw = LOADERS[cfg.source](cfg)
-    else:
-        raise ConfigError(f"data.source: unknown source {cfg.source!r}")
+    raw = SOURCES[cfg.source](cfg)
+    all_items, names = raw.all_items, raw.category_names
     user_ids, item_ids, pairs, stats = preprocess(raw, cfg.min_rating, cfg.min_interactions, all_items)
     n_u, n_i = len(user_ids), len(item_ids)
     train, test, negatives, replaced = leave_one_out(pairs, n_u, n_i, cfg.n_negatives, cfg.seed)
@@ -190,7 +187,7 @@ def _image_sources(cfg: DataConfig, item_ids: list[str], raw) -> tuple[list, lis
     """Per item: bytes or a path inside images_root, or None with the reason."""
     from vars_fast.data.images import resolve_image_path
 
-    if cfg.source == "dvbpr_npy":
+    if SOURCES.meta(cfg.source)["images"] == "embedded":
         return [raw.item_bytes.get(i) for i in item_ids], ["" if i in raw.item_bytes else "no imgs in the .npy"
                                                             for i in item_ids]
     if not cfg.images_root:
@@ -227,13 +224,13 @@ def load_catalogue(cfg: DataConfig, cache_dir, progress: bool = True, workers: i
     n_items, size = len(item_ids), cfg.image_size
     bar = (lambda it, total=None: pbar(it, desc="images", total=total or len(it), enabled=progress, unit="img"))
     t0 = time.perf_counter()
-    if cfg.source == "synthetic":
+    images_from = SOURCES.meta(cfg.source)["images"]
+    if images_from == "generated":
         images, status = _synthetic_images(cfg, cache_dir, bar, item_ids)
     else:
         raw = split.get("_raw")
-        if raw is None and cfg.source == "dvbpr_npy":  # images live inside the .npy
-            from vars_fast.data.interactions import load_dvbpr_npy
-            raw = load_dvbpr_npy(cfg)
+        if raw is None and images_from == "embedded":  # images live inside the interaction file
+            raw = SOURCES[cfg.source](cfg)
         sources, errors = _image_sources(cfg, item_ids, raw)
         images, status, _ = decode_catalogue(sources, size, cache_dir, workers=workers, progress=bar,
                                              errors=errors)

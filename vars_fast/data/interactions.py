@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from vars_fast.config import ConfigError
+from vars_fast.registry import SOURCES
 
 
 @dataclass
@@ -29,6 +30,10 @@ class RawData:
     item_category: dict = field(default_factory=dict)  # item id -> category name
     item_bytes: dict = field(default_factory=dict)  # item id -> encoded image (DVBPR)
     meta: dict = field(default_factory=dict)
+    # a source that knows its catalogue beyond the log: every item id (None: the logged items)
+    # and the category names in index order (None: the sorted names of item_category)
+    all_items: Optional[list] = None
+    category_names: Optional[list] = None
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -311,7 +316,9 @@ def load_dvbpr_npy(cfg) -> RawData:
                    meta={"dvbpr_usernum": int(usernum), "dvbpr_itemnum": n})
 
 
-LOADERS = {"generic": load_generic, "amazon": load_amazon, "dvbpr_npy": load_dvbpr_npy}
+SOURCES.register("generic", load_generic, images="files")
+SOURCES.register("amazon", load_amazon, images="files")
+SOURCES.register("dvbpr_npy", load_dvbpr_npy, images="embedded")
 
 
 # ---------------------------------------------------------------- statistics

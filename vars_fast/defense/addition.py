@@ -16,7 +16,7 @@ changes too much between the image and its processed version:
    adversarial) and returns an estimate of the benign image: ``A(x) = clip(D(z, sigma(x)))``.
    It is FFDNet-like (the noise level enters as a constant input map, the image is
    pixel-unshuffled 2x so that a few 3x3 conv layers see a wide context, the network predicts
-   the residual noise); ``eval.addition_width`` x ``eval.addition_depth`` (48 x 5, 73k
+   the residual noise); ``defense.addition.width`` x ``defense.addition.depth`` (48 x 5, 73k
    parameters) is small next to FFDNet/DnCNN-sized denoisers, to fit the 2-core default run.
 
 The recommender criterion (the paper's Sec. 4.5): with ``s_u(x)`` user u's score of the item
@@ -30,11 +30,11 @@ threshold on validation items by the rule the project uses for its own detector.
 
 The losses below are this project's formulation of the two stages as the VARS paper describes
 them; ADDITION's own text was not available to check them against (docs/results/addition.md,
-which also holds the measurements behind the ``eval.addition_*`` defaults).
+which also holds the measurements behind the ``defense.addition.*`` defaults).
 
 Training (``Addition.fit``), on the training items only, with adversarial training examples
 x_adv made by the project's FGSM on the training-triple objective (``attacks.catalogue``) at
-``eval.addition_train_eps``; every image view x~ is the clean x or its x_adv:
+``defense.addition.train_eps``; every image view x~ is the clean x or its x_adv:
 
 * stage 1, the denoiser, at noise levels drawn uniformly from the configured range:
   ``L_D = E ||D(clip(x~ + sigma n), sigma) - x||_1 + lambda_s E Delta(D(...), x)``
@@ -45,7 +45,7 @@ x_adv made by the project's FGSM on the training-triple objective (``attacks.cat
   ``L_N = E Delta(D(clip(x~ + sigma(x~) n), sigma(x~)), x) + lambda_sigma E (sigma(x~) - sigma_min) / (sigma_max - sigma_min)``.
   On a clean x, more noise only loses detail; on an x_adv, more noise drowns the perturbation:
   the network learns an image-dependent trade-off, and the second term prefers the smallest
-  noise that is enough. With ``eval.addition_joint`` the denoiser keeps training in this
+  noise that is enough. With ``defense.addition.joint`` the denoiser keeps training in this
   stage on ``L_D`` at the predicted levels (``L_N`` plus the pixel term, over both networks):
   stage 1 asks D to remove an adversarial perturbation at *every* level, including the small
   ones that clean images end up with, which makes it smooth clean images too; at the
@@ -68,6 +68,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vars_fast.registry import DEFENSES
 
 FORMAT = "vars_fast.addition/1"
 
@@ -140,6 +142,7 @@ def relative_change(s_new: Tensor, s_ref: Tensor) -> Tensor:
     return (s_new - s_ref).abs().sum(-1) / s_ref.abs().sum(-1).clamp_min(1e-8)
 
 
+@DEFENSES.register("addition", label="ADDITION", baseline=True)
 class Addition:
     """ADDITION detector for item images (module docstring).
 
@@ -238,7 +241,7 @@ class Addition:
     def fit(self, cat, items: Sequence[int], cfg, generator: torch.Generator, *, log=None,
             batch_size: Optional[int] = None) -> dict:
         """Train both modules on ``items`` (training items) of catalogue ``cat``; ``cfg`` is the
-        ``EvalConfig`` (its ``addition_*`` fields). Returns the training history (also kept in
+        ``AdditionConfig`` (``defense.addition``). Returns the training history (also kept in
         ``extra["history"]``): per-epoch mean losses and the seconds each part took."""
         from vars_fast.attacks.base import frozen
 
@@ -248,7 +251,7 @@ class Addition:
             raise ValueError(f"ADDITION.fit: need at least 2 training items (got {items.numel()})")
         # the recommender is only differentiated through, never updated
         with frozen(self.rec, getattr(self.rec, "backbone", None)):
-            return self._fit(cat, items, cfg, generator, log, int(batch_size or cfg.addition_batch_size))
+            return self._fit(cat, items, cfg, generator, log, int(batch_size or cfg.batch_size))
 
     def _fit(self, cat, items: Tensor, cfg, generator: torch.Generator, log, bs: int) -> dict:
         dev = self.device
@@ -258,19 +261,19 @@ class Addition:
             feats = torch.cat([self.rec.encode(_to_float(clean[s:s + 64], dev)).float()
                                for s in range(0, len(items), 64)])
         self.noise_net.fit_normalisation(feats)
-        adv, adv_eps = fgsm_examples(self.rec, cat, items, cfg.addition_train_eps, generator, dev,
-                                     triples_per_item=int(cfg.addition_triples_per_item))
+        adv, adv_eps = fgsm_examples(self.rec, cat, items, cfg.train_eps, generator, dev,
+                                     triples_per_item=int(cfg.triples_per_item))
         t_adv = time.perf_counter() - t0
         hist: dict = {"denoiser": [], "noise": [], "sigma_clean": [], "sigma_adv": [],
-                      "adv_eps": [float(e) for e in cfg.addition_train_eps]}
-        lam_s, lam_sig = float(cfg.addition_lambda_score), float(cfg.addition_lambda_sigma)
+                      "adv_eps": [float(e) for e in cfg.train_eps]}
+        lam_s, lam_sig = float(cfg.lambda_score), float(cfg.lambda_sigma)
         smin, smax = self.noise_net.sigma_min, self.noise_net.sigma_max
 
         # stage 1: the denoiser at noise levels drawn over the whole range
         t1 = time.perf_counter()
         self.denoiser.train()
-        opt = torch.optim.Adam(self.denoiser.parameters(), lr=float(cfg.addition_lr))
-        for _ in range(int(cfg.addition_denoiser_epochs)):
+        opt = torch.optim.Adam(self.denoiser.parameters(), lr=float(cfg.lr))
+        for _ in range(int(cfg.denoiser_epochs)):
             tot, n = 0.0, 0
             for idx in _batches(items.numel(), bs, generator):
                 x, xv, it = self._views(clean, adv, items, idx, dev)
@@ -294,13 +297,13 @@ class Addition:
         # denoiser too when joint (module docstring)
         t2 = time.perf_counter()
         self.noise_net.train()
-        joint = bool(cfg.addition_joint)
+        joint = bool(cfg.joint)
         params = list(self.noise_net.mlp.parameters())
         if joint:
             self.denoiser.train().requires_grad_(True)
             params += list(self.denoiser.parameters())
-        opt = torch.optim.Adam(params, lr=float(cfg.addition_lr))
-        for _ in range(int(cfg.addition_noise_epochs)):
+        opt = torch.optim.Adam(params, lr=float(cfg.lr))
+        for _ in range(int(cfg.noise_epochs)):
             tot, n, sc, sa = 0.0, 0, [], []
             for idx in _batches(items.numel(), bs, generator):
                 x, xv, it = self._views(clean, adv, items, idx, dev)
@@ -369,33 +372,33 @@ class Addition:
 
 
 def check_config(cfg) -> None:
-    """The ``eval.addition_*`` fields ADDITION reads; a ConfigError names the bad key."""
+    """The ``defense.addition`` fields ADDITION reads (an ``AdditionConfig``); a ConfigError
+    names the bad key."""
     from vars_fast.config import ConfigError
 
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
-            raise ConfigError(f"eval.{key}: {msg} (got {getattr(cfg, key)!r})")
+            raise ConfigError(f"defense.addition.{key}: {msg} (got {getattr(cfg, key)!r})")
 
-    need(0.0 <= cfg.addition_sigma_min < cfg.addition_sigma_max <= 1.0, "addition_sigma_max",
-         "need 0 <= addition_sigma_min < addition_sigma_max <= 1")
-    need(len(cfg.addition_train_eps) > 0 and all(float(e) > 0 for e in cfg.addition_train_eps),
-         "addition_train_eps", "must be a non-empty list of positive /255 radii")
-    for key in ("addition_width", "addition_hidden", "addition_batch_size", "addition_triples_per_item"):
+    need(0.0 <= cfg.sigma_min < cfg.sigma_max <= 1.0, "sigma_max", "need 0 <= sigma_min < sigma_max <= 1")
+    need(len(cfg.train_eps) > 0 and all(float(e) > 0 for e in cfg.train_eps),
+         "train_eps", "must be a non-empty list of positive /255 radii")
+    for key in ("width", "hidden", "batch_size", "triples_per_item"):
         need(int(getattr(cfg, key)) >= 1, key, "must be >= 1")
-    need(int(cfg.addition_depth) >= 2, "addition_depth", "must be >= 2")
-    for key in ("addition_denoiser_epochs", "addition_noise_epochs"):
+    need(int(cfg.depth) >= 2, "depth", "must be >= 2")
+    for key in ("denoiser_epochs", "noise_epochs"):
         need(int(getattr(cfg, key)) >= 0, key, "must be >= 0")
-    for key in ("addition_lr", "addition_lambda_score", "addition_lambda_sigma"):
+    for key in ("lr", "lambda_score", "lambda_sigma"):
         need(float(getattr(cfg, key)) >= 0 and math.isfinite(float(getattr(cfg, key))), key, "must be finite and >= 0")
 
 
 def build_addition(rec, users: Tensor, cfg, change: float = 0.2, seed: int = 0, device="cpu") -> Addition:
-    """A fresh (untrained) ADDITION for ``rec`` from the ``eval.addition_*`` fields."""
+    """A fresh (untrained) ADDITION for ``rec`` from the ``defense.addition.*`` fields."""
     check_config(cfg)
     with torch.no_grad():
         fdim = int(rec.encode(torch.zeros(1, 3, 32, 32, device=rec.device)).shape[-1])
-    noise = NoiseLevelNet(fdim, int(cfg.addition_hidden), float(cfg.addition_sigma_min), float(cfg.addition_sigma_max))
-    den = NoiseReducer(int(cfg.addition_width), int(cfg.addition_depth))
+    noise = NoiseLevelNet(fdim, int(cfg.hidden), float(cfg.sigma_min), float(cfg.sigma_max))
+    den = NoiseReducer(int(cfg.width), int(cfg.depth))
     return Addition(rec, users, noise, den, change=change, seed=seed).to(device)
 
 
@@ -449,7 +452,7 @@ def fit_in_run(ctx, model: str = "VBPR", refit: bool = False) -> tuple[Addition,
     from vars_fast.metrics import detection_metrics
 
     cfg, cat, dev, log = ctx.cfg, ctx.catalogue, ctx.device, ctx.log
-    dcfg, ecfg = cfg.defense, cfg.eval
+    dcfg, acfg = cfg.defense, cfg.defense.addition
     t0 = time.perf_counter()
     split = split_items(cat, ctx.generator("defense-split"), dcfg.train_item_frac, dcfg.val_item_frac)
     rec = ctx.recommender(model)
@@ -460,13 +463,13 @@ def fit_in_run(ctx, model: str = "VBPR", refit: bool = False) -> tuple[Addition,
         return add, {"validation": add.extra.get("validation", {}), "split": split,
                      "seconds": {"fit": 0.0, "threshold": 0.0}}
     users = torch.randperm(cat.n_users, generator=ctx.generator("evaluate:addition-users"))
-    add = build_addition(rec, users[: int(ecfg.addition_users)], ecfg, change=float(ecfg.addition_change),
+    add = build_addition(rec, users[: int(acfg.users)], acfg, change=float(acfg.change),
                          seed=int(torch.randint(0, 2**31, (1,), generator=ctx.generator("addition-noise"))),
                          device=dev)
-    add.fit(cat, split["train"], ecfg, ctx.generator("addition-fit"), log=log)
+    add.fit(cat, split["train"], acfg, ctx.generator("addition-fit"), log=log)
     t_fit = time.perf_counter() - t0
 
-    bs = int(ecfg.batch_size)
+    bs = int(cfg.eval.batch_size)
     val = torch.as_tensor(split["val"], dtype=torch.long)
     c_val = add.score_change_all(cat.images[val], val, bs)
     adv_val, _ = fgsm_examples(rec, cat, val, [float(e) for e in dcfg.detector_eps],
@@ -501,7 +504,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--refit", action="store_true", help="train again even when checkpoints/addition_<model>.pt exists")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override the run's config (repeatable), e.g. --set eval.addition_noise_epochs=2")
+                   help="override the run's config (repeatable), e.g. --set defense.addition.noise_epochs=2")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -513,7 +516,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = from_dict(load_yaml(run_dir / "config.yaml"))
         apply_overrides(cfg, parse_set(args.set))
         validate(cfg)
-        check_config(cfg.eval)
+        check_config(cfg.defense.addition)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,10 +21,12 @@ from torch import Tensor
 
 from vars_fast.defense.denoiser import Denoiser
 from vars_fast.defense.detector import Detector
+from vars_fast.registry import DEFENSES
 
 FORMAT = "vars_fast.defense/1"
 
 
+@DEFENSES.register("ours", label="OURS")
 class Defense:
     """Denoiser + detector + the decision threshold. Modules are kept in eval mode.
 

@@ -33,6 +33,7 @@ from vars_fast import memory
 from vars_fast.defense import save_defense
 from vars_fast.defense.training import (LOSS_KEYS, calibrate_threshold, restoration_check, split_items,
                                         train_defense, variant_config)
+from vars_fast.registry import DEFENSE_VARIANTS
 
 
 def checkpoint_name(variant: str) -> str:
@@ -48,8 +49,9 @@ def _variants(dcfg) -> list[str]:
 
 
 def _lanes(variants: list[str]) -> list[list[str]]:
-    """full + no-detector share phase 1, so they go in one lane, in that order; the rest in the other."""
-    first = [v for v in variants if v in ("full", "no-detector")]
+    """The variants whose phase 1 is the full model's (full, no-detector) share it, so they go in
+    one lane, in that order; the rest in the other."""
+    first = [v for v in variants if DEFENSE_VARIANTS.meta(v)["full_phase1"]]
     rest = [v for v in variants if v not in first]
     return [lane for lane in (first, rest) if lane]
 

@@ -11,7 +11,7 @@ Schedule (METHOD.md "Denoiser"/"Detector"; the epoch counts are config fields):
   and x_adv, so that the four views x, x_adv, D(x), D(x_adv) of Eq. 8 exist (clean:adv = 1:1).
 * detector phase (``detector_epochs``): FGSM at ``detector_eps`` every iteration (the paper
   trains its detector on FGSM at one eps); the denoiser stays as phase 2 left it unless
-  ``denoiser_in_detector_phase`` (docs/results/denoiser_fidelity.md). With ``adaptive_train``,
+  ``denoiser_in_detector_phase`` (docs/results/denoiser_fidelity.md). With ``adaptive_train.enabled``,
   FGSM and the adaptive attacker 1:1 (``make_adaptive``: PGD through the current denoiser with
   EOT and the detector hinge), so the detector also learns the images built to evade it.
 
@@ -58,6 +58,7 @@ from vars_fast.defense.denoiser import Denoiser
 from vars_fast.defense.detector import Detector
 from vars_fast.defense.losses import content_loss, contrastive_loss, perceptual_loss
 from vars_fast.distributed import ddp
+from vars_fast.registry import ATTACKS, DEFENSE_VARIANTS
 
 LOSS_KEYS = ("total", "rec", "content", "perceptual", "contrastive")
 
@@ -65,15 +66,27 @@ LOSS_KEYS = ("total", "rec", "content", "perceptual", "contrastive")
 # ---------------------------------------------------------------------------- configuration
 
 def variant_config(dcfg: DefenseConfig, variant: str) -> DefenseConfig:
-    """The Table 5 ablations as configs: "full", "no-detector" (lambda_3 = 0, no detector),
-    "no-perceptual" (lambda_2 = 0)."""
-    if variant == "full":
-        return dcfg
-    if variant == "no-detector":
-        return dataclasses.replace(dcfg, use_detector=False, lambda_contrastive=0.0)
-    if variant == "no-perceptual":
-        return dataclasses.replace(dcfg, use_perceptual=False, lambda_perceptual=0.0)
-    raise ValueError(f"defense.ablations: unknown variant {variant!r} (no-detector, no-perceptual)")
+    """The config of a member of ``DEFENSE_VARIANTS`` (Table 5's ablations; ``defense.ablations``)."""
+    return DEFENSE_VARIANTS[variant](dcfg)
+
+
+# full_phase1: the variant's phase 1 is the full model's (it differs in fields read after phase 1
+# only), so the defence stage trains it in the full model's lane, from its phase 1
+@DEFENSE_VARIANTS.register("full", full_phase1=True)
+def _full(dcfg: DefenseConfig) -> DefenseConfig:
+    return dcfg
+
+
+@DEFENSE_VARIANTS.register("no-detector", full_phase1=True)
+def _no_detector(dcfg: DefenseConfig) -> DefenseConfig:
+    """lambda_3 = 0 and no detector."""
+    return dataclasses.replace(dcfg, use_detector=False, lambda_contrastive=0.0)
+
+
+@DEFENSE_VARIANTS.register("no-perceptual", full_phase1=False)
+def _no_perceptual(dcfg: DefenseConfig) -> DefenseConfig:
+    """lambda_2 = 0."""
+    return dataclasses.replace(dcfg, use_perceptual=False, lambda_perceptual=0.0)
 
 
 def epoch_plan(dcfg: DefenseConfig) -> list[dict]:
@@ -84,7 +97,7 @@ def epoch_plan(dcfg: DefenseConfig) -> list[dict]:
     plan += [dict(phase="clean/fgsm/pgd", kinds=["clean", "fgsm", "pgd"], detector=det, eps=list(dcfg.train_eps))
              for _ in range(dcfg.epochs_phase2)]
     if det:
-        kinds = ["fgsm", "adaptive"] if getattr(dcfg, "adaptive_train", False) else ["fgsm"]
+        kinds = ["fgsm", "adaptive"] if dcfg.adaptive_train.enabled else ["fgsm"]
         plan += [dict(phase="detector", kinds=kinds, detector=True, eps=detector_eps(dcfg))
                  for _ in range(dcfg.detector_epochs)]
     return plan
@@ -120,7 +133,7 @@ def _fingerprint(*parts) -> str:
 def phase1_fingerprint(dcfg: DefenseConfig, *parts) -> str:
     """What determines the state after phase 1 (with the seed, split, image size, backbone in
     ``parts``): every ``DefenseConfig`` field except those tagged as read after phase 1 only
-    (``config._after_phase1``)."""
+    (``config.defense._after_phase1``)."""
     values = dataclasses.asdict(dcfg)
     return _fingerprint({f.name: values[f.name] for f in dataclasses.fields(dcfg) if f.metadata.get("phase1", True)},
                         *parts)
@@ -158,23 +171,17 @@ class _ItemObjective:
 
 def make_adversarial(kind: str, loss_fn, x: Tensor, eps255: float, pgd_steps: int,
                      generator: Optional[torch.Generator]) -> Tensor:
-    """x [B,3,S,S] -> FGSM / PGD (random start) image against ``loss_fn``, on the uint8 grid."""
-    from vars_fast.attacks import FGSM, PGD
-
+    """x [B,3,S,S] -> the ``ATTACKS`` member ``kind`` (fgsm; pgd with a random start) against
+    ``loss_fn``, on the uint8 grid."""
     eps = float(eps255) / 255.0
-    if kind == "fgsm":
-        x_adv = FGSM(loss_fn, eps)(x)
-    elif kind == "pgd":
-        x_adv = PGD(loss_fn, eps, steps=pgd_steps, random_start=True, generator=generator)(x)
-    else:
-        raise ValueError(f"unknown attack kind {kind!r}")
+    x_adv = ATTACKS[kind].craft(loss_fn, x, eps, steps=pgd_steps, random_start=True, generator=generator)
     # the evaluated catalogue is uint8: train on what the denoiser will see
     return torch.minimum(torch.maximum(torch.round(x_adv * 255) / 255, x - eps), x + eps).clamp_(0, 1)
 
 
 def make_adaptive(loss_fn, x: Tensor, den, det, dcfg: DefenseConfig, eps255: float, image_size: int,
                   generator: Optional[torch.Generator]) -> Tensor:
-    """The detector phase's adaptive view (``defense.adaptive_train``): AdaptivePGD through the
+    """The detector phase's adaptive view (``defense.adaptive_train.enabled``): AdaptivePGD through the
     current denoiser with EOT over the resize-pad and the detector hinge, on the uint8 grid.
 
     The threshold does not exist yet (it is calibrated after training), so the hinge's target
@@ -189,8 +196,8 @@ def make_adaptive(loss_fn, x: Tensor, den, det, dcfg: DefenseConfig, eps255: flo
         tau = float(det.distance(x, den(x)).float().mean())
     view = SimpleNamespace(denoiser=den, detector=det, threshold=max(tau, 1e-6),
                            rand_min_frac=dcfg.rand_min_frac, image_size=image_size)
-    x_adv = AdaptivePGD(loss_fn, view, eps, steps=int(dcfg.adaptive_train_steps), eot=int(dcfg.adaptive_train_eot),
-                        rand=True, detect_weight=float(dcfg.adaptive_train_weight), generator=generator)(x)
+    x_adv = AdaptivePGD(loss_fn, view, eps, steps=int(dcfg.adaptive_train.steps), eot=int(dcfg.adaptive_train.eot),
+                        rand=True, detect_weight=float(dcfg.adaptive_train.weight), generator=generator)(x)
     return torch.minimum(torch.maximum(torch.round(x_adv * 255) / 255, x - eps), x + eps).clamp_(0, 1)
 
 

@@ -3,14 +3,14 @@ against ``denoise`` and once (EOT) against ``denoise+rand``, with the detector h
 attacker's loss.
 
 * ``train`` objective (the uploader's threat model): every item of the catalogue gets an
-  adaptive image (``eval.adaptive_items`` = 0), crafted from its training triples as the
+  adaptive image (``eval.adaptive.items`` = 0), crafted from its training triples as the
   catalogue attack does (``attacks.catalogue.attack_items``). Ranking rows ``attack:
   "adaptive-pgd"`` per defence, a ``detect+withhold`` row for the combined system, and the
   detection rate of the adaptive images on the held-out test items (TPR at the validation
   threshold and at FPR <= 0.05).
 * ``eval`` objective (the paper's protocol, ``attacks/oracle.py``): each user's whole
   evaluation list through the defence with ``attacks.oracle.list_loss`` as the recommender
-  loss, on a seeded subset of ``eval.adaptive_oracle_users`` of the oracle users.
+  loss, on a seeded subset of ``eval.adaptive.oracle_users`` of the oracle users.
 
 Every row records what the attacker spent: ``steps``, ``eot`` (draws per step), the items
 (``n_adaptive_items``) or users (``n_users``) attacked, and ``detect_weight``. The cost of
@@ -38,9 +38,9 @@ def tpr_at_fpr(d_clean: torch.Tensor, d_adv: torch.Tensor, max_fpr: float = 0.05
 def _attacker(ev: Evaluation) -> dict:
     """The attacker's strength, as recorded in every adaptive row."""
     ecfg = ev.cfg.eval
-    eps255 = float(ecfg.adaptive_eps or ecfg.table_eps)
-    return {"eps255": eps255, "steps": int(ecfg.adaptive_steps or ev.cfg.attack.pgd_steps),
-            "eot": int(ecfg.adaptive_eot), "detect_weight": float(ecfg.adaptive_detect_weight)}
+    eps255 = float(ecfg.adaptive.eps or ecfg.table_eps)
+    return {"eps255": eps255, "steps": int(ecfg.adaptive.steps or ev.cfg.attack.pgd_steps),
+            "eot": int(ecfg.adaptive.eot), "detect_weight": float(ecfg.adaptive.detect_weight)}
 
 
 def _make_attack(ev: Evaluation, spec: dict, rand: bool, gen: torch.Generator, n_items: int):
@@ -61,7 +61,7 @@ def _make_attack(ev: Evaluation, spec: dict, rand: bool, gen: torch.Generator, n
 
 
 def adaptive(ev: Evaluation) -> None:
-    if not ev.cfg.eval.adaptive or "VBPR" not in ev.models:
+    if not ev.cfg.eval.adaptive.enabled or "VBPR" not in ev.models:
         return
     spec = _attacker(ev)
     train_objective(ev, spec)
@@ -76,7 +76,7 @@ def train_objective(ev: Evaluation, spec: dict) -> None:
     rec, enc = ev.ctx.recommender("VBPR"), ev.ctx.encoder("VBPR")
     eps255 = spec["eps255"]
     N = ev.cat.n_items
-    n_ad = min(int(ecfg.adaptive_items) or N, N)
+    n_ad = min(int(ecfg.adaptive.items) or N, N)
     if n_ad < N:  # a seeded subset (cost studies): held-out test items first, for the detection rate
         is_test = torch.zeros(N, dtype=torch.bool)
         is_test[ev.test_items] = True
@@ -131,7 +131,7 @@ def eval_objective(ev: Evaluation, spec: dict) -> None:
     from vars_fast.evaluate.oracle import _list_features
 
     cfg = ev.cfg
-    n_sub = int(cfg.eval.adaptive_oracle_users)
+    n_sub = int(cfg.eval.adaptive.oracle_users)
     if n_sub < 0 or "eval" not in cfg.attack.objective or "VBPR" not in cfg.eval.oracle_models:
         return
     users = load_oracle_users(ev.run)

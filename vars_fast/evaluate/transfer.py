@@ -1,10 +1,10 @@
-"""Transfer (``eval.transfer``): the defence trained on this run's catalogue (A) applied to a
+"""Transfer (``eval.transfer.enabled``): the defence trained on this run's catalogue (A) applied to a
 second synthetic catalogue B, another seed and rendering style (``data/synthetic.py``
 ``STYLES``: other shapes, palette and background), with users of the same kind of taste.
 
 On B a VBPR is trained (the recommender code of the run, B's own split and clean features),
 and B is attacked by FGSM at eps 16 and PGD at ``eval.table_eps`` through the catalogue
-attack. The defence of A is then applied with 0 and with ``eval.transfer_finetune_epochs``
+attack. The defence of A is then applied with 0 and with ``eval.transfer.finetune_epochs``
 epochs of denoiser fine-tuning on B's defence-train items: ``train_defense`` from A's denoiser
 weights, phase-2 kinds (clean / FGSM / PGD), no detector; the detector and its threshold stay
 A's. Rows carry ``"transfer": "A->B"`` and ``"finetune_epochs"``: ranking (clean / FGSM /
@@ -32,15 +32,15 @@ def catalogue_b(ev: Evaluation):
     from vars_fast.data.synthetic import SyntheticCatalogue
 
     ecfg, dcfg = ev.cfg.eval, ev.cfg.data
-    cfg_b = dataclasses.replace(dcfg, source="synthetic", seed=int(ecfg.transfer_seed),
-                                n_users=int(ecfg.transfer_users or dcfg.n_users),
-                                n_items=int(ecfg.transfer_items or dcfg.n_items))
+    cfg_b = dataclasses.replace(dcfg, source="synthetic", seed=int(ecfg.transfer.seed),
+                                n_users=int(ecfg.transfer.users or dcfg.n_users),
+                                n_items=int(ecfg.transfer.items or dcfg.n_items))
     cat = load_catalogue(cfg_b, ev.run.cache_dir / "transfer", progress=False)
     # the split (users, interactions) depends on the item attributes only; the style changes
     # how the same attributes are drawn
-    gen = SyntheticCatalogue(cfg_b.seed, cfg_b.image_size, cfg_b.n_categories, style=ecfg.transfer_style)
+    gen = SyntheticCatalogue(cfg_b.seed, cfg_b.image_size, cfg_b.n_categories, style=ecfg.transfer.style)
     cat.images = torch.from_numpy(gen.render_many([int(i[1:]) for i in cat.item_ids]))  # i<index>
-    cat.meta = {**cat.meta, "style": ecfg.transfer_style}
+    cat.meta = {**cat.meta, "style": ecfg.transfer.style}
     return cat
 
 
@@ -100,13 +100,13 @@ def rows_for(ev: Evaluation, defense, cat, rec, attacked: dict, test_items, k: i
 
 
 def transfer(ev: Evaluation) -> None:
-    """The A->B rows at 0 and ``eval.transfer_finetune_epochs`` fine-tuning epochs."""
+    """The A->B rows at 0 and ``eval.transfer.finetune_epochs`` fine-tuning epochs."""
     from vars_fast.attacks.catalogue import attack_catalogue
     from vars_fast.defense.training import split_items
     from vars_fast.metrics import ranking_metrics
 
     ecfg = ev.cfg.eval
-    if not ecfg.transfer:
+    if not ecfg.transfer.enabled:
         return
     clock = [time.process_time()]
 
@@ -137,7 +137,7 @@ def transfer(ev: Evaluation) -> None:
     test_items = torch.as_tensor(split["test"], dtype=torch.long)
     detection = []
     plans = [(0, ev.defense)]
-    k = int(ecfg.transfer_finetune_epochs)
+    k = int(ecfg.transfer.finetune_epochs)
     if k > 0:
         tuned, _ = finetune(ev, cat, rec, split, k)
         plans.append((k, ev.fast_defense(tuned)))
@@ -149,7 +149,7 @@ def transfer(ev: Evaluation) -> None:
     lap("rows")
     ev.run.add_rows("ranking", ranking)
     ev.run.add_rows("detection", detection)
-    ev.run.update_meta(transfer={"seed": int(ecfg.transfer_seed), "style": ecfg.transfer_style,
+    ev.run.update_meta(transfer={"seed": int(ecfg.transfer.seed), "style": ecfg.transfer.style,
                                  "n_users": cat.n_users, "n_items": cat.n_items, "finetune_epochs": k,
                                  "n_detect_items": int(test_items.numel())})
     ev.log.info("evaluate transfer: %d ranking, %d detection rows", len(ranking), len(detection))

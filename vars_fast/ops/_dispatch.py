@@ -31,7 +31,8 @@ Usage in an op module::
 extension loaded, a kernel registered for the device key) are checked here.
 
 Aliases accepted for a forced backend: ``cpp``/``cuda``/``c++`` -> ``ext``; ``torch``/``eager``/
-``ref`` -> ``reference``; ``auto``/empty -> no forcing.
+``ref`` -> ``reference``; ``auto``/empty -> no forcing. ``BACKENDS`` (the registry behind
+``run.backend``) holds the backends and the aliases, each mapped to the backend it means.
 
 The choice is pure Python on static facts (device, dtype, env), so under ``torch.compile``
 Dynamo evaluates it at trace time and the graph holds just the chosen op: no graph break.
@@ -46,10 +47,17 @@ from typing import Iterable, Union
 import torch
 from torch import Tensor
 
-BACKENDS = ("triton", "ext", "reference")
+from vars_fast.registry import BACKENDS
+
+ORDER = ("triton", "ext", "reference")  # the backends, in the order ``choose`` tries them
 ENV = "VARS_FAST_BACKEND"
-_ALIASES = {"cpp": "ext", "c++": "ext", "cuda": "ext", "extension": "ext", "torch": "reference",
-            "eager": "reference", "ref": "reference", "auto": None, "": None}
+for _b in ORDER:
+    BACKENDS.register(_b, _b)
+for _alias, _b in {"cpp": "ext", "c++": "ext", "cuda": "ext", "extension": "ext", "torch": "reference",
+                   "eager": "reference", "ref": "reference", "auto": ""}.items():
+    BACKENDS.register(_alias, _b, alias=True)  # "": automatic
+# a plain dict for the hot path: ``choose`` runs at torch.compile trace time
+_CANONICAL: dict[str, str | None] = {n: (b or None) for n, b in BACKENDS.items()}
 
 Ok = Union[bool, str, None]
 
@@ -59,16 +67,14 @@ class BackendUnavailable(RuntimeError):
 
 
 def normalize(backend: str | None) -> str | None:
-    """Map a user spelling to one of BACKENDS (or None = automatic). Unknown names raise ValueError."""
+    """Map a user spelling to one of ORDER (or None = automatic). Unknown names raise ValueError."""
     if backend is None:
         return None
     key = backend.strip().lower()
-    if key in BACKENDS:
-        return key
-    if key in _ALIASES:
-        return _ALIASES[key]
+    if key in _CANONICAL or not key:
+        return _CANONICAL.get(key)
     raise ValueError(f"unknown backend {backend!r} (from backend= or {ENV}); "
-                     f"expected one of {BACKENDS} or aliases {sorted(k for k in _ALIASES if k)}")
+                     f"expected one of {ORDER} or aliases {sorted(k for k in _CANONICAL if k not in ORDER)}")
 
 
 def triton_interpret() -> bool:
@@ -192,16 +198,16 @@ def choose(op: str, tensors: Iterable[Tensor], backend: str | None = None, *,
 
     ``backend`` (or env VARS_FAST_BACKEND) forces one; if it cannot serve, BackendUnavailable
     lists the reason for every backend. Without forcing, the first backend that can serve in
-    BACKENDS order wins.
+    ORDER wins.
     """
     want, source = requested(backend)
     why = reasons(op, tensors, triton_ok=triton_ok, ext_ok=ext_ok)
     if want is not None:
         if why[want] is None:
             return want
-        lines = "\n".join(f"  {b}: {why[b] or 'OK'}" for b in BACKENDS)
+        lines = "\n".join(f"  {b}: {why[b] or 'OK'}" for b in ORDER)
         raise BackendUnavailable(f"vars_fast::{op}: backend {want!r} (from {source}) cannot serve these inputs.\n{lines}")
-    for b in BACKENDS:
+    for b in ORDER:
         if why[b] is None:
             return b
     raise AssertionError("unreachable: the reference always serves")

@@ -1,7 +1,8 @@
 """Recommenders: VBPR, AMR, DVBPR (visual), BPR-MF and popularity (no images).
 
-``build_recommender`` constructs an untrained model from the config; each class has
-``fit(cat, cfg, generator, ...)``. Checkpoints hold ``{"name", "kwargs", "state_dict",
+Each class registers itself in ``RECOMMENDERS`` (``recommender.models``) and knows how to
+build itself from a ``RecommenderConfig`` (``from_config``); ``build_recommender`` seeds that,
+and each class has ``fit(cat, cfg, generator, ...)``. Checkpoints hold ``{"name", "kwargs", "state_dict",
 "item_visual"}`` only (tensors, numbers, strings), so they load with ``weights_only=True``;
 the shared backbone is re-attached at load time, never stored.
 """
@@ -20,10 +21,9 @@ from vars_fast.recommenders.bpr import BPR
 from vars_fast.recommenders.dvbpr import DVBPR
 from vars_fast.recommenders.popularity import Pop
 from vars_fast.recommenders.vbpr import VBPR
+from vars_fast.registry import RECOMMENDERS
 
-REGISTRY: dict[str, type[Recommender]] = {c.name: c for c in (VBPR, AMR, DVBPR, BPR, Pop)}
-
-__all__ = ["Recommender", "VBPR", "AMR", "DVBPR", "BPR", "Pop", "REGISTRY", "bpr_loss", "encode_catalogue",
+__all__ = ["Recommender", "VBPR", "AMR", "DVBPR", "BPR", "Pop", "RECOMMENDERS", "bpr_loss", "encode_catalogue",
            "build_recommender", "save_recommender", "load_recommender"]
 
 
@@ -31,31 +31,13 @@ def build_recommender(name: str, n_users: int, n_items: int, cfg, backbone: Opti
                       seed: int = 0, feature_dim: Optional[int] = None) -> Recommender:
     """An untrained ``name`` model from a ``RecommenderConfig``; initialisation seeded by ``seed``.
 
-    VBPR/AMR need the backbone (or ``feature_dim``) for the width of E.
+    Models with ``uses_features`` (VBPR/AMR) need the backbone (or ``feature_dim``) for the
+    width of E. An unknown ``name`` raises a ConfigError naming ``recommender.models``.
     """
-    if name not in REGISTRY:
-        raise ValueError(f"recommender.models: unknown model {name!r} (choose from {', '.join(REGISTRY)})")
+    cls = RECOMMENDERS[name]
     with torch.random.fork_rng(devices=[]):  # deterministic init without touching the global stream
         torch.manual_seed(seed)
-        if name in ("VBPR", "AMR"):
-            fdim = feature_dim or getattr(backbone, "feature_dim", None)
-            if fdim is None:
-                raise ValueError(f"{name} needs a backbone (or feature_dim) to size E")
-            kw = dict(k=cfg.k, visual_k=cfg.visual_k, tied=cfg.tied, biases=cfg.biases, reg=cfg.weight_decay,
-                      reg_visual=cfg.reg_visual, init_std=cfg.init_std, feature_norm=cfg.feature_norm,
-                      backbone=backbone)
-            if name == "AMR":
-                kw.update(amr_eps=cfg.amr_eps, amr_lambda=cfg.amr_lambda)
-            return REGISTRY[name](n_users, n_items, fdim, **kw)
-        if name == "DVBPR":
-            if cfg.dvbpr_cnn == "backbone" and backbone is None:
-                raise ValueError("DVBPR with recommender.dvbpr_cnn=backbone needs the backbone to fine-tune")
-            return DVBPR(n_users, n_items, k=cfg.k, width=cfg.dvbpr_cnn_width, reg=cfg.weight_decay,
-                         init_std=cfg.init_std, input_size=cfg.dvbpr_input_size, cnn=cfg.dvbpr_cnn,
-                         train_blocks=cfg.dvbpr_train_blocks, backbone=backbone)
-        if name == "BPR":
-            return BPR(n_users, n_items, k=cfg.k, biases=cfg.biases, reg=cfg.weight_decay, init_std=cfg.init_std)
-        return Pop(n_users, n_items)
+        return cls.from_config(n_users, n_items, cfg, backbone=backbone, feature_dim=feature_dim)
 
 
 def save_recommender(rec: Recommender, path: str | Path, split_key: Optional[str] = None) -> None:
@@ -83,18 +65,19 @@ def load_recommender(path: str | Path, backbone: Optional[nn.Module] = None,
         raise ValueError(f"{path} was trained on data split {saved} but the current data is split {split_key}: "
                          "re-run the 'recommender' stage (or use the run folder's own config)")
     name = ck.get("name")
-    if name not in REGISTRY:
+    if name not in RECOMMENDERS:
         raise ValueError(f"{path}: unknown recommender {name!r} in checkpoint")
+    cls = RECOMMENDERS[name]
     kw = dict(ck["kwargs"])
     n_users, n_items = kw.pop("n_users"), kw.pop("n_items")
-    if name in ("VBPR", "AMR"):
+    if cls.uses_features:
         fdim = kw.pop("feature_dim")
         if backbone is not None and getattr(backbone, "feature_dim", fdim) != fdim:
             raise ValueError(f"{path}: {name} was trained on {fdim}-d features but the backbone "
                              f"{getattr(backbone, 'name', '?')} gives {backbone.feature_dim}-d (check backbone.name)")
-        rec = REGISTRY[name](n_users, n_items, fdim, backbone=backbone, **kw)
+        rec = cls(n_users, n_items, fdim, backbone=backbone, **kw)
     else:
-        rec = REGISTRY[name](n_users, n_items, **kw)
+        rec = cls(n_users, n_items, **kw)
     rec.load_state_dict(ck["state_dict"])
     rec.to(device)
     rec.set_item_visual(ck.get("item_visual"))

@@ -1,10 +1,10 @@
 """AMR (Tang et al. 2020): adversarial training of VBPR on the item feature vectors.
 
-Fine-tunes a trained VBPR for ``amr_epochs`` on L(f̃) + λ_adv · L(f̃ + Δ), with the fast
+Fine-tunes a trained VBPR for ``recommender.amr.epochs`` on L(f̃) + λ_adv · L(f̃ + Δ), with the fast
 worst-case perturbation Δ = ε · ∇_f̃ L / ‖∇_f̃ L‖ computed per item row (positive and
 negative item of each triple) and held constant (no gradient through Δ).
 Δ lives in VBPR's normalised feature space, where ‖f̃‖ ≈ 1 on average (see vbpr.py), so
-``amr_eps`` is a fraction of the typical feature norm (0.5 by default), whatever the backbone.
+``recommender.amr.eps`` is a fraction of the typical feature norm (0.5 by default), whatever the backbone.
 Scoring is VBPR's: AMR only changes the weights.
 """
 from __future__ import annotations
@@ -15,10 +15,23 @@ from torch import Tensor
 
 from vars_fast.recommenders.base import train_bpr
 from vars_fast.recommenders.vbpr import VBPR
+from vars_fast.registry import RECOMMENDERS
 
 
+@RECOMMENDERS.register()
 class AMR(VBPR):
     name = "AMR"
+    selectable = False  # fine-tunes the selected VBPR
+    base = "VBPR"
+    train_order = 3
+
+    @classmethod
+    def config_kwargs(cls, rc) -> dict:
+        return {**super().config_kwargs(rc), "amr_eps": rc.amr.eps, "amr_lambda": rc.amr.lambda_adv}
+
+    @classmethod
+    def from_trained(cls, base: VBPR, rc) -> "AMR":
+        return cls.from_vbpr(base, rc.amr.eps, rc.amr.lambda_adv)
 
     def __init__(self, *args, amr_eps: float = 0.5, amr_lambda: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -61,6 +74,6 @@ class AMR(VBPR):
         """Adversarial fine-tuning (the weights should come from a trained VBPR: ``from_vbpr``)."""
         if features is not None:
             self.set_item_visual(features)
-        return train_bpr(self, cat, self.loss, epochs=cfg.amr_epochs, lr=cfg.amr_lr, lr_low=cfg.amr_lr,
-                         lr_drop_frac=1.0, batch_size=cfg.amr_batch_size, generator=generator,
+        return train_bpr(self, cat, self.loss, epochs=cfg.amr.epochs, lr=cfg.amr.lr, lr_low=cfg.amr.lr,
+                         lr_drop_frac=1.0, batch_size=cfg.amr.batch_size, generator=generator,
                          desc=self.name, show_progress=show_progress, log=log, threads=cfg.threads)

@@ -37,10 +37,27 @@ from vars_fast.utils import progress as progress_bar
 
 
 class Recommender(nn.Module):
-    """Base class. Subclasses set ``name``/``uses_images`` and implement ``_score``."""
+    """Base class. Subclasses set ``name``/``uses_images``, implement ``_score`` and
+    ``from_config``, and register in ``RECOMMENDERS`` (``recommender.models``)."""
 
     name = "base"
     uses_images = False
+    # scores from precomputed backbone features f_i (VBPR, AMR): sized by feature_dim, fitted with features=
+    uses_features = False
+    selectable = False  # trained by fit_bpr: per-catalogue selection applies (recommenders/selection.py)
+    base: Optional[str] = None  # the model this one fine-tunes (AMR: VBPR), trained before it (from_trained)
+    train_order = 100  # the recommender stage trains models in increasing train_order
+
+    @classmethod
+    def from_config(cls, n_users: int, n_items: int, rc, backbone: Optional[nn.Module] = None,
+                    feature_dim: Optional[int] = None) -> "Recommender":
+        """An untrained model from a ``RecommenderConfig`` (``build_recommender`` seeds it)."""
+        raise NotImplementedError(f"{cls.name} cannot be built from a config")
+
+    @classmethod
+    def from_trained(cls, base: "Recommender", rc) -> "Recommender":
+        """A model that starts from the trained ``base`` model (``cls.base``)."""
+        raise NotImplementedError(f"{cls.name} does not start from a trained model")
 
     def __init__(self, n_users: int, n_items: int, **kwargs):
         super().__init__()

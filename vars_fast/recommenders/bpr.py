@@ -8,12 +8,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vars_fast.recommenders.base import Recommender, fit_bpr, sq
+from vars_fast.registry import RECOMMENDERS
 
 
+@RECOMMENDERS.register()
 class BPR(Recommender):
     name = "BPR"
     uses_images = False
-    selectable = True  # trained by fit_bpr: per-catalogue selection applies (recommenders/selection.py)
+    selectable = True
+    train_order = 1
+
+    @classmethod
+    def from_config(cls, n_users, n_items, rc, backbone=None, feature_dim=None):
+        return cls(n_users, n_items, k=rc.k, biases=rc.biases, reg=rc.weight_decay, init_std=rc.init_std)
 
     def __init__(self, n_users: int, n_items: int, k: int = 64, biases: bool = True, reg: float = 1e-4,
                  init_std: float = 0.01):

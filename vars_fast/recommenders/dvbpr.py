@@ -1,17 +1,17 @@
 """DVBPR (Kang et al. 2017): a CNN Φ trained end to end with the recommender, ŷ_ui = θ_uᵀ Φ(x_i).
 
-Φ is one of two CNNs (``recommender.dvbpr_cnn``):
+Φ is one of two CNNs (``recommender.dvbpr.cnn``):
 
 * ``backbone`` (default): the configured ImageNet backbone (EfficientNet-Lite0 by default)
   followed by a linear projection to K, fine-tuned jointly with θ at the data's image size.
-  Only the last ``dvbpr_train_blocks`` blocks (and EfficientNet's 1x1 head conv) train; the
+  Only the last ``recommender.dvbpr.train_blocks`` blocks (and EfficientNet's 1x1 head conv) train; the
   stem and the earlier blocks keep their ImageNet weights, and every BatchNorm keeps its
   ImageNet statistics (a step sees a few hundred items, and eval-mode BN makes Φ the same
   function in training, at encode time and under attack). Because the frozen prefix is a
   fixed function of the clean image, ``fit`` runs it once per item and trains on its cached
   output, so a step costs only the trainable suffix (on Lite0 at 64 px the last blocks run on
   a 2 x 2 map; cost per block count in docs/results/dvbpr.md). The pretrained weights train at
-  ``dvbpr_backbone_lr_mult`` x the lr of θ and of the projection, so that the ImageNet
+  ``recommender.dvbpr.backbone_lr_mult`` x the lr of θ and of the projection, so that the ImageNet
   features are adapted rather than overwritten: with one lr of 1e-2 for θ and the block, the
   pairwise loss stayed at ln 2 for two epochs (docs/results/dvbpr.md).
 * ``small``: four stride-2 conv blocks of width w, 2w, 4w, 4w + global pooling + a linear
@@ -34,6 +34,7 @@ from torch.nn.utils import parametrize
 
 from vars_fast.distributed import ddp
 from vars_fast.recommenders.base import Recommender, sq, train_bpr
+from vars_fast.registry import RECOMMENDERS
 
 # Above this many bytes the frozen prefix's output is recomputed per batch instead of cached.
 _PREFIX_CACHE_BYTES = 2 << 30
@@ -175,9 +176,20 @@ class BackboneCNN(nn.Module):
         return list(self.proj.parameters())
 
 
+@RECOMMENDERS.register()
 class DVBPR(Recommender):
     name = "DVBPR"
     uses_images = True
+    train_order = 4
+
+    @classmethod
+    def from_config(cls, n_users, n_items, rc, backbone=None, feature_dim=None):
+        """``recommender.dvbpr.cnn=backbone`` fine-tunes ``backbone``, which must be given."""
+        if rc.dvbpr.cnn == "backbone" and backbone is None:
+            raise ValueError("DVBPR with recommender.dvbpr.cnn=backbone needs the backbone to fine-tune")
+        return cls(n_users, n_items, k=rc.k, width=rc.dvbpr.cnn_width, reg=rc.weight_decay, init_std=rc.init_std,
+                   input_size=rc.dvbpr.input_size, cnn=rc.dvbpr.cnn, train_blocks=rc.dvbpr.train_blocks,
+                   backbone=backbone)
 
     def __init__(self, n_users: int, n_items: int, k: int = 64, width: int = 32, reg: float = 1e-4,
                  init_std: float = 0.01, input_size: int = 0, cnn: str = "small",
@@ -187,7 +199,7 @@ class DVBPR(Recommender):
         one (loading a checkpoint) the ``backbone_name`` architecture is built with random
         weights for the state dict to fill."""
         if cnn not in ("backbone", "small"):
-            raise ValueError(f"recommender.dvbpr_cnn: expected backbone or small, got {cnn!r}")
+            raise ValueError(f"recommender.dvbpr.cnn: expected backbone or small, got {cnn!r}")
         kw = dict(k=int(k), width=int(width), reg=float(reg), init_std=float(init_std), input_size=int(input_size),
                   cnn=cnn)
         if cnn == "backbone":
@@ -206,7 +218,7 @@ class DVBPR(Recommender):
             trunk = build_backbone(BackboneConfig(name=backbone_name, weights="none"))
         else:
             if not hasattr(backbone, "trainable_copy"):
-                raise ValueError("DVBPR with dvbpr_cnn=backbone needs a vars_fast.backbones.Backbone")
+                raise ValueError("DVBPR with recommender.dvbpr.cnn=backbone needs a vars_fast.backbones.Backbone")
             trunk = backbone.trainable_copy()
         trunk.input_size = int(input_size)  # 0: the data's image size
         self.cnn = BackboneCNN(trunk, k, train_blocks)
@@ -257,9 +269,9 @@ class DVBPR(Recommender):
             s_j = self._score(u, triples[:, 2], phi[inv[:, 1]])
             return F.softplus(s_j - s_i).mean() + self.reg(triples)
 
-        with lr_multiplier(self.cnn.backbone_modules(), cfg.dvbpr_backbone_lr_mult):
-            hist = train_bpr(self, cat, loss, epochs=cfg.dvbpr_epochs, lr=cfg.dvbpr_lr, lr_low=cfg.dvbpr_lr * 0.1,
-                             lr_drop_frac=cfg.lr_drop_frac, batch_size=cfg.dvbpr_batch_size, generator=generator,
+        with lr_multiplier(self.cnn.backbone_modules(), cfg.dvbpr.backbone_lr_mult):
+            hist = train_bpr(self, cat, loss, epochs=cfg.dvbpr.epochs, lr=cfg.dvbpr.lr, lr_low=cfg.dvbpr.lr * 0.1,
+                             lr_drop_frac=cfg.lr_drop_frac, batch_size=cfg.dvbpr.batch_size, generator=generator,
                              params=[self.theta, *self.cnn.trainable_parameters()], desc=self.name,
                              show_progress=show_progress, log=log, threads=cfg.threads)
         self.eval()

@@ -7,11 +7,18 @@ import torch
 from torch import Tensor
 
 from vars_fast.recommenders.base import Recommender
+from vars_fast.registry import RECOMMENDERS
 
 
+@RECOMMENDERS.register()
 class Pop(Recommender):
     name = "Pop"
     uses_images = False
+    train_order = 0
+
+    @classmethod
+    def from_config(cls, n_users, n_items, rc=None, backbone=None, feature_dim=None):
+        return cls(n_users, n_items)
 
     def __init__(self, n_users: int, n_items: int):
         super().__init__(n_users, n_items)

@@ -3,10 +3,10 @@
 One schedule does not fit every catalogue. Adam 1e-2 with λ 3e-2 was chosen on synthetic
 presets; on a real long-tail purchase log it stopped VBPR at epoch 3 and lost a quarter of
 its HR@10 (docs/results/longtail.md). So, as Elliot does per data set, a bounded number of
-settings (at most ``recommender.select_trials``, a coordinate search over the grid
-``select_lr`` × ``select_weight_decay`` × ``select_k`` from the config's own setting) each
+settings (at most ``recommender.select.trials``, a coordinate search over the grid
+``select.lr`` × ``select.weight_decay`` × ``select.k`` from the config's own setting) each
 train with early stopping on one shared holdout (``base.holdout_split``: one training purchase
-per user, never the test split), scored by ``select_metric``. The best setting is retrained
+per user, never the test split), scored by ``select.metric``. The best setting is retrained
 on every training pair for its best epoch count, with its learning-rate drop where it
 happened, so that the held-out purchases are not lost (on a long-tail log, a held-out
 purchase is often an item's only one).
@@ -23,31 +23,29 @@ from typing import Callable
 import torch
 
 from vars_fast.recommenders.base import Recommender, holdout_split
-
-# catalogues from the embedded generator: their schedule was chosen on them (recommender_tuning.md)
-UNSELECTED_SOURCES = ("synthetic",)
-
+from vars_fast.registry import SOURCES
 
 def enabled(rc, source: str) -> bool:
-    """``recommender.select``: on, off, or auto (on unless the catalogue is synthetic)."""
-    return rc.select == "on" or (rc.select == "auto" and source not in UNSELECTED_SOURCES)
+    """``recommender.select.mode``: on, off, or auto: on unless the source generates its catalogue
+    (the embedded generator: the fixed schedule was chosen on it, recommender_tuning.md)."""
+    return rc.select.mode == "on" or (rc.select.mode == "auto" and SOURCES.meta(source)["images"] != "generated")
 
 
 def coordinate_search(rc, evaluate: Callable[[dict], float]) -> list[dict]:
     """Settings tried, in order: the config's own (lr, weight_decay, k), then each grid value of
     one dimension at a time around the best so far (lr, then weight_decay, then k), at most
-    ``select_trials`` in all; ``evaluate(setting) -> holdout score``. With the default grid
+    ``select.trials`` in all; ``evaluate(setting) -> holdout score``. With the default grid
     (3 x 3 x 2) that is 6 trials where a full grid would be 18, and every dimension is tried:
     a random draw of 6 of the 18 can miss the learning rate that matters (the longtail preset's
     best VBPR lr, 1e-3, is the grid's smallest; docs/results/longtail.md)."""
     best = {"lr": float(rc.lr), "weight_decay": float(rc.weight_decay), "k": int(rc.k)}
     scores = {tuple(best.items()): evaluate(best)}
     tried = [best]
-    for dim, values, cast in (("lr", rc.select_lr, float), ("weight_decay", rc.select_weight_decay, float),
-                              ("k", rc.select_k, int)):
+    for dim, values, cast in (("lr", rc.select.lr, float), ("weight_decay", rc.select.weight_decay, float),
+                              ("k", rc.select.k, int)):
         for v in values:
             c = {**best, dim: cast(v)}
-            if tuple(c.items()) in scores or len(tried) >= int(rc.select_trials):
+            if tuple(c.items()) in scores or len(tried) >= int(rc.select.trials):
                 continue
             scores[tuple(c.items())] = evaluate(c)
             tried.append(c)
@@ -72,7 +70,7 @@ def select_and_fit(name: str, build: Callable[[object], Recommender], cat, rc, g
     t_all = time.perf_counter()
     fold, val = holdout_split(cat, rc.val_negatives, generator)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # every trial sees the same triples
-    metric = rc.select_metric
+    metric = rc.select.metric
     chance, se = val.chance(metric)
     trials = []
 

@@ -4,8 +4,8 @@ Writes ``checkpoints/features_<backbone>.pt`` (clean backbone features of the ca
 reused on re-runs when backbone, weights, input size and catalogue size match),
 ``checkpoints/recommender_<name>.pt`` per model, ranking rows
 ``{"model", "defense": "none", "attack": "clean", "eps": 0, HR/NDCG@5/10/20}``, and
-``meta.data`` / ``meta.timings``. AMR is fine-tuned from the VBPR trained here (VBPR is
-trained, and saved, even when only AMR is asked for).
+``meta.data`` / ``meta.timings``. A model with a ``base`` (AMR) is fine-tuned from the base
+trained here (VBPR is trained, and saved, even when only AMR is asked for).
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import torch
 from vars_fast.distributed import ddp
 from vars_fast.io import load_checkpoint, save_checkpoint
 from vars_fast.metrics import ranking_metrics
-from vars_fast.recommenders import AMR, REGISTRY, Pop, build_recommender, save_recommender, selection
+from vars_fast.recommenders import RECOMMENDERS, Pop, build_recommender, save_recommender, selection
 from vars_fast.recommenders.base import batched_encode
+from vars_fast.registry import SOURCES
 
 
 def images_digest(images: torch.Tensor) -> str:
@@ -58,7 +59,7 @@ def warn_small_images(cfg, log) -> bool:
     Why a warning and not a 224-px default: at 224 px each attack and defence step costs
     ~12x what it costs at 64 px on a CPU, while the recommender is measurably better on real
     photos (docs/results/image_size_cost.md). The choice stays the user's, made knowingly."""
-    if cfg.data.source == "synthetic" or cfg.data.image_size >= NATIVE_INPUT:
+    if SOURCES.meta(cfg.data.source)["images"] == "generated" or cfg.data.image_size >= NATIVE_INPUT:
         return False
     log.warning("data.image_size=%d is below %s's native input (%d px): real photos lose detail the "
                 "recommender uses (a real catalogue: VBPR HR@10 0.251 at 64 px vs 0.302 at 224 px); "
@@ -76,10 +77,11 @@ def run_stage(ctx) -> None:
     timings["data_s"] = time.perf_counter() - t0
 
     wanted = list(dict.fromkeys(rc.models))
-    order = (["VBPR"] if "AMR" in wanted and "VBPR" not in wanted else []) + wanted
-    order.sort(key=lambda m: ["Pop", "BPR", "VBPR", "AMR", "DVBPR"].index(m))  # AMR after VBPR
+    bases = [RECOMMENDERS[m].base for m in wanted if RECOMMENDERS[m].base]
+    order = list(dict.fromkeys([b for b in bases if b not in wanted] + wanted))
+    order.sort(key=lambda m: RECOMMENDERS[m].train_order)  # a base (VBPR) before its fine-tune (AMR)
     feats = None
-    if any(m in ("VBPR", "AMR") for m in order):
+    if any(RECOMMENDERS[m].uses_features for m in order):
         t = time.perf_counter()
         feats = clean_features(ctx)
         timings["features_s"] = time.perf_counter() - t
@@ -121,22 +123,23 @@ def _popularity(cat) -> Pop:
 def _train(ctx, name: str, trained: dict, feats):
     """One model, trained; VBPR and BPR through per-catalogue selection where it is on."""
     cfg, rc, cat = ctx.cfg, ctx.cfg.recommender, ctx.catalogue
+    cls = RECOMMENDERS[name]
     gen = ctx.generator(f"recommender:{name}")
-    if name == "AMR":
-        rec = AMR.from_vbpr(trained["VBPR"], rc.amr_eps, rc.amr_lambda)
+    if cls.base:
+        rec = cls.from_trained(trained[cls.base], rc)
         rec.fit(cat, rc, gen, show_progress=cfg.run.progress, log=ctx.log)
         return rec
     seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator(f"init:{name}")))
 
     def build(rc_b):
         rec = build_recommender(name, cat.n_users, cat.n_items, rc_b,
-                                backbone=ctx.backbone if name in ("VBPR", "DVBPR") else None, seed=seed,
+                                backbone=ctx.backbone if cls.uses_images else None, seed=seed,
                                 feature_dim=None if feats is None else feats.shape[1]).to(ctx.device)
         ddp.broadcast_module(rec)
         return rec
 
-    kw = {"features": feats} if name == "VBPR" else {}
-    if getattr(REGISTRY[name], "selectable", False) and selection.enabled(rc, cat.meta.get("source", "synthetic")):
+    kw = {"features": feats} if cls.uses_features else {}
+    if cls.selectable and selection.enabled(rc, cat.meta.get("source", "synthetic")):
         return selection.select_and_fit(name, build, cat, rc, gen, ctx.log, show_progress=cfg.run.progress, **kw)
     rec = build(rc)
     rec.fit(cat, rc, gen, show_progress=cfg.run.progress, log=ctx.log, **kw)

@@ -22,12 +22,30 @@ from torch import Tensor, nn
 
 from vars_fast.distributed import ddp
 from vars_fast.recommenders.base import Recommender, fit_bpr, sq
+from vars_fast.registry import RECOMMENDERS
 
 
+@RECOMMENDERS.register()
 class VBPR(Recommender):
     name = "VBPR"
     uses_images = True
-    selectable = True  # trained by fit_bpr: per-catalogue selection applies (recommenders/selection.py)
+    uses_features = True
+    selectable = True
+    train_order = 2
+
+    @classmethod
+    def config_kwargs(cls, rc) -> dict:
+        """Constructor keywords from a ``RecommenderConfig``."""
+        return dict(k=rc.k, visual_k=rc.visual_k, tied=rc.tied, biases=rc.biases, reg=rc.weight_decay,
+                    reg_visual=rc.reg_visual, init_std=rc.init_std, feature_norm=rc.feature_norm)
+
+    @classmethod
+    def from_config(cls, n_users, n_items, rc, backbone=None, feature_dim=None):
+        """E's width is the backbone's feature width (or ``feature_dim``)."""
+        fdim = feature_dim or getattr(backbone, "feature_dim", None)
+        if fdim is None:
+            raise ValueError(f"{cls.name} needs a backbone (or feature_dim) to size E")
+        return cls(n_users, n_items, fdim, **cls.config_kwargs(rc), backbone=backbone)
 
     def __init__(self, n_users: int, n_items: int, feature_dim: int, k: int = 64, visual_k: int = 64,
                  tied: bool = True, biases: bool = True, reg: float = 1e-4, reg_visual: float = 0.0,
