@@ -24,14 +24,10 @@ SCRIPTS = sorted([*(ROOT / "tools").glob("*.py"),
                     if not p.name.startswith("test_") and p.name != "conftest.py")])
 OPTIONAL = ("cornac", "ray")  # extras a script may use, never needed to answer --help
 PAGES = sorted(RESULTS.glob("*.md"))
-# being rewritten on its own (a log of CI times that names the commit of each run)
-BEING_REWRITTEN = {"test_suite.md"}
 
 
 def _page_param(md: Path):
-    marks = [pytest.mark.xfail(reason=f"{md.name} is being rewritten separately", strict=False)] \
-        if md.name in BEING_REWRITTEN else []
-    return pytest.param(md, id=md.name, marks=marks)
+    return pytest.param(md, id=md.name)
 
 
 # ------------------------------------------------------------------ --help of every script
