@@ -77,11 +77,16 @@ def _resnet(name: str, weights_enum: str):
     return build
 
 
-BACKBONES.register("resnet50", _resnet("resnet50", "ResNet50_Weights"), mean=_IMAGENET_MEAN, std=_IMAGENET_STD)
-BACKBONES.register("resnet18", _resnet("resnet18", "ResNet18_Weights"), mean=_IMAGENET_MEAN, std=_IMAGENET_STD)
+# bytes_per_px: peak resident growth per image per pixel, fp32 on CPU, forward + input gradient
+# ("grad") or a no-grad forward ("infer"), which vars_fast.memory plans batches with
+# (docs/results/memory.md has the measurements and the command that repeats them)
+BACKBONES.register("resnet50", _resnet("resnet50", "ResNet50_Weights"), mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+                   bytes_per_px={"grad": 2331, "infer": 297})
+BACKBONES.register("resnet18", _resnet("resnet18", "ResNet18_Weights"), mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+                   bytes_per_px={"grad": 719, "infer": 167})
 
 
-@BACKBONES.register("efficientnet_lite0", mean=_LITE_MEAN, std=_LITE_STD)
+@BACKBONES.register("efficientnet_lite0", mean=_LITE_MEAN, std=_LITE_STD, bytes_per_px={"grad": 2078, "infer": 452})
 def _build_lite0(weights: str) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 

@@ -33,9 +33,9 @@ _DENOISER_REF = {"width": 64, "blocks": 9, "grad": 18898, "infer": 1354}
 # the denoiser's saved activations scale as width x (blocks + 2.34): fitted to the saved bytes
 # of width 16 x 4 blocks and width 64 x 9 blocks (docs/results/memory.md)
 _DENOISER_EXTRA_BLOCKS = 2.34
-_BACKBONE = {"resnet50": {"grad": 2331, "infer": 297},
-             "efficientnet_lite0": {"grad": 2078, "infer": 452},
-             "resnet18": {"grad": 719, "infer": 167}}
+# each backbone's own figures are its BACKBONES entry's ``bytes_per_px`` (backbones.py); one
+# without them is planned as the largest measured (ResNet50)
+_BACKBONE_FALLBACK = "resnet50"
 # a loop may plan for this share of what is available: the rest covers the allocator's
 # fragmentation, the arrays the loop fills and what the measurement does not see
 _LOOP_SHARE = 0.5
@@ -112,7 +112,10 @@ def _denoiser_per_px(dcfg, kind: str) -> float:
 
 
 def _backbone_per_px(name: str, kind: str) -> float:
-    return _BACKBONE.get(name, _BACKBONE["resnet50"])[kind]
+    from vars_fast.registry import BACKBONES
+
+    meta = BACKBONES.meta(name) if name in BACKBONES else {}
+    return (meta.get("bytes_per_px") or BACKBONES.meta(_BACKBONE_FALLBACK)["bytes_per_px"])[kind]
 
 
 def image_bytes(cfg, *, grad: bool, denoiser: bool = True, backbone: bool = True) -> int:
