@@ -141,7 +141,7 @@ def test_table3_holds_dvbpr_rows_only():
 
 def test_attack_reaches_dvbpr_through_its_cnn(tiny_catalogue, lite0):
     """FGSM through the fine-tuned CNN (the attack stage's BN-folded fast copy) moves Φ."""
-    from vars_fast.attacks.catalogue import attack_catalogue
+    from vars_fast.attacks.untargeted import attack_catalogue
     from vars_fast.config import AttackConfig
     from vars_fast.recommenders import encode_catalogue
 

@@ -23,7 +23,7 @@ def registered(reg: R.Registry, name: str, obj, **meta):
 
 def test_every_family_holds_what_the_code_defines():
     from vars_fast.attacks import FGSM, PGD, PGDL2
-    from vars_fast.attacks.catalogue import attack_catalogue
+    from vars_fast.attacks.untargeted import attack_catalogue
     from vars_fast.attacks.oracle import attack_eval_lists
     from vars_fast.defense import Defense
     from vars_fast.defense.addition import Addition
@@ -121,7 +121,7 @@ def test_toy_attack_runs_through_the_catalogue_attack(tiny_catalogue):
     import torch
 
     from vars_fast.attacks import FGSM
-    from vars_fast.attacks.catalogue import attack_catalogue
+    from vars_fast.attacks.untargeted import attack_catalogue
     from vars_fast.config import AttackConfig
     from vars_fast.recommenders import build_recommender
 

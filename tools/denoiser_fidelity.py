@@ -86,7 +86,7 @@ def main() -> None:
     from vars_fast.defense.stage import _seed
     from vars_fast.defense.training import (_batches, _ItemObjective, build_models, make_adversarial, split_items,
                                             train_defense)
-    from vars_fast.attacks.catalogue import sample_item_triples
+    from vars_fast.attacks.untargeted import sample_item_triples
     from vars_fast.io import load_checkpoint
     from vars_fast.metrics import psnr, ssim_per_image, psnr_per_image
     from vars_fast.pipeline import Context

@@ -124,7 +124,7 @@ ATTACKS = Registry("attack", "attack.untargeted",
                    home=("vars_fast.attacks.fgsm", "vars_fast.attacks.pgd", "vars_fast.attacks.pgd_l2"))
 #: ``attack.objective``: who the images are crafted against; the member crafts them
 OBJECTIVES = Registry("attack objective", "attack.objective",
-                      home=("vars_fast.attacks.catalogue", "vars_fast.attacks.oracle"))
+                      home=("vars_fast.attacks.untargeted", "vars_fast.attacks.oracle"))
 #: ``attack.targets``: ``attacks.base.TargetedAttack`` (a loss and the optimiser that runs it)
 TARGETED = Registry("targeted attack", "attack.targets", home=("vars_fast.attacks.aip", "vars_fast.attacks.taamr"))
 #: the defences whose detectors the evaluation compares (ours, the ADDITION baseline); meta ``label``

@@ -8,13 +8,13 @@ Three registries name them: ``ATTACKS`` (the optimisers: fgsm, pgd, pgd-l2; ``at
 """
 from vars_fast.attacks.aip import expa_loss, insa_loss
 from vars_fast.attacks.base import Attack, frozen, quantize_within
-from vars_fast.attacks.catalogue import (ItemTriples, attack_catalogue, bpr_image_loss, item_loss_fn,
+from vars_fast.attacks.untargeted import (ItemTriples, attack_catalogue, bpr_image_loss, item_loss_fn,
                                          sample_item_triples)
 from vars_fast.attacks.fgsm import FGSM
 from vars_fast.attacks.pgd import PGD, default_alpha
 from vars_fast.attacks.pgd_l2 import PGDL2, l2_radius
 from vars_fast.attacks.taamr import popular_class, taamr_loss
-from vars_fast.attacks.transfer import build_surrogate, feature_shift_loss, transfer_attack
+from vars_fast.attacks.surrogate import build_surrogate, feature_shift_loss, transfer_attack
 from vars_fast.registry import ATTACKS, OBJECTIVES, TARGETED
 
 __all__ = ["Attack", "FGSM", "PGD", "frozen", "quantize_within", "default_alpha", "bpr_image_loss",

@@ -83,7 +83,7 @@ def attack_eval_lists(rec, cat, users: Tensor, method: str, eps255: float, cfg, 
     (default ``cfg.batch_size``; at least one whole list). Each user's random start comes from
     its own seed, so the batch size does not change the result.
     """
-    from vars_fast.attacks.catalogue import step_params
+    from vars_fast.attacks.untargeted import step_params
     from vars_fast.nn.fuse import fast_copy
     from vars_fast.utils import progress as progress_bar
 

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from vars_fast.attacks.catalogue import amp_available, attack_catalogue, sample_item_triples
+from vars_fast.attacks.untargeted import amp_available, attack_catalogue, sample_item_triples
 from vars_fast.attacks.targeted import (choose_hook, choose_targets, target_scores, targeted_attack,
                                         targeted_metrics)
 from vars_fast.io import atomic_write_bytes, atomic_write_json

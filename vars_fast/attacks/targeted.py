@@ -20,7 +20,7 @@ from torch import Tensor
 from types import SimpleNamespace
 
 from vars_fast.attacks.base import frozen, quantize_within
-from vars_fast.attacks.catalogue import wrap_loss
+from vars_fast.attacks.untargeted import wrap_loss
 from vars_fast.attacks.pgd import default_alpha
 from vars_fast.nn.fuse import fast_copy
 from vars_fast.registry import ATTACKS, TARGETED

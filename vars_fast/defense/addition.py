@@ -33,7 +33,7 @@ them; ADDITION's own text was not available to check them against (docs/results/
 which also holds the measurements behind the ``defense.addition.*`` defaults).
 
 Training (``Addition.fit``), on the training items only, with adversarial training examples
-x_adv made by the project's FGSM on the training-triple objective (``attacks.catalogue``) at
+x_adv made by the project's FGSM on the training-triple objective (``attacks.untargeted``) at
 ``defense.addition.train_eps``; every image view x~ is the clean x or its x_adv:
 
 * stage 1, the denoiser, at noise levels drawn uniformly from the configured range:
@@ -405,10 +405,10 @@ def build_addition(rec, users: Tensor, cfg, change: float = 0.2, seed: int = 0, 
 def fgsm_examples(rec, cat, items: Tensor, eps_list: Sequence[float], generator: torch.Generator, device,
                   triples_per_item: int = 4, batch_size: int = 64) -> tuple[Tensor, Tensor]:
     """FGSM images (uint8 [n,3,S,S]) of ``items`` with the project's untargeted attack on the
-    training-triple objective (``attacks.catalogue``); item k gets the eps ``eps_list[k % len]``
+    training-triple objective (``attacks.untargeted``); item k gets the eps ``eps_list[k % len]``
     of a seeded shuffle, so every eps is equally represented. Returns (images, eps per item)."""
     from vars_fast.attacks.base import frozen, quantize_within
-    from vars_fast.attacks.catalogue import item_loss_fn, sample_item_triples
+    from vars_fast.attacks.untargeted import item_loss_fn, sample_item_triples
     from vars_fast.attacks.fgsm import FGSM
 
     tr = sample_item_triples(cat, triples_per_item, generator)

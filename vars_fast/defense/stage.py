@@ -10,7 +10,7 @@ detector is idle there), so it is taken from ``checkpoints/defense_phase1.pt``.
 
 With ``defense.parallel_variants`` on a CPU with >= 2 threads (no DDP), the variants train in
 two spawned processes ("lanes") at half the threads each, when both lanes' estimated peak
-memory fits what is available (``vars_fast.memory``): lane 1 trains ``full`` then
+memory fits what is available (``vars_fast.memory_budget``): lane 1 trains ``full`` then
 ``no-detector`` (from full's phase 1), lane 2 the other ablations. A CPU training step that
 does not fit even alone stops the stage before training, with an error that names
 ``defense.batch_size``. Small-batch training on 2
@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from vars_fast import memory
+from vars_fast import memory_budget as memory
 from vars_fast.defense import save_defense
 from vars_fast.defense.training import (LOSS_KEYS, calibrate_threshold, restoration_check, split_items,
                                         train_defense, variant_config)

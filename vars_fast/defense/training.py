@@ -16,7 +16,7 @@ Schedule (METHOD.md "Denoiser"/"Detector"; the epoch counts are config fields):
   EOT and the detector hinge), so the detector also learns the images built to evade it.
 
 Attacks are generated on the fly against the frozen recommender with the same per-item BPR
-objective as the catalogue attack (``vars_fast.attacks.catalogue.item_loss``: each item's
+objective as the catalogue attack (``vars_fast.attacks.untargeted.item_loss``: each item's
 own training triples, the other item of a triple clean), eps drawn per batch from
 ``train_eps``, and rounded to the uint8 grid the evaluated catalogue lives on. L_VBPR is that
 same per-item BPR loss evaluated on the denoised image, *minimised*. The random resize-pad is
@@ -142,7 +142,7 @@ def phase1_fingerprint(dcfg: DefenseConfig, *parts) -> str:
 # ---------------------------------------------------------------------------- attacks / checks
 
 class _ItemObjective:
-    """The catalogue attack's per-item BPR objective (``vars_fast.attacks.catalogue.item_loss``)
+    """The catalogue attack's per-item BPR objective (``vars_fast.attacks.untargeted.item_loss``)
     for a batch of items ``idx`` [B] with their sampled triples; ``__call__(x [B,3,S,S]) -> [B]``.
 
     ``from_visual(f [B,F])`` evaluates it from precomputed visual features, so that the
@@ -158,7 +158,7 @@ class _ItemObjective:
             self.s_other = rec.score(self.users.reshape(-1), others.reshape(-1)).float().view(B, m)
 
     def __call__(self, x: Tensor) -> Tensor:
-        from vars_fast.attacks.catalogue import item_loss
+        from vars_fast.attacks.untargeted import item_loss
 
         return item_loss(self.rec, x, self.users, self.items, self.s_other, self.sign)
 
@@ -214,7 +214,7 @@ def calibrate_threshold(defense: Defense, rec, cat, items: list[int], dcfg: Defe
     uses the k-th, cycling, so every eps is equally represented), rule ``threshold_rule``
     (``vars_fast.metrics.choose_threshold``; default Youden's J = max TPR - FPR, the ROC point
     farthest above the chance diagonal). Returns (threshold, detection metrics on those items)."""
-    from vars_fast.attacks.catalogue import sample_item_triples
+    from vars_fast.attacks.untargeted import sample_item_triples
     from vars_fast.metrics import choose_threshold, detection_metrics
 
     triples = sample_item_triples(cat, dcfg.triples_per_item, generator)
@@ -236,7 +236,7 @@ def restoration_check(defense: Defense, rec, cat, items: list[int], dcfg: Defens
                       generator: torch.Generator, device, eps255: float = 8.0, batch_size: int = 64) -> dict:
     """Does D undo the attack for the recommender? Mean per-item BPR loss (the attack's
     objective) on held-out items for clean, D(clean), FGSM, D(FGSM), PGD, D(PGD) at ``eps255``."""
-    from vars_fast.attacks.catalogue import sample_item_triples
+    from vars_fast.attacks.untargeted import sample_item_triples
 
     triples = sample_item_triples(cat, dcfg.triples_per_item, generator)
     sums = dict.fromkeys(["clean", "denoised_clean", "fgsm", "denoised_fgsm", "pgd", "denoised_pgd"], 0.0)
@@ -310,7 +310,7 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
     without a detector phase 1 is the same computation.
     """
     from vars_fast.attacks.base import frozen
-    from vars_fast.attacks.catalogue import sample_item_triples
+    from vars_fast.attacks.untargeted import sample_item_triples
     from vars_fast.io import load_checkpoint, save_checkpoint
     from vars_fast.utils import progress as progress_bar
 

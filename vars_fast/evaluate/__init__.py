@@ -10,7 +10,7 @@ One module per table family, each a function of the shared ``Evaluation`` (``com
 * ``embeddings.py`` Fig. 11 material.
 
 ``stage.py`` runs them in order and writes the timings and the figure arrays. Every attack
-run here goes through ``vars_fast.attacks.catalogue``.
+run here goes through ``vars_fast.attacks.untargeted``.
 """
 from vars_fast.evaluate.common import ARRAYS, RANK_DEFENSES, Evaluation
 from vars_fast.evaluate.stage import SECTIONS, run_all, run_stage

@@ -4,7 +4,7 @@ attacker's loss.
 
 * ``train`` objective (the uploader's threat model): every item of the catalogue gets an
   adaptive image (``eval.adaptive.items`` = 0), crafted from its training triples as the
-  catalogue attack does (``attacks.catalogue.attack_items``). Ranking rows ``attack:
+  catalogue attack does (``attacks.untargeted.attack_items``). Ranking rows ``attack:
   "adaptive-pgd"`` per defence, a ``detect+withhold`` row for the combined system, and the
   detection rate of the adaptive images on the held-out test items (TPR at the validation
   threshold and at FPR <= 0.05).
@@ -47,7 +47,7 @@ def _make_attack(ev: Evaluation, spec: dict, rand: bool, gen: torch.Generator, n
     """``(loss_fn, x, idx) -> x_adv``: AdaptivePGD with the EOT images per graph bounded for the device."""
     from vars_fast.attacks.adaptive import AdaptivePGD
     from vars_fast.attacks.pgd import default_alpha
-    from vars_fast.memory import adaptive_chunks
+    from vars_fast.memory_budget import adaptive_chunks
 
     eps = spec["eps255"] / 255.0
     _, max_images = adaptive_chunks(ev.cfg, ev.dev, n_items, spec["eot"] if rand else 1)
@@ -69,7 +69,7 @@ def adaptive(ev: Evaluation) -> None:
 
 
 def train_objective(ev: Evaluation, spec: dict) -> None:
-    from vars_fast.attacks.catalogue import attack_items, sample_item_triples
+    from vars_fast.attacks.untargeted import attack_items, sample_item_triples
     from vars_fast.metrics import detection_metrics
 
     ecfg, acfg = ev.cfg.eval, ev.cfg.attack

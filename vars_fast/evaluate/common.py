@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vars_fast.memory import loop_batch
+from vars_fast.memory_budget import loop_batch
 from vars_fast.utils import progress
 
 RANK_DEFENSES = ("denoise", "denoise+rand")
@@ -47,7 +47,7 @@ class Evaluation:
         self.defense = self.fast_defense(ctx.defense())
         self.topk = tuple(int(k) for k in self.cfg.eval.topk)
         # purification / encoding / distance chunks: eval.batch_size, lowered to what the
-        # device's memory holds (large images through a wide denoiser; vars_fast/memory.py)
+        # device's memory holds (large images through a wide denoiser; vars_fast/memory_budget.py)
         self.bs = loop_batch(self.cfg, self.dev, int(self.cfg.eval.batch_size), grad=False)
         self.arrays: dict[str, np.ndarray] = {}
         self.timings: dict[str, float] = {}

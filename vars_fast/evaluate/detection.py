@@ -19,7 +19,7 @@ def fgsm_items(ev: Evaluation, rec, items: Tensor, eps) -> Tensor:
     adv = ev.load_attack(rec.name, "fgsm", eps)
     if adv is not None:
         return adv[items]
-    from vars_fast.attacks.catalogue import attack_catalogue
+    from vars_fast.attacks.untargeted import attack_catalogue
 
     return attack_catalogue(rec, ev.cat, "fgsm", eps, ev.cfg.attack, ev.ctx.generator(f"evaluate:fgsm:{eps}"),
                             ev.dev, progress=False, batch_size=ev.bs, fast=False, items=items)

@@ -9,7 +9,7 @@ at other eps. ``generalisation_rows`` measures that claim on the defence's held-
   FGSM at eps 4-64 and PGD (L-inf, the catalogue attack's per-item BPR objective); PGD-L2 on
   the same objective (``eps`` is the per-pixel RMS budget in /255, ``l2`` the radius in [0,1]
   units; ``attacks/pgd_l2.py``); a transfer attack, a feature-space PGD on a surrogate backbone
-  the defence never saw (``attacks/transfer.py``; ResNet18 by default);
+  the defence never saw (``attacks/surrogate.py``; ResNet18 by default);
 * benign rows (``side: "benign"``), what must *not* be flagged: Gaussian noise (``eps`` =
   sigma in [0,1] units) and JPEG re-compression (``quality``) of the clean images.
 
@@ -35,11 +35,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from vars_fast.attacks.catalogue import attack_items, sample_item_triples
+from vars_fast.attacks.untargeted import attack_items, sample_item_triples
 from vars_fast.attacks.fgsm import FGSM
 from vars_fast.attacks.pgd import PGD
 from vars_fast.attacks.pgd_l2 import PGDL2, l2_radius
-from vars_fast.attacks.transfer import build_surrogate, transfer_attack
+from vars_fast.attacks.surrogate import build_surrogate, transfer_attack
 from vars_fast.corruptions import gaussian_noise, jpeg
 from vars_fast.metrics import auc_score, detection_metrics
 

@@ -101,7 +101,7 @@ def rows_for(ev: Evaluation, defense, cat, rec, attacked: dict, test_items, k: i
 
 def transfer(ev: Evaluation) -> None:
     """The A->B rows at 0 and ``eval.transfer.finetune_epochs`` fine-tuning epochs."""
-    from vars_fast.attacks.catalogue import attack_catalogue
+    from vars_fast.attacks.untargeted import attack_catalogue
     from vars_fast.defense.training import split_items
     from vars_fast.metrics import ranking_metrics
 
