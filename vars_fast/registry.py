@@ -138,6 +138,13 @@ THRESHOLD_RULES = Registry("threshold rule", "defense.threshold_rule", home=("va
 BACKENDS = Registry("ops backend", "run.backend", home=("vars_fast.ops._dispatch",))
 #: ``run.stages``: ``run_stage(ctx)`` in pipeline order; meta ``main_only`` (rank 0 alone runs it)
 STAGES = Registry("stage", "run.stages", home=("vars_fast.train",))
+#: ``evaluate.deployments.Deployment``: how a platform turns an upload into a feature (none,
+#: denoise, denoise+rand, detect+denoise, ...); the ranking section ranks through each
+DEPLOYMENTS = Registry("deployed defence", "eval.defenses", home=("vars_fast.evaluate.deployments",))
+#: the evaluation sections, ``evaluate.section.Section``: each computes its rows in the evaluate
+#: stage and draws its part of report.md; meta-free, ordered by ``Section.order``
+SECTIONS = Registry("evaluation section", "evaluate --section",
+                    home=("vars_fast.evaluate", "vars_fast.recommenders.stage"))
 
 FAMILIES: tuple[Registry, ...] = (SOURCES, BACKBONES, RECOMMENDERS, ATTACKS, OBJECTIVES, TARGETED, DEFENSES,
-                                  DEFENSE_VARIANTS, THRESHOLD_RULES, BACKENDS, STAGES)
+                                  DEFENSE_VARIANTS, THRESHOLD_RULES, BACKENDS, STAGES, SECTIONS, DEPLOYMENTS)

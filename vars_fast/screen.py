@@ -188,7 +188,7 @@ def screen(input: str, checkpoint: Optional[str], out: str, *, limit: Optional[i
 def main(argv: Optional[list[str]] = None) -> int:
     """Bad input (no such path, a manifest without its columns, a checkpoint that is not a
     defence, settings that clash with ``--out``) ends in ``error: <message>`` and exit code 2."""
-    ap = argparse.ArgumentParser(prog="python -m vars_fast.screen", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m vars_fast screen", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="image folder, manifest .csv/.parquet, .tar shard(s) or a glob")
     ap.add_argument("--checkpoint", required=True, help="run folder (checkpoints/defense.pt) or defense.pt")

@@ -51,7 +51,7 @@ def _evaluate(ctx) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m vars_fast.train",
+        prog="python -m vars_fast train",
         description="Train and evaluate attacks and the denoise+detect defence on a visually-aware recommender.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n")[1] if __doc__ else None,
@@ -118,14 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     return run(resolve_config(args), args.out)
 
 
-def run(cfg, out: str | None = None) -> int:
+def configure_process(cfg) -> None:
+    """What a run sets for the whole process: the ops backend, progress bars, torch threads."""
     import torch
-
-    from vars_fast.config import save_yaml
-    from vars_fast.distributed import ddp
-    from vars_fast.pipeline import Context
-    from vars_fast.run import RunFolder
-    from vars_fast.utils import get_device, seed_everything, setup_logging
 
     if cfg.run.backend != "auto":
         os.environ["VARS_FAST_BACKEND"] = cfg.run.backend
@@ -133,6 +128,15 @@ def run(cfg, out: str | None = None) -> int:
         os.environ["VARS_FAST_PROGRESS"] = "0"
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+
+
+def run(cfg, out: str | None = None) -> int:
+    from vars_fast.config import save_yaml
+    from vars_fast.distributed import ddp
+    from vars_fast.pipeline import Context
+    from vars_fast.utils import get_device, seed_everything
+
+    configure_process(cfg)
     try:
         device = get_device(cfg.run.device)
     except RuntimeError as e:
@@ -143,13 +147,12 @@ def run(cfg, out: str | None = None) -> int:
 
     name = cfg.run.name or f"{cfg.preset}-{datetime.now():%Y%m%d-%H%M%S}"
     path = Path(out) if out else Path(cfg.run.out) / name
-    run_folder = RunFolder(path)
-    log = setup_logging(str(path / "log.txt") if ddp.is_main() else None)
+    ctx = Context.open(path, cfg=cfg, device=device)
+    run_folder, log = ctx.run, ctx.log
     if ddp.is_main():
         save_yaml(cfg, path / "config.yaml")
         run_folder.update_meta(config=cfg.to_dict(), versions=versions())
     seed_everything(cfg.run.seed)
-    ctx = Context(cfg=cfg, run=run_folder, device=device, log=log)
     # every stage reads the data: read it before the first log line, so that bad input (a missing
     # file, absent columns, too few interactions) ends the run in one line, before any work
     _ = ctx.catalogue

@@ -119,7 +119,7 @@ def run_stage(ctx) -> None:
                 made.append((name, method, eps))
                 ctx.log.info(f"attack {name} {method} eps={eps}: HR@10 {clean.get('HR@10', float('nan')):.4f} -> "
                              f"{m.get('HR@10', float('nan')):.4f}")
-        run.add_rows("ranking", rows)
+        run.add_rows("ranking", rows, table="ranking")
         run.update_meta(attack_seconds=timing)
     if acfg.targets and acfg.target_eps and "VBPR" in cfg.recommender.models and _available(ctx, "VBPR"):
         run_targeted(ctx, amp, topk, timing)
@@ -185,7 +185,7 @@ def run_oracle(ctx, name: str, rec, topk, timing: dict) -> None:
             rows.append({**base, "attack": method, "eps": _eps_key(eps), **m})
             ctx.log.info(f"attack {name} {method}-eval eps={eps} ({users.numel()} users): HR@10 "
                          f"{rows[0].get('HR@10', float('nan')):.4f} -> {m.get('HR@10', float('nan')):.4f}")
-    run.add_rows("ranking", rows)
+    run.add_rows("ranking", rows, table="oracle")
     run.update_meta(attack_seconds=timing)
 
 
@@ -235,7 +235,7 @@ def run_targeted(ctx, amp: bool, topk, timing: dict) -> None:
             rows.append({"attack": name, "eps": _eps_key(eps), "defense": "none", "model": "VBPR", **m})
             ctx.log.info(f"targeted {name} eps={eps}: prediction shift {m['prediction_shift']:.4f}, "
                          f"HR@10 {clean.get('HR@10', float('nan')):.4f} -> {m.get('HR@10', float('nan')):.4f}")
-    run.add_rows("targeted", rows)
+    run.add_rows("targeted", rows, table="targeted")
     run.update_meta(attack_seconds=timing)
 
 

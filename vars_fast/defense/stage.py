@@ -76,13 +76,12 @@ def _lane_main(cfg_dict: dict, run_path: str, variants: list[str], threads: int,
     """One lane process: rebuild the context from the run folder, train ``variants`` in order."""
     from vars_fast.config import from_dict
     from vars_fast.pipeline import Context
-    from vars_fast.run import RunFolder
     from vars_fast.utils import setup_logging
 
     torch.set_num_threads(threads)
     log = setup_logging(log_file)
-    cfg = from_dict(cfg_dict)
-    ctx = Context(cfg=cfg, run=RunFolder(run_path), device=torch.device("cpu"), log=log)
+    cfg = from_dict(cfg_dict, check=False)  # validated by the parent, with its registries
+    ctx = Context.open(run_path, cfg=cfg, device="cpu", log=log)
     for v in variants:
         _train_variant(ctx, v, split, log, progress=False)
 
