@@ -72,18 +72,18 @@ def variant_config(dcfg: DefenseConfig, variant: str) -> DefenseConfig:
 
 # full_phase1: the variant's phase 1 is the full model's (it differs in fields read after phase 1
 # only), so the defence stage trains it in the full model's lane, from its phase 1
-@DEFENSE_VARIANTS.register("full", full_phase1=True)
+@DEFENSE_VARIANTS.register("full", full_phase1=True, label="unmodified architecture")
 def _full(dcfg: DefenseConfig) -> DefenseConfig:
     return dcfg
 
 
-@DEFENSE_VARIANTS.register("no-detector", full_phase1=True)
+@DEFENSE_VARIANTS.register("no-detector", full_phase1=True, label="remove detection & contrastive loss")
 def _no_detector(dcfg: DefenseConfig) -> DefenseConfig:
     """lambda_3 = 0 and no detector."""
     return dataclasses.replace(dcfg, use_detector=False, lambda_contrastive=0.0)
 
 
-@DEFENSE_VARIANTS.register("no-perceptual", full_phase1=False)
+@DEFENSE_VARIANTS.register("no-perceptual", full_phase1=False, label="remove perceptual loss")
 def _no_perceptual(dcfg: DefenseConfig) -> DefenseConfig:
     """lambda_2 = 0."""
     return dataclasses.replace(dcfg, use_perceptual=False, lambda_perceptual=0.0)

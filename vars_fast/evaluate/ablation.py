@@ -8,7 +8,7 @@ from vars_fast.defense import load_defense
 from vars_fast.evaluate.common import Evaluation, RANK_DEFENSES, det_json
 from vars_fast.evaluate.section import Doc, Section, find, missing, table
 from vars_fast.metrics import detection_metrics
-from vars_fast.registry import SECTIONS
+from vars_fast.registry import DEFENSE_VARIANTS, SECTIONS
 
 NAME = "ablation"  # the section: its registry name and the ``table`` of its rows
 
@@ -23,7 +23,7 @@ def ablation(ev: Evaluation) -> None:
     rec = ev.ctx.recommender("VBPR")
     rows, det_rows = [], []
     variants = [("full", ev.defense)]
-    for v in ("no-detector", "no-perceptual"):
+    for v in [v for v in ev.cfg.defense.ablations if v != "full"]:
         path = ev.run.checkpoint(f"defense_{v}")
         if path.is_file():
             variants.append((v, ev.fast_defense(load_defense(path, device=ev.dev))))
@@ -44,15 +44,12 @@ def ablation(ev: Evaluation) -> None:
     ev.run.add_rows("detection", det_rows, table=NAME)
 
 
-VARIANTS = (("full", "unmodified architecture"), ("no-detector", "remove detection & contrastive loss"),
-            ("no-perceptual", "remove perceptual loss"))
-
-
 def ablation_table(R: list[dict], D: list[dict], eps: float) -> str:
     """Table 5: PGD at eps on VBPR: accuracy, NDCG@10, HR@10 per variant (the full model's
     ranking rows are the ranking section's, without a variant)."""
     rows = []
-    for v, label in VARIANTS:
+    for v in DEFENSE_VARIANTS.names():
+        label = DEFENSE_VARIANTS.meta(v).get("label", v)
         rv = None if v == "full" else v
         rr = find(R, model="VBPR", defense="denoise+rand", attack="pgd", eps=eps, variant=rv)
         rd = find(R, model="VBPR", defense="denoise", attack="pgd", eps=eps, variant=rv)

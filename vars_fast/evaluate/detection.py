@@ -14,7 +14,7 @@ from vars_fast.defense.addition import fit_in_run
 from vars_fast.evaluate.common import Evaluation, det_json, to_float
 from vars_fast.evaluate.section import Doc, Section, find, missing, table
 from vars_fast.metrics import detection_metrics
-from vars_fast.registry import SECTIONS
+from vars_fast.registry import DEFENSES, SECTIONS
 
 NAME = "detection"  # the section: its registry name and the ``table`` of its rows
 
@@ -82,9 +82,11 @@ def detection_table(D: list[dict]) -> str:
     if not D:
         return missing("no detection rows")
     eps = sorted({float(r["eps"]) for r in D})
-    rows = [[name.upper() if name == "addition" else "OURS"] +
+    # the baselines first, then ours, each under its registered label
+    names = sorted(DEFENSES.names(), key=lambda n: not DEFENSES.meta(n).get("baseline", False))
+    rows = [[DEFENSES.meta(name).get("label", name)] +
             [(find(D, detector=name, attack="fgsm", eps=e) or {}).get("accuracy") for e in eps]
-            for name in ("addition", "ours")]
+            for name in names if any(r["detector"] == name for r in D)]
     detail = [[r["detector"], r["eps"], r.get("accuracy"), r.get("auc"), r.get("tpr"), r.get("fpr"), r.get("threshold"),
                r.get("n_clean"), r.get("n_adv")] for r in sorted(D, key=lambda r: (r["detector"], float(r["eps"])))]
     return (table(["detector"] + [f"eps={e:g}" for e in eps], rows) + "\n\nDetails:\n\n" +

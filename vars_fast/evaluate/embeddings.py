@@ -15,7 +15,7 @@ def embeddings(ev: Evaluation) -> None:
     items = ev.test_items[:n]
     eps = ev.cfg.eval.table_eps
     groups = {"clean": ev.cat.images[items], "denoised": ev.clean_purified()[0][items]}
-    for attack in ("fgsm", "pgd"):
+    for attack in ev.cfg.attack.untargeted:
         adv = ev.load_attack("VBPR", attack, eps) if "VBPR" in ev.models else None
         if adv is not None:
             groups[attack] = adv[items]
@@ -25,7 +25,7 @@ def embeddings(ev: Evaluation) -> None:
 
 def fig11(a: dict, plt):
     """t-SNE of the detector embeddings, one colour per group."""
-    groups = [(k[2:], a[k]) for k in ("z_clean", "z_denoised", "z_fgsm", "z_pgd") if k in a]
+    groups = [(k[2:], a[k]) for k in a if k.startswith("z_")]
     if len(groups) < 2:
         return None
     from sklearn.manifold import TSNE

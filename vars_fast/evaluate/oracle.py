@@ -12,6 +12,7 @@ import torch
 from vars_fast.attacks.oracle import eval_lists, list_ranking
 from vars_fast.attacks.stage import load_npy, load_oracle_users, oracle_eps
 from vars_fast.evaluate.common import RANK_DEFENSES, Evaluation
+from vars_fast.evaluate import deployments
 from vars_fast.evaluate.section import Doc, Section, find, missing, table
 from vars_fast.registry import SECTIONS
 
@@ -75,7 +76,7 @@ def oracle_table(rows: list[dict]) -> str:
     keys = sorted({(r["attack"], float(r["eps"])) for r in rows}, key=lambda k: (k[0] != "clean", k[0], k[1]))
     out = []
     for model in sorted({r["model"] for r in rows}, reverse=True):
-        for d in ("none", "denoise", "denoise+rand"):
+        for d in deployments.ordered():
             vals = [(find(rows, model=model, defense=d, attack=a, eps=e) or {}).get("HR@10") for a, e in keys]
             if any(v is not None for v in vals):
                 out.append([model, d, max(r.get("n_users", 0) for r in rows if r["model"] == model)] + vals)

@@ -210,7 +210,9 @@ def fig7(F: list[dict], a: dict, plt):
 
 def report(doc: Doc) -> list[str]:
     R, F, eps = doc.rows("ranking", "ranking"), doc.rows("fidelity"), doc.eps
-    models = sorted({r["model"] for r in R} & {"VBPR", "DVBPR"}, reverse=True) or ["VBPR"]
+    # one table per image model that is not fine-tuned from another (AMR joins VBPR's table)
+    tabled = [n for n in RECOMMENDERS.names() if RECOMMENDERS[n].uses_images and RECOMMENDERS[n].base is None]
+    models = [m for m in tabled if any(r["model"] == m for r in R)] or tabled[:1]
     out = []
     for n, model in enumerate(models):
         out += [f"## Table {2 + n}: recommendation under attack ({model}, eps = {eps:g})", "",

@@ -121,7 +121,7 @@ class Doc:
         ev = self.meta.get("evaluate", {})
         if "table_eps" in ev:
             return float(ev["table_eps"])
-        eps = sorted({float(r["eps"]) for r in self.rows("ranking", "ranking") if r.get("attack") in ("fgsm", "pgd")})
+        eps = sorted({float(r["eps"]) for r in self.rows("ranking", "ranking") if r.get("attack") != "clean"})
         return 8.0 if 8.0 in eps or not eps else eps[0]
 
     def figure(self, name: str, title: str, draw: Callable) -> list[str]:

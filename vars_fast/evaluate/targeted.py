@@ -56,7 +56,7 @@ def targeted_table(T: list[dict]) -> str:
     rows = []
     order = {n: i for i, n in enumerate(TARGETED.names())}
     for attack in sorted({r["attack"] for r in T}, key=lambda a: (order.get(a, len(order)), a)):
-        for d in ("none", "denoise", "denoise+rand"):
+        for d in deployments.ordered():
             vals = [(find(T, attack=attack, defense=d, eps=e) or {}).get("prediction_shift") for e in eps]
             if any(v is not None for v in vals):
                 label = attack.upper() + ("" if d == "none" else f" ({deployments.label(d)})")
