@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 
+from vars_fast.backbones import build_backbone
 from vars_fast.config import Config
+from vars_fast.data import load_catalogue
+from vars_fast.defense import load_defense
+from vars_fast.nn.fuse import fast_copy
+from vars_fast.recommenders import load_recommender
 from vars_fast.run import RunFolder
 
 
@@ -32,8 +37,6 @@ class Context:
     @property
     def catalogue(self):
         if "catalogue" not in self._cache:
-            from vars_fast.data import load_catalogue
-
             cache_dir = self.cfg.data.cache_dir or str(self.run.cache_dir)
             self._cache["catalogue"] = load_catalogue(self.cfg.data, cache_dir, progress=self.cfg.run.progress)
         return self._cache["catalogue"]
@@ -41,8 +44,6 @@ class Context:
     @property
     def backbone(self):
         if "backbone" not in self._cache:
-            from vars_fast.backbones import build_backbone
-
             bb = build_backbone(self.cfg.backbone).to(self.device).eval()
             if self.cfg.run.channels_last:
                 bb = bb.to(memory_format=torch.channels_last)
@@ -52,8 +53,6 @@ class Context:
     def recommender(self, name: str):
         key = f"rec:{name}"
         if key not in self._cache:
-            from vars_fast.recommenders import load_recommender
-
             path = self.run.checkpoint(f"recommender_{name}")
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: run the 'recommender' stage first")
@@ -70,8 +69,6 @@ class Context:
         if key not in self._cache:
             rec = self.recommender(name)
             if getattr(self.cfg.attack, "fast_encoder", False):
-                from vars_fast.nn.fuse import fast_copy
-
                 probe = self.catalogue.item_batch(torch.arange(min(8, self.catalogue.n_items)), self.device)
                 rec = fast_copy(rec, probe)
             self._cache[key] = rec
@@ -79,8 +76,6 @@ class Context:
 
     def defense(self):
         if "defense" not in self._cache:
-            from vars_fast.defense import load_defense
-
             path = self.run.checkpoint("defense")
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: run the 'defense' stage first")

@@ -22,31 +22,32 @@ from vars_fast.registry import STAGES
 
 # The pipeline: STAGES in registration order. Each member imports its stage when it runs
 # (deferred on purpose): this module is the registry's home of STAGES, which the config imports
-# to check run.stages, and --help answers from it; neither should load every stage. main_only: rank 0 runs it alone under DDP
-# (the inference stages), the other ranks wait at a barrier.
+# to check run.stages, and --help answers from it; neither should load every stage.
+# main_only: rank 0 runs it alone under DDP (the inference stages), the other ranks wait at a
+# barrier.
 
 
 @STAGES.register("recommender", main_only=False)
 def _recommender(ctx) -> None:
-    from vars_fast.recommenders.stage import run_stage
+    from vars_fast.recommenders.stage import run_stage  # deferred (above)
     run_stage(ctx)
 
 
 @STAGES.register("attack", main_only=True)
 def _attack(ctx) -> None:
-    from vars_fast.attacks.stage import run_stage
+    from vars_fast.attacks.stage import run_stage  # deferred (above)
     run_stage(ctx)
 
 
 @STAGES.register("defense", main_only=False)
 def _defense(ctx) -> None:
-    from vars_fast.defense.stage import run_stage
+    from vars_fast.defense.stage import run_stage  # deferred (above)
     run_stage(ctx)
 
 
 @STAGES.register("evaluate", main_only=True)
 def _evaluate(ctx) -> None:
-    from vars_fast.evaluate import run_stage
+    from vars_fast.evaluate import run_stage  # deferred (above)
     run_stage(ctx)
 
 
