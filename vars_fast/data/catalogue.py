@@ -26,9 +26,8 @@ import numpy as np
 import torch
 
 from vars_fast.config import ConfigError, DataConfig
-from vars_fast.data import synthetic as syn
 from vars_fast.data.images import decode_catalogue, render_template, resolve_image_path, status_counts
-from vars_fast.data.interactions import RawData, format_stats, leave_one_out, preprocess, split_stats
+from vars_fast.data.interactions import format_stats, leave_one_out, preprocess, split_stats
 from vars_fast.data.synthetic import GENERATOR_VERSION, SyntheticCatalogue
 from vars_fast.io import atomic_write_bytes
 from vars_fast.registry import SOURCES
@@ -126,22 +125,6 @@ def _split_key(cfg: DataConfig) -> str:
     d["_files"] = [_file_id(cfg.interactions), _file_id(cfg.metadata)]
     d["_version"] = [1, GENERATOR_VERSION]
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-@SOURCES.register("synthetic", images="generated")
-def _synthetic_raw(cfg: DataConfig):
-    """The embedded generator's log; with ``keep_unbought`` its catalogue is every generated
-    item, else the items of the log (sorted by id: i<index> keeps index order)."""
-    attrs = syn.item_attributes(cfg.seed, np.arange(cfg.n_items), cfg.n_categories)
-    pairs = syn.sample_interactions(cfg.seed, cfg.n_users, attrs, cfg.n_categories, cfg.interactions_per_user,
-                                    cfg.min_interactions, cfg.popularity_weight,
-                                    taste_strength=cfg.taste_strength, popularity_sigma=cfg.popularity_sigma,
-                                    n_styles=cfg.n_styles)
-    item_ids = [f"i{i:07d}" for i in range(cfg.n_items)]
-    names = [syn.CATEGORY_NAMES[k % 8] + (f"-{k // 8}" if k >= 8 else "") for k in range(cfg.n_categories)]
-    return RawData(np.array([f"u{u:06d}" for u in pairs[:, 0]]), np.array(item_ids)[pairs[:, 1]],
-                   item_category={iid: names[c] for iid, c in zip(item_ids, attrs["category"])},
-                   all_items=item_ids if cfg.keep_unbought else None, category_names=names)
 
 
 def _build_split(cfg: DataConfig) -> dict:
