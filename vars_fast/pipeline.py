@@ -67,7 +67,6 @@ class Context:
     @property
     def catalogue(self):
         if "catalogue" not in self._cache:
-
             cache_dir = self.cfg.data.cache_dir or str(self.run.cache_dir)
             self._cache["catalogue"] = load_catalogue(self.cfg.data, cache_dir, progress=self.cfg.run.progress)
         return self._cache["catalogue"]
@@ -75,7 +74,6 @@ class Context:
     @property
     def backbone(self):
         if "backbone" not in self._cache:
-
             bb = build_backbone(self.cfg.backbone).to(self.device).eval()
             if self.cfg.run.channels_last:
                 bb = bb.to(memory_format=torch.channels_last)
@@ -85,7 +83,6 @@ class Context:
     def recommender(self, name: str):
         key = f"rec:{name}"
         if key not in self._cache:
-
             path = self.run.checkpoint(f"recommender_{name}")
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: run the 'recommender' stage first")
@@ -102,7 +99,6 @@ class Context:
         if key not in self._cache:
             rec = self.recommender(name)
             if getattr(self.cfg.attack, "fast_encoder", False):
-
                 probe = self.catalogue.item_batch(torch.arange(min(8, self.catalogue.n_items)), self.device)
                 rec = fast_copy(rec, probe)
             self._cache[key] = rec
@@ -110,7 +106,6 @@ class Context:
 
     def defense(self):
         if "defense" not in self._cache:
-
             path = self.run.checkpoint("defense")
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: run the 'defense' stage first")

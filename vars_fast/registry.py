@@ -112,7 +112,7 @@ class Registry:
 
 #: ``data.source``: ``read(DataConfig) -> RawData``; meta ``images``: "generated" (drawn by the
 #: source), "embedded" (inside the interaction file) or "files" (under ``data.images_root``)
-SOURCES = Registry("data source", "data.source", home=("vars_fast.data.catalogue", "vars_fast.data.interactions"))
+SOURCES = Registry("data source", "data.source", home=("vars_fast.data.interactions",))
 #: ``backbone.name``: ``build(weights) -> nn.Module``; meta ``mean``, ``std`` (input normalisation)
 BACKBONES = Registry("backbone", "backbone.name", home=("vars_fast.backbones",))
 #: ``recommender.models``: ``Recommender`` subclasses (``from_config``; class attributes say

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from vars_fast.registry import ATTACKS
+
 LossFn = Callable[[Tensor], Tensor]
 
 
@@ -38,8 +40,6 @@ class TargetedAttack:
     @property
     def iterative(self) -> bool:
         """Whether the optimiser takes steps from a start (so a warm start means something)."""
-        from vars_fast.registry import ATTACKS
-
         return bool(ATTACKS.meta(self.optimiser)["iterative"])
 
 

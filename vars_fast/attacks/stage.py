@@ -22,10 +22,13 @@ import time
 import numpy as np
 import torch
 
+from vars_fast.attacks.oracle import attack_eval_lists, encode_lists, list_ranking, oracle_users
+from vars_fast.attacks.taamr import popular_class
+from vars_fast.attacks.targeted import choose_hook, choose_targets, target_scores, targeted_attack, targeted_metrics
 from vars_fast.attacks.untargeted import amp_available, attack_catalogue, sample_item_triples
-from vars_fast.attacks.targeted import (choose_hook, choose_targets, target_scores, targeted_attack,
-                                        targeted_metrics)
 from vars_fast.io import atomic_write_bytes, atomic_write_json
+from vars_fast.metrics import ranking_metrics
+from vars_fast.recommenders import encode_catalogue
 from vars_fast.registry import TARGETED
 
 
@@ -70,15 +73,11 @@ def eps_for(cfg, model: str) -> list:
 
 
 def _encode(ctx, rec, images_u8):
-    from vars_fast.recommenders import encode_catalogue
-
     return encode_catalogue(ctx.encoder(rec.name), images_u8, ctx.cfg.attack.batch_size * 2, ctx.device,
                             progress=ctx.cfg.run.progress)
 
 
 def run_stage(ctx) -> None:
-    from vars_fast.metrics import ranking_metrics
-
     cfg, acfg, run = ctx.cfg, ctx.cfg.attack, ctx.run
     cat = ctx.catalogue
     amp = bool(cfg.run.amp) and amp_available(ctx.device)
@@ -148,8 +147,6 @@ def load_oracle_users(run) -> torch.Tensor | None:
 def oracle_users_for(ctx) -> torch.Tensor:
     """The seeded user subset of the "eval" objective, saved once so that every stage and a
     resumed run use the same users."""
-    from vars_fast.attacks.oracle import oracle_users
-
     users = load_oracle_users(ctx.run)
     if users is None:
         users = oracle_users(ctx.catalogue, ctx.cfg.eval.oracle_users, ctx.generator("attack:oracle-users"))
@@ -159,8 +156,6 @@ def oracle_users_for(ctx) -> torch.Tensor:
 
 def run_oracle(ctx, name: str, rec, topk, timing: dict) -> None:
     """The "eval" objective on one model: per-user images and their ranking rows."""
-    from vars_fast.attacks.oracle import attack_eval_lists, encode_lists, list_ranking
-
     cfg, acfg, run, cat = ctx.cfg, ctx.cfg.attack, ctx.run, ctx.catalogue
     users = oracle_users_for(ctx)
     shape = (users.numel(), 1 + cat.negatives.shape[1]) + tuple(cat.images.shape[1:])
@@ -191,8 +186,6 @@ def run_oracle(ctx, name: str, rec, topk, timing: dict) -> None:
 
 def run_targeted(ctx, amp: bool, topk, timing: dict) -> None:
     """AIP-INSA / AIP-EXPA / TAaMR on VBPR's cold targets; targeted rows + targets.json."""
-    from vars_fast.attacks.taamr import popular_class
-
     acfg, run, cat, dev = ctx.cfg.attack, ctx.run, ctx.catalogue, ctx.device
     rec = ctx.recommender("VBPR")
     targets = choose_targets(cat, acfg.n_targets, ctx.generator("attack:targets"))

@@ -34,6 +34,7 @@ from vars_fast.attacks.base import frozen, quantize_within
 from vars_fast.attacks.pgd import default_alpha
 from vars_fast.nn.fuse import fast_copy
 from vars_fast.registry import ATTACKS, OBJECTIVES
+from vars_fast.utils import progress as progress_bar
 
 
 def bpr_image_loss(rec, triples: Tensor, x_i: Tensor | None, x_j: Tensor | None) -> Tensor:
@@ -196,8 +197,6 @@ def attack_items(rec, cat, items: Tensor, attack: Callable[[Callable, Tensor, Te
     its backbone (held by reference, not as a submodule) and ``freeze`` are frozen throughout.
     Returns uint8 [len(items), 3, S, S] on the CPU, in the order of ``items``.
     """
-    from vars_fast.utils import progress as progress_bar
-
     device = torch.device(device)
     items = torch.as_tensor(items, dtype=torch.long).flatten()
     n, B = items.numel(), int(batch_size)

@@ -66,7 +66,8 @@ def validate(cfg: Config) -> None:
     for key, (reg, meta) in NAMED_KEYS.items():
         reg.check(eval_key(cfg, key), key, **meta)
     check(len(cfg.attack.objective) > 0, "attack.objective", "must name at least one objective")
-    from vars_fast.data.synthetic import STYLES  # numpy only
+    # cycle: vars_fast.data (its catalogue) imports the config; importing it loads torch too
+    from vars_fast.data.synthetic import STYLES
 
     check(cfg.eval.transfer.style in STYLES, "eval.transfer.style", f"must be one of {', '.join(STYLES)}")
     check(cfg.data.image_size >= 16, "data.image_size", "must be >= 16")

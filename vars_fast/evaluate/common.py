@@ -14,7 +14,7 @@ from vars_fast.memory_budget import loop_batch
 from vars_fast.metrics import ranking_metrics
 from vars_fast.nn.fuse import folded_copy
 from vars_fast.ops import random_resize_pad
-from vars_fast.utils import progress
+from vars_fast.utils import progress, to_float
 
 # the deployments (evaluate/deployments.py) of ``purify_all``'s two outputs, in that order
 RANK_DEFENSES = ("denoise", "denoise+rand")
@@ -26,11 +26,6 @@ __all__ = ["ARRAYS", "RANK_DEFENSES", "WITHHOLD_FALLBACKS", "Evaluation", "chunk
 def chunks(n: int, bs: int):
     for s in range(0, n, bs):
         yield s, min(s + bs, n)
-
-
-def to_float(x: Tensor, device) -> Tensor:
-    x = x.to(device)
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
 def det_json(m: dict) -> dict:
