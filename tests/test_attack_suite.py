@@ -11,14 +11,157 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 os.environ.setdefault("VARS_FAST_PROGRESS", "0")
 
-from vars_fast.attacks import PGD  # noqa: E402
+from vars_fast.attacks import APGD, PGD, Square  # noqa: E402
+from vars_fast.attacks.apgd import checkpoints  # noqa: E402
 from vars_fast.attacks.base import Attack  # noqa: E402
 from vars_fast.attacks.bpda import bpda, clamp, quantize_u8, straight_through  # noqa: E402
+from vars_fast.attacks.square import p_schedule  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+S = 12
+EPS = 16 / 255
+
+
+def _classifier(seed: int = 0, width: int = 16, n: int = 32):
+    """A random three-conv net whose logits are rescaled to a spread of 3 (a peaked but not
+    saturated softmax), its inputs and ``loss(x) -> CE [B]`` against its own clean predictions."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, std=(2.0 / m.weight[0].numel()) ** 0.5, generator=g)
+            nn.init.normal_(m.bias, std=0.1, generator=g)
+    x = torch.rand(n, 3, S, S, generator=g)
+    with torch.no_grad():
+        scale = 3.0 / net(x).std(1).mean()
+        net[-1].weight.mul_(scale)
+        net[-1].bias.mul_(scale)
+    net.eval().requires_grad_(False)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    return net, x, (lambda t: F.cross_entropy(net(t), y, reduction="none"))
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return _classifier()
+
+
+def _in_ball(adv, x, eps):
+    e = eps.view(-1, 1, 1, 1) if torch.is_tensor(eps) else eps
+    return bool(((adv - x).abs() <= e + 1e-6).all()) and adv.min() >= 0 and adv.max() <= 1
+
+
+# ------------------------------------------------------------------ ball, range, seeds
+@pytest.mark.parametrize("make", [
+    lambda f, e, s: APGD(f, e, steps=12, n_restarts=2, generator=torch.Generator().manual_seed(s)),
+    lambda f, e, s: Square(f, e, n_queries=60, generator=torch.Generator().manual_seed(s)),
+], ids=["apgd", "square"])
+@pytest.mark.parametrize("eps", [EPS, torch.linspace(1, 32, 32) / 255], ids=["scalar", "per-sample"])
+def test_ball_range_and_seed(clf, make, eps):
+    _, x, f = clf
+    adv = make(f, eps, 3)(x)
+    assert _in_ball(adv, x, eps)
+    assert not torch.equal(adv, x)
+    assert torch.equal(adv, make(f, eps, 3)(x))  # same seed, same images
+    assert not torch.equal(adv, make(f, eps, 4)(x))
+
+
+def test_apgd_beats_pgd_on_the_same_budget(clf):
+    """Same eps, same 50 gradient evaluations, same start seed: APGD's loss is at least PGD's
+    (keep_best: PGD's best iterate, not its last) for every sample, and higher on average."""
+    _, x, f = clf
+    a = APGD(f, EPS, steps=50, generator=torch.Generator().manual_seed(1))(x)
+    p = PGD(f, EPS, steps=50, keep_best=True, generator=torch.Generator().manual_seed(1))(x)
+    with torch.no_grad():
+        la, lp = f(a), f(p)
+    assert (la >= lp - 1e-5).all(), (la - lp).min()
+    assert la.mean() > lp.mean()
+
+
+def test_more_restarts_never_lower_the_best_loss(clf):
+    _, x, f = clf
+    one = APGD(f, EPS, steps=10, n_restarts=1, generator=torch.Generator().manual_seed(7))
+    three = APGD(f, EPS, steps=10, n_restarts=3, generator=torch.Generator().manual_seed(7))
+    a1, a3 = one(x), three(x)
+    assert torch.equal(one.trace[0], three.trace[0])  # the same first restart
+    assert (three.best_loss >= one.best_loss).all() and (three.best_loss > one.best_loss).any()
+    with torch.no_grad():  # best_loss is the returned images' loss
+        torch.testing.assert_close(f(a3), three.best_loss)
+        torch.testing.assert_close(f(a1), one.best_loss)
+    assert three.trace.shape == (3, 11) and (three.trace.diff(dim=1) >= 0).all()  # a running best
+
+
+# ------------------------------------------------------------------ APGD's step size
+def test_checkpoints_follow_the_paper():
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # the authors' code gives the same
+    assert checkpoints(10) == [3, 5, 6, 7, 8, 9, 10]
+    assert checkpoints(1) == [1]
+
+
+def test_apgd_halves_its_step_where_it_oscillates():
+    """On a concave loss with its maximum c inside the ball, steps of 2 eps overshoot: the loss
+    stops increasing, so the step halves at every checkpoint until APGD sits near c."""
+    g = torch.Generator().manual_seed(0)
+    x = 0.25 + 0.5 * torch.rand(4, 3, S, S, generator=g)
+    c = x + 0.3 * EPS * torch.sign(torch.randn(x.shape, generator=g))
+    f = lambda t: -(t - c).pow(2).flatten(1).sum(1)  # noqa: E731
+    atk = APGD(f, EPS, steps=100, random_start=False)
+    adv = atk(x)
+    eta = atk.step_trace[0]  # [steps, B]
+    assert torch.allclose(eta[0], torch.full((4,), 2 * EPS))
+    halvings = torch.log2(eta[0] / eta[-1]).round()
+    assert (halvings >= 4).all(), halvings  # several halvings, each at a checkpoint
+    changes = (eta.diff(dim=0) != 0).any(1).nonzero().squeeze(1) + 1
+    assert set(changes.tolist()) <= set(checkpoints(100))
+    assert ((adv - c).abs().max() <= eta[-1].max()).item()  # converged to within the last step
+    # plain PGD with the same budget and a fixed step stays as far from c as its step
+    p = PGD(f, EPS, alpha=2 * EPS, steps=100, random_start=False, keep_best=True)(x)
+    assert f(adv).mean() > f(p).mean()
+
+
+# ------------------------------------------------------------------ black box vs white box; noise
+def test_square_does_not_beat_white_box_apgd(clf):
+    """On a differentiable model, random search with 1000 queries must not find more than the
+    gradient does (if it did, the gradients would be masked): Square's mean loss is at most
+    APGD's plus two standard errors of their per-sample difference."""
+    _, x, f = clf
+    sq = Square(f, EPS, n_queries=1000, generator=torch.Generator().manual_seed(2))
+    xs = sq(x)
+    xa = APGD(f, EPS, steps=50, n_restarts=2, generator=torch.Generator().manual_seed(2))(x)
+    with torch.no_grad():
+        ls, la, l0 = f(xs), f(xa), f(x)
+    d = ls - la
+    assert d.mean() <= 2 * d.std() / d.numel() ** 0.5
+    assert ls.mean() > l0.mean() + 0.3 * (la.mean() - l0.mean())  # yet a working attack
+    assert sq.queries.eq(1000).all() and sq.trace.shape == (1000,) and (sq.trace.diff() >= 0).all()
+
+
+def test_uniform_noise_costs_far_less_than_apgd(clf):
+    _, x, f = clf
+    g = torch.Generator().manual_seed(5)
+    noisy = (x + (2 * torch.rand(x.shape, generator=g) - 1) * EPS).clamp(0, 1)
+    xa = APGD(f, EPS, steps=20, generator=torch.Generator().manual_seed(5))(x)
+    with torch.no_grad():
+        l0, ln, la = f(x).mean(), f(noisy).mean(), f(xa).mean()
+    assert la - l0 > 0.1
+    assert abs(ln - l0) < 0.1 * (la - l0)
+
+
+def test_square_schedule():
+    assert p_schedule(0, 10000, 0.8) == 0.8 and p_schedule(10, 10000, 0.8) == 0.8
+    assert p_schedule(11, 10000, 0.8) == 0.4 and p_schedule(8001, 10000, 0.8) == 0.8 / 512
+    # rescaled to 1000 iterations: the first halving after iteration 1, the last after 800
+    assert p_schedule(1, 1000, 0.8) == 0.8 and p_schedule(2, 1000, 0.8) == 0.4
+    assert p_schedule(801, 1000, 0.8) == 0.8 / 512
 
 
 # ------------------------------------------------------------------ EOT
@@ -42,7 +185,8 @@ def test_eot_averages_loss_and_gradient_over_draws():
     w = sum(ws) / 5
     torch.testing.assert_close(grad, w.expand_as(x))
     torch.testing.assert_close(loss, (x * w).flatten(1).sum(1))
-    assert Attack(_NoisyLoss(0), 0.1).eot == 1
+    # APGD takes the same argument; eot=1 is one call per evaluation
+    assert APGD(_NoisyLoss(0), 0.1, eot=4).eot == 4 and Attack(_NoisyLoss(0), 0.1).eot == 1
     with pytest.raises(ValueError):
         PGD(_NoisyLoss(0), 0.1, eot=0)
 
@@ -62,5 +206,3 @@ def test_bpda_forward_is_the_real_op_and_backward_the_identity():
     assert torch.equal(y, torch.round(x.detach()))
     (g,) = torch.autograd.grad((w * y).sum(), x)
     torch.testing.assert_close(g, 2 * w)
-
-

@@ -119,9 +119,11 @@ BACKBONES = Registry("backbone", "backbone.name", home=("vars_fast.backbones",))
 #: what they consume and the order the recommender stage trains them in)
 RECOMMENDERS = Registry("recommender", "recommender.models", home=("vars_fast.recommenders",))
 #: ``attack.untargeted``: ``Attack`` optimisers (``craft``); meta ``iterative`` (takes steps,
-#: a step size and a start), ``ball`` ("linf": eps in /255 per pixel; "l2")
+#: a step size and a start), ``ball`` ("linf": eps in /255 per pixel; "l2"), ``gradient_free``
+#: (reads only the loss: Square)
 ATTACKS = Registry("attack", "attack.untargeted",
-                   home=("vars_fast.attacks.fgsm", "vars_fast.attacks.pgd", "vars_fast.attacks.pgd_l2"))
+                   home=("vars_fast.attacks.fgsm", "vars_fast.attacks.pgd", "vars_fast.attacks.pgd_l2",
+                         "vars_fast.attacks.apgd", "vars_fast.attacks.square"))
 #: ``attack.objective``: who the images are crafted against; the member crafts them
 OBJECTIVES = Registry("attack objective", "attack.objective",
                       home=("vars_fast.attacks.untargeted", "vars_fast.attacks.oracle"))
