@@ -16,11 +16,17 @@ from torch import nn
 
 os.environ.setdefault("VARS_FAST_PROGRESS", "0")
 
-from vars_fast.attacks import APGD, PGD, Square  # noqa: E402
+from vars_fast.attacks import APGD, PGD, Square, attack_catalogue, item_loss_fn, sample_item_triples  # noqa: E402
 from vars_fast.attacks.apgd import checkpoints  # noqa: E402
 from vars_fast.attacks.base import Attack  # noqa: E402
 from vars_fast.attacks.bpda import bpda, clamp, quantize_u8, straight_through  # noqa: E402
+from vars_fast.attacks.margin import RANK, competitors, margin_targets  # noqa: E402
 from vars_fast.attacks.square import p_schedule  # noqa: E402
+from vars_fast.attacks.untargeted import item_loss  # noqa: E402
+from vars_fast.config import AttackConfig, make_config  # noqa: E402
+from vars_fast.data import Catalogue  # noqa: E402
+from vars_fast.errors import ConfigError  # noqa: E402
+from vars_fast.registry import ATTACK_LOSSES  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,3 +212,129 @@ def test_bpda_forward_is_the_real_op_and_backward_the_identity():
     assert torch.equal(y, torch.round(x.detach()))
     (g,) = torch.autograd.grad((w * y).sum(), x)
     torch.testing.assert_close(g, 2 * w)
+
+
+# ------------------------------------------------------------------ the ranking-margin loss
+class LinRec(nn.Module):
+    """y_ui = p_u . (q_i + E f_i) with f the per-channel mean of the image: a recommender whose
+    scores are easy to compute by hand."""
+
+    name = "LIN"
+    uses_images = True
+
+    def __init__(self, n_users, n_items, k=3, seed=0, visual_scale=3.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.P = nn.Parameter(torch.randn(n_users, k, generator=g))
+        self.Q = nn.Parameter(torch.randn(n_items, k, generator=g))
+        self.E = nn.Parameter(visual_scale * torch.randn(k, 3, generator=g))
+        self.item_visual = None
+
+    def encode(self, x):
+        return x.mean((2, 3))
+
+    def score(self, users, items, visual=None):
+        if visual is None:
+            visual = self.item_visual[items]
+        p = self.P[users].unsqueeze(1) if items.dim() == 2 else self.P[users]
+        return (p * (self.Q[items] + visual @ self.E.t())).sum(-1)
+
+
+def _catalogue(pairs, n_users, n_items, seed=0) -> Catalogue:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(40, 216, (n_items, 3, S, S), generator=g, dtype=torch.uint8)
+    return Catalogue(n_users=n_users, n_items=n_items, train=torch.tensor(sorted(pairs)),
+                     test=torch.zeros(n_users, dtype=torch.long), negatives=torch.zeros(n_users, 3, dtype=torch.long),
+                     images=images, status=["ok"] * n_items, item_ids=[str(i) for i in range(n_items)],
+                     user_ids=[str(u) for u in range(n_users)])
+
+
+def _with_clean_visual(rec, cat):
+    with torch.no_grad():
+        rec.item_visual = rec.encode(cat.item_batch(torch.arange(cat.n_items)))
+    return rec
+
+
+def test_margin_equals_a_hand_computation():
+    # user 0: 2 positives (10 competitors), user 1: 1 (11), user 2: 3 (9: fewer than RANK)
+    pairs = {(0, 0), (0, 5), (1, 0), (2, 0), (2, 3), (2, 7)}
+    cat = _catalogue(pairs, 3, 12)
+    rec = _with_clean_visual(LinRec(3, 12).eval().requires_grad_(False), cat)
+    pos = cat.user_pos()
+    tr = margin_targets(rec, cat, 4, torch.Generator().manual_seed(0))
+    x = torch.rand(12, 3, S, S, generator=torch.Generator().manual_seed(1))  # some perturbed images
+    got = item_loss_fn(rec, torch.arange(12), tr.users, tr.others, tr.sign, loss=ATTACK_LOSSES["margin"].item_loss)(x)
+
+    clean = rec.score(torch.arange(3).repeat_interleave(12), torch.arange(12).repeat(3)).view(3, 12).tolist()
+    for k in range(12):
+        fk = x[k].mean((1, 2))
+        terms = []
+        for u in range(3):
+            if k not in pos[u]:
+                continue
+            comp = sorted((clean[u][j] for j in range(12) if j != k and j not in pos[u]), reverse=True)
+            s_c = comp[RANK - 1] if len(comp) >= RANK else comp[-1]
+            s_k = float((rec.P[u] * (rec.Q[k] + rec.E @ fk)).sum())
+            terms.append(-(s_k - s_c))
+        want = sum(terms) / len(terms) if terms else 0.0
+        assert abs(float(got[k]) - want) < 1e-5, (k, float(got[k]), want)
+    # item 0's three users are all its targets; item 1 has none (weight 0, loss 0)
+    assert sorted(tr.users[0][tr.sign[0] > 0].tolist()) == [0, 1, 2] and tr.sign[1].sum() == 0
+
+
+def test_competitors_exclude_the_item_itself():
+    """For a pair whose item is not a training positive of the user (the ``eval`` case), the
+    item is no competitor of itself: it is skipped, and the next one is taken."""
+    cat = _catalogue({(0, 0), (1, 1), (2, 2)}, 3, 12)
+    rec = _with_clean_visual(LinRec(3, 12).eval().requires_grad_(False), cat)
+    s = rec.score(torch.zeros(12, dtype=torch.long), torch.arange(12))
+    s[0] = -torch.inf
+    order = s.argsort(descending=True).tolist()  # user 0's competitors, best first
+    best = order[0]
+    c = competitors(rec, cat, torch.tensor([0, 0]), torch.tensor([best, order[RANK]]))
+    assert c.tolist() == [order[RANK], order[RANK - 1]]
+
+
+def test_maximising_the_margin_demotes_the_item():
+    """The catalogue attack with ``attack.loss: margin`` (APGD, 16/255): each attacked item
+    falls in its target users' rankings among its competitors."""
+    g = torch.Generator().manual_seed(3)
+    pairs = {(u, int(i)) for u in range(8) for i in torch.randperm(16, generator=g)[:3]}
+    cat = _catalogue(pairs, 8, 16, seed=3)
+    rec = _with_clean_visual(LinRec(8, 16, seed=3, visual_scale=10.0).eval(), cat)
+    cfg = AttackConfig(loss="margin", pgd_steps=20, triples_per_item=4, batch_size=8, fast_encoder=False)
+    adv = attack_catalogue(rec, cat, "apgd", 16, cfg, torch.Generator().manual_seed(0), progress=False)
+    assert (adv.int() - cat.images.int()).abs().max() <= 16
+    pos = cat.user_pos()
+
+    def ranks(images):
+        with torch.no_grad():
+            f = rec.encode(images.float() / 255)
+        out = []
+        for k in range(16):
+            for u in range(8):
+                if k in pos[u]:
+                    s = rec.score(torch.full((16,), u), torch.arange(16), visual=rec.item_visual).detach()
+                    s_k = rec.score(torch.tensor([u]), torch.tensor([k]), visual=f[k:k + 1]).detach()
+                    others = [j for j in range(16) if j != k and j not in pos[u]]
+                    out.append(int((s[others] > s_k).sum()))
+        return torch.tensor(out, dtype=torch.float32)
+
+    before, after = ranks(cat.images), ranks(adv)
+    assert after.mean() > before.mean() + 1
+    assert (after >= before).float().mean() >= 0.9
+
+
+def test_bpr_is_the_default_and_draws_the_same_triples():
+    """``attack.loss: bpr`` is the BPR objective as before: the same triples from the same
+    generator, the same per-item loss function; an unknown loss fails in one line."""
+    assert AttackConfig().loss == "bpr"
+    cat = _catalogue({(u, (u * 5 + j) % 12) for u in range(6) for j in range(3)}, 6, 12)
+    spec = ATTACK_LOSSES["bpr"]
+    a = spec.targets(None, cat, 5, torch.Generator().manual_seed(0), "bpr")
+    b = sample_item_triples(cat, 5, torch.Generator().manual_seed(0), "bpr")
+    assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in ("users", "others", "sign"))
+    assert spec.item_loss is item_loss
+    assert make_config("quick", overrides={"attack.loss": "margin"}).attack.loss == "margin"
+    with pytest.raises(ConfigError, match=r"^attack\.loss: unknown attack loss 'cw'"):
+        make_config("quick", overrides={"attack.loss": "cw"})

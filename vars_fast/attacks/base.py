@@ -43,6 +43,19 @@ class TargetedAttack:
         return bool(ATTACKS.meta(self.optimiser)["iterative"])
 
 
+@dataclass(frozen=True)
+class CatalogueLoss:
+    """A member of ``ATTACK_LOSSES`` (``attack.loss``): the per-item objective of the catalogue
+    attack. ``targets(rec, cat, per_item, generator, roles) -> ItemTriples`` draws what each
+    item's loss is computed over (once per model, before the attack); ``item_loss(rec, x, users,
+    items, s_other, sign) -> [B]`` is the loss of a batch of items as a function of their images
+    (``untargeted.item_loss`` is the BPR one), given their rows of the targets and the other
+    side's clean scores ``s_other`` (``untargeted.item_loss_fn`` computes them once per batch)."""
+
+    targets: Callable[..., Any]
+    item_loss: Callable[..., Tensor]
+
+
 @contextlib.contextmanager
 def frozen(*modules: nn.Module | None) -> Iterator[None]:
     """Eval mode and ``requires_grad_(False)`` for the modules; both restored on exit."""
