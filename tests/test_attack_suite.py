@@ -197,6 +197,23 @@ def test_eot_averages_loss_and_gradient_over_draws():
         PGD(_NoisyLoss(0), 0.1, eot=0)
 
 
+def test_a_loss_with_its_own_gradient_is_differentiated_through_it():
+    """``adaptive.DefendedLoss`` bounds its EOT graph in ``loss_and_grad``; APGD and PGD use it."""
+    calls = []
+
+    class Own:
+        def __call__(self, x):
+            return x.flatten(1).sum(1)
+
+        def loss_and_grad(self, x):
+            calls.append(x.shape[0])
+            return x.flatten(1).sum(1), torch.ones_like(x)
+
+    x = torch.full((2, 3, 4, 4), 0.5)
+    adv = APGD(Own(), 0.1, steps=3, random_start=False)(x)
+    assert calls == [2] * 4 and torch.allclose(adv, x + 0.1)
+
+
 # ------------------------------------------------------------------ BPDA
 def test_bpda_forward_is_the_real_op_and_backward_the_identity():
     x = (torch.rand(2, 3, 5, 5, dtype=torch.float64) * 1.4 - 0.2).requires_grad_(True)

@@ -102,7 +102,9 @@ class Attack:
 
     Args:
         loss_fn: ``x -> loss [B]`` to maximise (one value per sample; samples must not
-            interact, so that a sample's gradient does not depend on its batch mates).
+            interact, so that a sample's gradient does not depend on its batch mates). A loss
+            object with its own ``loss_and_grad(x) -> (loss [B], grad)`` (``adaptive.DefendedLoss``,
+            which bounds the EOT images held in one graph) is differentiated through that.
         eps: L-inf radius in pixel units ([0,1] scale); a float or a [B] tensor.
         generator: a ``torch.Generator`` for the random parts (random start, EOT draws).
         eot: expectation over transformation (Athalye et al., 2018): for a stochastic
@@ -142,6 +144,9 @@ class Attack:
         return sum(self.loss_fn(x).detach().float() for _ in range(self.eot)) / self.eot
 
     def _loss_and_grad_once(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        own = getattr(self.loss_fn, "loss_and_grad", None)
+        if own is not None:  # a loss that bounds its own graph (adaptive.DefendedLoss: EOT chunks)
+            return own(x)
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             loss = self.loss_fn(xr)

@@ -70,8 +70,11 @@ class Square(Attack):
     def craft(cls, loss_fn, x, eps, *, steps=None, alpha=None, init=None, random_start=True, generator=None,
               keep_best=True, n_queries=1000, p_init=0.8, eot=1):
         """Gradient steps and their size do not apply (``steps``, ``alpha`` ignored): the budget is
-        ``n_queries``. The result is always the best candidate found."""
-        return cls(loss_fn, eps, n_queries=n_queries, p_init=p_init, eot=eot, generator=generator)(x, init=init)
+        ``n_queries``. ``init`` is ignored too: in this protocol it is a caller's uniform random
+        start, and Square's own random start is the vertical stripes (a warm start from another
+        attack's result: ``Square(...)(x, init=...)``). The result is always the best candidate.
+        ``generator=None`` draws from torch's global generator."""
+        return cls(loss_fn, eps, n_queries=n_queries, p_init=p_init, eot=eot, generator=generator)(x)
 
     def _rand(self, *shape: int, device) -> Tensor:
         gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
