@@ -138,7 +138,8 @@ def main(argv=None) -> int:
         eps = eps255 / 255
         gen = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731
         with frozen(net):
-            ours_apgd, t_oa = timed(lambda: APGD(ce, eps, steps=args.steps, n_restarts=args.restarts, generator=gen())(x))
+            ours_apgd, t_oa = timed(lambda: APGD(ce, eps, steps=args.steps, n_restarts=args.restarts,
+                                                 generator=gen())(x))
             ta = torchattacks.APGD(net, norm="Linf", eps=eps, steps=args.steps, n_restarts=args.restarts,
                                    seed=args.seed, loss="ce", eot_iter=1, rho=0.75)
             ta_adv, t_ta = timed(lambda: ta(x, y))

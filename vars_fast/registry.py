@@ -126,7 +126,8 @@ ATTACKS = Registry("attack", "attack.untargeted",
                          "vars_fast.attacks.apgd", "vars_fast.attacks.square"))
 #: ``attack.loss``: ``attacks.base.CatalogueLoss``, the per-item objective the catalogue attack
 #: maximises (its targets and its loss as a function of the item's image)
-ATTACK_LOSSES = Registry("attack loss", "attack.loss", home=("vars_fast.attacks.untargeted", "vars_fast.attacks.margin"))
+ATTACK_LOSSES = Registry("attack loss", "attack.loss",
+                         home=("vars_fast.attacks.untargeted", "vars_fast.attacks.margin"))
 #: ``attack.objective``: who the images are crafted against; the member crafts them
 OBJECTIVES = Registry("attack objective", "attack.objective",
                       home=("vars_fast.attacks.untargeted", "vars_fast.attacks.oracle"))
@@ -144,5 +145,5 @@ BACKENDS = Registry("ops backend", "run.backend", home=("vars_fast.ops._dispatch
 #: ``run.stages``: ``run_stage(ctx)`` in pipeline order; meta ``main_only`` (rank 0 alone runs it)
 STAGES = Registry("stage", "run.stages", home=("vars_fast.train",))
 
-FAMILIES: tuple[Registry, ...] = (SOURCES, BACKBONES, RECOMMENDERS, ATTACKS, ATTACK_LOSSES, OBJECTIVES, TARGETED, DEFENSES,
-                                  DEFENSE_VARIANTS, THRESHOLD_RULES, BACKENDS, STAGES)
+FAMILIES: tuple[Registry, ...] = (SOURCES, BACKBONES, RECOMMENDERS, ATTACKS, ATTACK_LOSSES, OBJECTIVES, TARGETED,
+                                  DEFENSES, DEFENSE_VARIANTS, THRESHOLD_RULES, BACKENDS, STAGES)
