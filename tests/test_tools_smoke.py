@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted([*(ROOT / "tools").glob("*.py"),
                   *(p for p in (ROOT / "benchmarks").glob("*.py")
                     if not p.name.startswith("test_") and p.name != "conftest.py")])
-OPTIONAL = ("cornac", "ray")  # extras a script may use, never needed to answer --help
+OPTIONAL = ("cornac", "ray", "torchattacks")  # extras a script may use, never needed to answer --help
 
 
 # ------------------------------------------------------------------ --help of every script
@@ -41,8 +41,8 @@ def help_runs(tmp_path_factory) -> dict[Path, subprocess.CompletedProcess]:
 
 def test_scripts_found():
     names = {p.name for p in SCRIPTS}
-    assert {"report.py", "crosscheck_cornac.py", "image_size_cost.py", "denoiser_fidelity.py",
-            "addition_baseline.py"} <= names, names
+    assert {"report.py", "crosscheck_cornac.py", "crosscheck_attacks.py", "image_size_cost.py",
+            "denoiser_fidelity.py", "addition_baseline.py"} <= names, names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -14,7 +14,7 @@ plugin) is registered when that code is imported, exactly like a built-in one.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from vars_fast.errors import ConfigError
 
@@ -119,9 +119,15 @@ BACKBONES = Registry("backbone", "backbone.name", home=("vars_fast.backbones",))
 #: what they consume and the order the recommender stage trains them in)
 RECOMMENDERS = Registry("recommender", "recommender.models", home=("vars_fast.recommenders",))
 #: ``attack.untargeted``: ``Attack`` optimisers (``craft``); meta ``iterative`` (takes steps,
-#: a step size and a start), ``ball`` ("linf": eps in /255 per pixel; "l2")
+#: a step size and a start), ``ball`` ("linf": eps in /255 per pixel; "l2"), ``gradient_free``
+#: (reads only the loss: Square)
 ATTACKS = Registry("attack", "attack.untargeted",
-                   home=("vars_fast.attacks.fgsm", "vars_fast.attacks.pgd", "vars_fast.attacks.pgd_l2"))
+                   home=("vars_fast.attacks.fgsm", "vars_fast.attacks.pgd", "vars_fast.attacks.pgd_l2",
+                         "vars_fast.attacks.apgd", "vars_fast.attacks.square"))
+#: ``attack.loss``: ``attacks.base.CatalogueLoss``, the per-item objective the catalogue attack
+#: maximises (its targets and its loss as a function of the item's image)
+ATTACK_LOSSES = Registry("attack loss", "attack.loss",
+                         home=("vars_fast.attacks.untargeted", "vars_fast.attacks.margin"))
 #: ``attack.objective``: who the images are crafted against; the member crafts them
 OBJECTIVES = Registry("attack objective", "attack.objective",
                       home=("vars_fast.attacks.untargeted", "vars_fast.attacks.oracle"))
@@ -146,5 +152,6 @@ DEPLOYMENTS = Registry("deployed defence", "eval.defenses", home=("vars_fast.eva
 SECTIONS = Registry("evaluation section", "evaluate --section",
                     home=("vars_fast.evaluate", "vars_fast.recommenders.stage"))
 
-FAMILIES: tuple[Registry, ...] = (SOURCES, BACKBONES, RECOMMENDERS, ATTACKS, OBJECTIVES, TARGETED, DEFENSES,
-                                  DEFENSE_VARIANTS, THRESHOLD_RULES, BACKENDS, STAGES, SECTIONS, DEPLOYMENTS)
+FAMILIES: tuple[Registry, ...] = (SOURCES, BACKBONES, RECOMMENDERS, ATTACKS, ATTACK_LOSSES, OBJECTIVES, TARGETED,
+                                  DEFENSES, DEFENSE_VARIANTS, THRESHOLD_RULES, BACKENDS, STAGES, SECTIONS,
+                                  DEPLOYMENTS)

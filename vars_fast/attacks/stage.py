@@ -25,11 +25,11 @@ import torch
 from vars_fast.attacks.oracle import attack_eval_lists, encode_lists, list_ranking, oracle_users
 from vars_fast.attacks.taamr import popular_class
 from vars_fast.attacks.targeted import choose_hook, choose_targets, target_scores, targeted_attack, targeted_metrics
-from vars_fast.attacks.untargeted import amp_available, attack_catalogue, sample_item_triples
+from vars_fast.attacks.untargeted import amp_available, attack_catalogue
 from vars_fast.io import atomic_write_bytes, atomic_write_json
 from vars_fast.metrics import ranking_metrics
 from vars_fast.recommenders import encode_catalogue
-from vars_fast.registry import TARGETED
+from vars_fast.registry import ATTACK_LOSSES, TARGETED
 
 
 def _eps_key(eps):
@@ -94,8 +94,8 @@ def run_stage(ctx) -> None:
             run_oracle(ctx, name, rec, topk, timing)
         if "train" not in acfg.objective:
             continue
-        triples = sample_item_triples(cat, acfg.triples_per_item, ctx.generator(f"attack:{name}:triples"),
-                                      acfg.triple_roles)
+        triples = ATTACK_LOSSES[acfg.loss].targets(rec, cat, acfg.triples_per_item,
+                                                   ctx.generator(f"attack:{name}:triples"), acfg.triple_roles)
         clean = ranking_metrics(rec, cat, topk=topk)
         rows = []
         for method in acfg.untargeted:

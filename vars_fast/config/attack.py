@@ -19,6 +19,11 @@ class AttackConfig:
     # how many of an item's triples have it as the positive: "bpr" (as often as in the BPR
     # triple distribution: pop / (pop + |D|/N)) or "balanced" (half); see attacks/untargeted.py
     triple_roles: Literal["bpr", "balanced"] = "bpr"
+    # the per-item objective of the "train" catalogue attack: "bpr" (the paper's: the BPR loss over
+    # the item's training triples) or "margin" (each of the item's training users' score gap to
+    # their 10th-best competitor, pushed negative: attacks/margin.py); the "eval" objective keeps
+    # its BPR list loss
+    loss: str = "bpr"
     batch_size: int = 64
     targets: list = field(default_factory=lambda: ["aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"])
     target_eps: list = field(default_factory=lambda: [4, 8, 16, 32])

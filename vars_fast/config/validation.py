@@ -27,6 +27,7 @@ NAMED_KEYS: dict[str, tuple[R.Registry, dict[str, Any]]] = {
     "eval.oracle_models": (R.RECOMMENDERS, {}),
     "attack.untargeted": (R.ATTACKS, {"ball": "linf"}),  # eps in /255 per pixel
     "attack.objective": (R.OBJECTIVES, {}),
+    "attack.loss": (R.ATTACK_LOSSES, {}),
     "attack.targets": (R.TARGETED, {}),
     "defense.ablations": (R.DEFENSE_VARIANTS, {}),
     "defense.threshold_rule": (R.THRESHOLD_RULES, {}),
