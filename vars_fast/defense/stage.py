@@ -71,7 +71,7 @@ def _train_variant(ctx, variant: str, split: dict, log, progress: bool):
         # only full writes it and only no-detector reads it (the lanes run concurrently: another
         # variant writing its own phase 1 there would race with full)
         phase1_path=(ctx.run.checkpoint("defense_phase1")
-                     if variant in ("full", "no-detector") and not ddp.is_distributed() else None))
+                     if DEFENSE_VARIANTS.meta(variant)["full_phase1"] and not ddp.is_distributed() else None))
 
 
 def _lane_main(cfg_dict: dict, run_path: str, variants: list[str], threads: int, split: dict, log_file: str) -> None:
