@@ -20,11 +20,10 @@ import torch
 
 
 def main() -> None:
-    from vars_fast.config import apply_overrides, from_dict, load_yaml, parse_set, validate
+    from vars_fast.config import parse_set
     from vars_fast.evaluate import Evaluation
-    from vars_fast.evaluate.adaptive import _attacker, train_objective
+    from vars_fast.evaluate.adaptive import attacker_spec, train_objective
     from vars_fast.pipeline import Context
-    from vars_fast.run import RunFolder
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
@@ -34,15 +33,13 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = from_dict(load_yaml(Path(a.run_dir) / "config.yaml"))
-    apply_overrides(cfg, parse_set(a.set))
-    cfg.run.progress = False
-    validate(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    ctx = Context(cfg=cfg, run=RunFolder(a.run_dir), device=torch.device("cpu"), log=logging.getLogger("adaptive"))
+    ctx = Context.open(a.run_dir, {**parse_set(a.set), "run.progress": False}, device="cpu",
+                       log=logging.getLogger("adaptive"))
+    cfg = ctx.cfg
     torch.manual_seed(cfg.run.seed)
     ev = Evaluation(ctx)
-    spec = _attacker(ev)
+    spec = attacker_spec(ev)
     train_objective(ev, spec)
     rows = ctx.run.rows("detection", attack="adaptive-pgd")
     keep = ("variant", "eps", "steps", "eot", "detect_weight", "n_adv", "threshold", "tpr", "fpr", "tpr_at_fpr05",

@@ -1,6 +1,7 @@
 """Compare the metrics.json rows of two runs: are the results the same?
 
-    python benchmarks/compare_metrics.py RUN_A RUN_B [--sections ranking,detection] [--tol 0] [--md OUT.md]
+    python benchmarks/compare_metrics.py RUN_A RUN_B [--sections ranking,detection] [--tol 0] [--ignore FIELD]
+                                         [--md OUT.md]
 
 RUN_A, RUN_B: run folders (or their metrics.json). Rows are matched by their identity (the
 non-metric fields, as ``vars_fast.run`` matches them when a stage is re-run); every numeric
@@ -40,13 +41,13 @@ def _numbers(v) -> list[float]:
     return []
 
 
-def compare_section(kind: str, a: list[dict], b: list[dict], tol: float) -> dict:
+def compare_section(kind: str, a: list[dict], b: list[dict], tol: float, ignore: tuple[str, ...] = ()) -> dict:
     ra, rb = {_ident(kind, r): r for r in a}, {_ident(kind, r): r for r in b}
     diffs, worst = [], 0.0
     for key in sorted(set(ra) & set(rb), key=str):
         x, y = ra[key], rb[key]
         for f in sorted(set(x) | set(y)):
-            if f in _KEYS[kind]:
+            if f in _KEYS[kind] or f in ignore:
                 continue
             if (f in x) != (f in y):
                 diffs.append((key, f, x.get(f), y.get(f), math.inf))
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default="ranking,detection")
     ap.add_argument("--tol", type=float, default=0.0, help="largest absolute difference counted as equal")
     ap.add_argument("--md", help="also write the comparison as markdown to this file")
+    ap.add_argument("--ignore", action="append", default=[], metavar="FIELD",
+                    help="a row field not to compare (repeatable), e.g. --ignore table when one run predates it")
     args = ap.parse_args(argv)
     ma, mb = load(args.a), load(args.b)
     ok, lines = True, []
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("|---|---|---|---|---|---|")
     detail = []
     for kind in [s for s in args.sections.split(",") if s]:
-        r = compare_section(kind, ma.get(kind, []), mb.get(kind, []), args.tol)
+        r = compare_section(kind, ma.get(kind, []), mb.get(kind, []), args.tol, tuple(args.ignore))
         ok &= not (r["only_a"] or r["only_b"] or r["diffs"])
         print(f"{kind}: {r['matched']} rows matched, {len(r['only_a'])} only in A, {len(r['only_b'])} only in B, "
               f"{len(r['diffs'])} values differ, largest abs difference {r['max_abs']:.3g}")

@@ -28,7 +28,7 @@ import torch
 os.environ.setdefault("VARS_FAST_PROGRESS", "0")
 
 from vars_fast.attacks import attack_catalogue, sample_item_triples  # noqa: E402
-from vars_fast.attacks.catalogue import item_loss_fn  # noqa: E402
+from vars_fast.attacks.untargeted import item_loss_fn  # noqa: E402
 from vars_fast.attacks.pgd import default_alpha  # noqa: E402
 from vars_fast.config import make_config  # noqa: E402
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vars_fast.attacks.pgd_l2 import PGDL2, l2_radius, project_l2
-from vars_fast.attacks.transfer import build_surrogate, feature_shift_loss, transfer_attack
+from vars_fast.attacks.surrogate import build_surrogate, feature_shift_loss, transfer_attack
 from vars_fast.corruptions import gaussian_noise, jpeg
 
 

@@ -70,14 +70,15 @@ def test_report_and_screen_missing_paths(tmp_path):
 
 def test_report_marks_points_not_run(tmp_path):
     """Fig. 6 table: a (model, defence) curve with a point missing at one eps shows "–" there."""
-    from vars_fast.report import curve_table, write_report
+    from vars_fast.evaluate.ranking import curve_table
+    from vars_fast.report import write_report
 
     hr = {k: 0.3 for k in ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")}
     rows = [{"model": "VBPR", "defense": d, "attack": "clean", "eps": 0, **hr} for d in ("none", "denoise")]
     rows += [{"model": "VBPR", "defense": "none", "attack": "pgd", "eps": e, **hr} for e in (8, 16, 32)]
     rows += [{"model": "VBPR", "defense": "denoise", "attack": "pgd", "eps": e, **hr} for e in (8, 32)]
     m = {"meta": {}, "ranking": rows, "detection": [], "targeted": []}
-    table = curve_table(m)
+    table = curve_table(rows)
     denoise_row = next(line for line in table.splitlines() if "| denoise |" in line)
     assert denoise_row.split("|")[-3].strip() == "–"  # eps 16 column
     assert "NaN" not in table

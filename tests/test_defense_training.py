@@ -117,7 +117,7 @@ def test_training_figure(tmp_path):
 def test_shared_backbone_pass_matches_separate_losses(setup):
     import copy
 
-    from vars_fast.attacks.catalogue import sample_item_triples
+    from vars_fast.attacks.untargeted import sample_item_triples
     from vars_fast.defense.training import _ItemObjective, _rec_and_perceptual
 
     cat, rec, bb = setup

@@ -8,7 +8,7 @@ from vars_fast.backbones import build_backbone
 from vars_fast.config import BackboneConfig, ConfigError, DVBPRConfig, RecommenderConfig, make_config
 from vars_fast.recommenders import build_recommender, load_recommender, save_recommender
 from vars_fast.recommenders.dvbpr import DVBPR, BackboneCNN, SmallCNN, lr_multiplier
-from vars_fast.report import ranking_table
+from vars_fast.evaluate.ranking import ranking_table
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,17 +131,17 @@ def test_table3_holds_dvbpr_rows_only():
 
     rows = [row(mod, d, a, 0 if a == "clean" else 8) for mod in ("VBPR", "AMR", "DVBPR")
             for d in ("none", "denoise") for a in ("clean", "fgsm", "pgd")]
-    dv = ranking_table({"ranking": rows}, "DVBPR", 8)
+    dv = ranking_table(rows, "DVBPR", 8)
     body = [ln for ln in dv.splitlines() if ln.startswith("| ") and "method" not in ln]
     assert len(body) == 6 and not any("AMR" in ln or "VBPR |" in ln.replace("DVBPR", "") for ln in body)
     assert {ln.split("|")[2].strip() for ln in body} == {"DVBPR", "OURS"}
-    vb = ranking_table({"ranking": rows}, "VBPR", 8)
+    vb = ranking_table(rows, "VBPR", 8)
     assert sum("| AMR |" in ln for ln in vb.splitlines()) == 3  # AMR stays beside VBPR
 
 
 def test_attack_reaches_dvbpr_through_its_cnn(tiny_catalogue, lite0):
     """FGSM through the fine-tuned CNN (the attack stage's BN-folded fast copy) moves Φ."""
-    from vars_fast.attacks.catalogue import attack_catalogue
+    from vars_fast.attacks.untargeted import attack_catalogue
     from vars_fast.config import AttackConfig
     from vars_fast.recommenders import encode_catalogue
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from vars_fast import memory
+from vars_fast import memory_budget as memory
 from vars_fast.attacks.adaptive import AdaptivePGD, DefendedLoss
 from vars_fast.config import make_config
 

@@ -22,8 +22,10 @@ def registered(reg: R.Registry, name: str, obj, **meta):
 
 
 def test_every_family_holds_what_the_code_defines():
-    from vars_fast.attacks import FGSM, PGD, PGDL2
-    from vars_fast.attacks.catalogue import attack_catalogue
+    from vars_fast.attacks import APGD, FGSM, PGD, PGDL2, Square
+    from vars_fast.attacks.margin import margin_item_loss
+    from vars_fast.attacks.untargeted import item_loss
+    from vars_fast.attacks.untargeted import attack_catalogue
     from vars_fast.attacks.oracle import attack_eval_lists
     from vars_fast.defense import Defense
     from vars_fast.defense.addition import Addition
@@ -35,8 +37,10 @@ def test_every_family_holds_what_the_code_defines():
         "synthetic": "generated", "generic": "files", "amazon": "files", "dvbpr_npy": "embedded"}
     assert set(R.BACKBONES) == {"resnet50", "resnet18", "efficientnet_lite0"}
     assert dict(R.RECOMMENDERS.items()) == {c.name: c for c in (VBPR, AMR, DVBPR, BPR, Pop)}
-    assert dict(R.ATTACKS.items()) == {"fgsm": FGSM, "pgd": PGD, "pgd-l2": PGDL2}
-    assert set(R.ATTACKS.where(ball="linf")) == {"fgsm", "pgd"}
+    assert dict(R.ATTACKS.items()) == {"fgsm": FGSM, "pgd": PGD, "pgd-l2": PGDL2, "apgd": APGD, "square": Square}
+    assert set(R.ATTACKS.where(ball="linf")) == {"fgsm", "pgd", "apgd", "square"}
+    assert R.ATTACKS.where(gradient_free=True) == ["square"]
+    assert {n: m.item_loss for n, m in R.ATTACK_LOSSES.items()} == {"bpr": item_loss, "margin": margin_item_loss}
     assert dict(R.OBJECTIVES.items()) == {"train": attack_catalogue, "eval": attack_eval_lists}
     assert set(R.TARGETED) == {"aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"}
     assert {n: (t.optimiser, t.through) for n, t in R.TARGETED.items()} == {
@@ -121,7 +125,7 @@ def test_toy_attack_runs_through_the_catalogue_attack(tiny_catalogue):
     import torch
 
     from vars_fast.attacks import FGSM
-    from vars_fast.attacks.catalogue import attack_catalogue
+    from vars_fast.attacks.untargeted import attack_catalogue
     from vars_fast.config import AttackConfig
     from vars_fast.recommenders import build_recommender
 

@@ -121,7 +121,7 @@ def test_cli_and_empty_folder(tmp_path, capsys):
 
 
 def test_targets_table_damage_recovered_and_too_weak(tmp_path):
-    from vars_fast.report import targets_summary
+    from vars_fast.evaluate.targets import targets_summary
 
     R = [_rank("VBPR", "none", "clean", 0, 0.40), _rank("VBPR", "denoise", "clean", 0, 0.396),
          _rank("VBPR", "none", "fgsm", 8, 0.38),            # 5% damage: too weak to judge
@@ -156,7 +156,7 @@ def test_fig7_prints_psnr_ssim(tmp_path, monkeypatch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vars_fast.report import make_figures
+    from vars_fast.evaluate.ranking import fig7
 
     g = np.random.default_rng(1)
     clean = g.integers(40, 200, (2, 3, 16, 16), dtype=np.uint8)
@@ -172,7 +172,8 @@ def test_fig7_prints_psnr_ssim(tmp_path, monkeypatch):
         return orig(fig, path, *args, **kw)
 
     monkeypatch.setattr(plt.Figure, "savefig", spy)
-    make_figures(tmp_path, m, a)
+    fig = fig7(m["fidelity"], a, plt)
+    fig.savefig(tmp_path / "fig7.png")
     texts = next(v for k, v in seen.items() if "fig7" in k)
     # 2/255 everywhere: 20 log10(255 / 2) = 42.1 dB; identical: inf
     assert any(t.startswith("42.1 dB / ") for t in texts)

@@ -93,7 +93,7 @@ def test_rerun_stage_timings_replace_the_earlier_runs(tmp_path, monkeypatch):
 
 def test_versions_name_the_machine():
     """Run metadata names the CPU (platform.processor() is empty on most Linux systems)."""
-    from vars_fast.train import versions
+    from vars_fast.utils import versions
 
     v = versions()
     assert v["device_name"] and v["cpus"] >= 1 and v["threads"] >= 1

@@ -36,7 +36,6 @@ import math
 from pathlib import Path
 
 import torch
-import yaml
 
 
 def patch_grid_share(res: torch.Tensor, patch: int) -> float:
@@ -81,16 +80,15 @@ def main() -> None:
                     help="train nothing: measure the last finished epoch of a run in OUT_DIR (it may be running)")
     args = ap.parse_args()
 
-    from vars_fast.config import apply_overrides, from_dict, parse_set
+    from vars_fast.config import parse_set
     from vars_fast.defense import Defense
     from vars_fast.defense.stage import _seed
     from vars_fast.defense.training import (_batches, _ItemObjective, build_models, make_adversarial, split_items,
                                             train_defense)
-    from vars_fast.attacks.catalogue import sample_item_triples
+    from vars_fast.attacks.untargeted import sample_item_triples
     from vars_fast.io import load_checkpoint
     from vars_fast.metrics import psnr, ssim_per_image, psnr_per_image
     from vars_fast.pipeline import Context
-    from vars_fast.run import RunFolder
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,11 +97,10 @@ def main() -> None:
         return
     run, out = Path(args.run_dir), Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    apply_overrides(cfg, parse_set(args.set))
-    cfg.run.progress = False
     dev = torch.device("cpu")
-    ctx = Context(cfg=cfg, run=RunFolder(run), device=dev, log=logging.getLogger("fidelity"))
+    ctx = Context.open(run, {**parse_set(args.set), "run.progress": False}, device=dev,
+                       log=logging.getLogger("fidelity"))
+    cfg = ctx.cfg
     cat, rec, dcfg = ctx.catalogue, ctx.recommender("VBPR"), cfg.defense
     split = split_items(cat, ctx.generator("defense-split"), dcfg.train_item_frac, dcfg.val_item_frac)
     val = torch.tensor(split["val"])
@@ -181,14 +178,11 @@ def main() -> None:
 def measure_run(run: Path) -> None:
     import numpy as np
 
-    from vars_fast.config import from_dict
     from vars_fast.defense import load_defense
     from vars_fast.metrics import fidelity_rows
     from vars_fast.pipeline import Context
-    from vars_fast.run import RunFolder
 
-    cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    ctx = Context(cfg=cfg, run=RunFolder(run), device=torch.device("cpu"), log=logging.getLogger("fidelity"))
+    ctx = Context.open(run, device="cpu", log=logging.getLogger("fidelity"))
     cat = ctx.catalogue
     defense = load_defense(run / "checkpoints" / "defense.pt")
     items = torch.tensor(defense.split["test"])

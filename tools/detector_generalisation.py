@@ -25,18 +25,15 @@ def main() -> None:
 
     import torch
 
-    from vars_fast.config import from_dict, load_yaml
     from vars_fast.evaluate.common import Evaluation
     from vars_fast.evaluate.generalisation import generalisation, markdown_table
     from vars_fast.pipeline import Context
-    from vars_fast.run import RunFolder
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     run = Path(args.run_dir)
-    cfg = from_dict(load_yaml(run / "config.yaml"))
-    cfg.run.progress = False
-    cfg.eval.generalisation = True
-    ctx = Context(cfg=cfg, run=RunFolder(run), device=torch.device("cpu"), log=logging.getLogger("generalisation"))
+    ctx = Context.open(run, {"run.progress": False, "eval.generalisation": True}, device="cpu",
+                       log=logging.getLogger("generalisation"))
+    cfg = ctx.cfg
     torch.manual_seed(cfg.run.seed)
     ev = Evaluation(ctx)
     t0 = time.perf_counter()

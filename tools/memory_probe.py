@@ -1,5 +1,5 @@
 """Peak resident growth per image per pixel of the defence's networks (CPU, fp32), the numbers
-behind vars_fast/memory.py. One network per fresh process, so that ru_maxrss is its own:
+behind vars_fast/memory_budget.py. One network per fresh process, so that ru_maxrss is its own:
 
     python tools/memory_probe.py                 # every row of docs/results/memory.md
     python tools/memory_probe.py resnet50 96 9 grad

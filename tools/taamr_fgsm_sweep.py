@@ -24,20 +24,15 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    import yaml
 
     from vars_fast.attacks.base import quantize_within
     from vars_fast.attacks.stage import _encode
     from vars_fast.attacks.taamr import taamr_loss
     from vars_fast.attacks.targeted import target_scores, targeted_metrics
-    from vars_fast.config import from_dict
     from vars_fast.pipeline import Context
-    from vars_fast.run import RunFolder
 
     run = Path(args.run_dir)
-    cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    cfg.run.progress = False
-    ctx = Context(cfg=cfg, run=RunFolder(run), device=torch.device("cpu"), log=logging.getLogger("sweep"))
+    ctx = Context.open(run, {"run.progress": False}, device="cpu", log=logging.getLogger("sweep"))
     cat, rec, bb = ctx.catalogue, ctx.recommender("VBPR"), ctx.backbone
     meta = json.loads((run / "attacks" / "targets.json").read_text())
     targets, tc = torch.tensor(meta["targets"]), int(meta["target_class"])

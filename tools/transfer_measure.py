@@ -14,18 +14,16 @@ import time
 def main(run: str, sets: list[str]) -> None:
     import torch
 
-    from vars_fast.config import apply_overrides, from_dict, load_yaml, parse_set
+    from vars_fast.config import parse_set
     from vars_fast.evaluate.common import Evaluation
     from vars_fast.evaluate.transfer import transfer
     from vars_fast.pipeline import Context
     from vars_fast.report import write_report
-    from vars_fast.run import RunFolder
 
-    cfg = from_dict(load_yaml(f"{run}/config.yaml"))
-    apply_overrides(cfg, parse_set(sets))
-    cfg.eval.transfer.enabled = True
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    ctx = Context(cfg=cfg, run=RunFolder(run), device=torch.device("cpu"), log=logging.getLogger("transfer"))
+    ctx = Context.open(run, {**parse_set(sets), "eval.transfer.enabled": True}, device="cpu",
+                       log=logging.getLogger("transfer"))
+    cfg = ctx.cfg
     torch.manual_seed(cfg.run.seed)
     ev = Evaluation(ctx)
     t0, c0 = time.perf_counter(), time.process_time()

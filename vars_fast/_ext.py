@@ -21,6 +21,7 @@ def _load() -> bool:
         return False
     try:
         import torch  # noqa: F401  (the extension links against libtorch)
+        # optional: the compiled extension may be missing (then the reference ops serve)
         from vars_fast import _C  # noqa: F401  (registers the vars_fast:: ops)
         _loaded = True
     except (ImportError, OSError) as e:

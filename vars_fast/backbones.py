@@ -78,7 +78,7 @@ def _resnet(name: str, weights_enum: str):
 
 
 # bytes_per_px: peak resident growth per image per pixel, fp32 on CPU, forward + input gradient
-# ("grad") or a no-grad forward ("infer"), which vars_fast.memory plans batches with
+# ("grad") or a no-grad forward ("infer"), which vars_fast.memory_budget plans batches with
 # (docs/results/memory.md has the measurements and the command that repeats them)
 BACKBONES.register("resnet50", _resnet("resnet50", "ResNet50_Weights"), mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
                    bytes_per_px={"grad": 2331, "infer": 297})

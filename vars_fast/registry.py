@@ -14,7 +14,7 @@ plugin) is registered when that code is imported, exactly like a built-in one.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from vars_fast.errors import ConfigError
 
@@ -112,19 +112,25 @@ class Registry:
 
 #: ``data.source``: ``read(DataConfig) -> RawData``; meta ``images``: "generated" (drawn by the
 #: source), "embedded" (inside the interaction file) or "files" (under ``data.images_root``)
-SOURCES = Registry("data source", "data.source", home=("vars_fast.data.catalogue", "vars_fast.data.interactions"))
+SOURCES = Registry("data source", "data.source", home=("vars_fast.data.interactions",))
 #: ``backbone.name``: ``build(weights) -> nn.Module``; meta ``mean``, ``std`` (input normalisation)
 BACKBONES = Registry("backbone", "backbone.name", home=("vars_fast.backbones",))
 #: ``recommender.models``: ``Recommender`` subclasses (``from_config``; class attributes say
 #: what they consume and the order the recommender stage trains them in)
 RECOMMENDERS = Registry("recommender", "recommender.models", home=("vars_fast.recommenders",))
 #: ``attack.untargeted``: ``Attack`` optimisers (``craft``); meta ``iterative`` (takes steps,
-#: a step size and a start), ``ball`` ("linf": eps in /255 per pixel; "l2")
+#: a step size and a start), ``ball`` ("linf": eps in /255 per pixel; "l2"), ``gradient_free``
+#: (reads only the loss: Square)
 ATTACKS = Registry("attack", "attack.untargeted",
-                   home=("vars_fast.attacks.fgsm", "vars_fast.attacks.pgd", "vars_fast.attacks.pgd_l2"))
+                   home=("vars_fast.attacks.fgsm", "vars_fast.attacks.pgd", "vars_fast.attacks.pgd_l2",
+                         "vars_fast.attacks.apgd", "vars_fast.attacks.square"))
+#: ``attack.loss``: ``attacks.base.CatalogueLoss``, the per-item objective the catalogue attack
+#: maximises (its targets and its loss as a function of the item's image)
+ATTACK_LOSSES = Registry("attack loss", "attack.loss",
+                         home=("vars_fast.attacks.untargeted", "vars_fast.attacks.margin"))
 #: ``attack.objective``: who the images are crafted against; the member crafts them
 OBJECTIVES = Registry("attack objective", "attack.objective",
-                      home=("vars_fast.attacks.catalogue", "vars_fast.attacks.oracle"))
+                      home=("vars_fast.attacks.untargeted", "vars_fast.attacks.oracle"))
 #: ``attack.targets``: ``attacks.base.TargetedAttack`` (a loss and the optimiser that runs it)
 TARGETED = Registry("targeted attack", "attack.targets", home=("vars_fast.attacks.aip", "vars_fast.attacks.taamr"))
 #: the defences whose detectors the evaluation compares (ours, the ADDITION baseline); meta ``label``
@@ -138,6 +144,14 @@ THRESHOLD_RULES = Registry("threshold rule", "defense.threshold_rule", home=("va
 BACKENDS = Registry("ops backend", "run.backend", home=("vars_fast.ops._dispatch",))
 #: ``run.stages``: ``run_stage(ctx)`` in pipeline order; meta ``main_only`` (rank 0 alone runs it)
 STAGES = Registry("stage", "run.stages", home=("vars_fast.train",))
+#: ``evaluate.deployments.Deployment``: how a platform turns an upload into a feature (none,
+#: denoise, denoise+rand, detect+denoise, ...); the ranking section ranks through each
+DEPLOYMENTS = Registry("deployed defence", "eval.defenses", home=("vars_fast.evaluate.deployments",))
+#: the evaluation sections, ``evaluate.section.Section``: each computes its rows in the evaluate
+#: stage and draws its part of report.md; meta-free, ordered by ``Section.order``
+SECTIONS = Registry("evaluation section", "evaluate --section",
+                    home=("vars_fast.evaluate", "vars_fast.recommenders.stage"))
 
-FAMILIES: tuple[Registry, ...] = (SOURCES, BACKBONES, RECOMMENDERS, ATTACKS, OBJECTIVES, TARGETED, DEFENSES,
-                                  DEFENSE_VARIANTS, THRESHOLD_RULES, BACKENDS, STAGES)
+FAMILIES: tuple[Registry, ...] = (SOURCES, BACKBONES, RECOMMENDERS, ATTACKS, ATTACK_LOSSES, OBJECTIVES, TARGETED,
+                                  DEFENSES, DEFENSE_VARIANTS, THRESHOLD_RULES, BACKENDS, STAGES, SECTIONS,
+                                  DEPLOYMENTS)

@@ -58,9 +58,12 @@ class RunFolder:
             return json.loads(self.metrics_path.read_text())
         return {"meta": {}, "ranking": [], "detection": [], "targeted": [], "fidelity": []}
 
-    def add_rows(self, kind: str, rows: list[dict[str, Any]]) -> None:
+    def add_rows(self, kind: str, rows: list[dict[str, Any]], table: str) -> None:
+        """Add (or replace, by identity) ``rows`` of ``kind``; each row carries ``table``: the
+        evaluation section that draws it in report.md (``vars_fast.registry.SECTIONS``)."""
         if kind not in _KEYS:
             raise ValueError(f"unknown metrics section {kind!r}")
+        rows = [{**r, "table": r.get("table", table)} for r in rows]
         with self._lock:
             m = self.load_metrics()
             keys = _KEYS[kind]

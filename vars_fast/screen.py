@@ -20,24 +20,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
+import torch
+
 from vars_fast.cli import USER_ERRORS, add_debug_flag, user_errors_exit
-from vars_fast.io import atomic_write_json
+from vars_fast.io import atomic_write_json, load_checkpoint
+from vars_fast.screening.local import run_local
+from vars_fast.screening.model import Screener, resolve_checkpoint
 from vars_fast.screening.output import marker_path, summarise
 from vars_fast.screening.plan import InputError, build_plan, plan_path, read_meta
+from vars_fast.screening.ray_engine import run_ray
 from vars_fast.screening.reader import MAX_BYTES
+from vars_fast.utils import get_device, progress as bar, versions
 
 
-def _fingerprint(input_path: str, checkpoint: Optional[str], shard_size: int, id_col: str, path_col: str, root: Optional[str], image_size: int) -> dict:
+def _run_settings(input_path: str, checkpoint: Optional[str], shard_size: int, id_col: str, path_col: str,
+                  root: Optional[str], image_size: int) -> dict:
+    """What an output folder's rows depend on (kept in ``<out>/_run.json``): a resumed run must
+    match it key by key."""
     ck = None
     if checkpoint:
-        from vars_fast.screening.model import resolve_checkpoint
-
         p = resolve_checkpoint(checkpoint)
         st = p.stat()
         ck = {"path": str(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -62,26 +69,55 @@ def done_shards(out: Path, n: int, shard_size: int) -> set[int]:
     return done
 
 
-def versions(engine: str) -> dict:
-    import numpy
-    import PIL
-    import pyarrow
-    import torch
-
-    import vars_fast
-    from vars_fast.utils import cpu_model
-
-    v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-         "pyarrow": pyarrow.__version__, "pillow": PIL.__version__,
-         "vars_fast": getattr(vars_fast, "__version__", "0.1.0"),
-         # images_per_s depends on the machine: name it
-         "cpu": cpu_model(), "cpus": os.cpu_count(),
-         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+def _load_screener(checkpoint: Optional[str], engine: str, device: str, *, amp: bool,
+                   channels_last: Optional[bool], compile: bool, write_denoised: bool) -> Any:
+    """The models, or for the Ray engine (whose actors load the models) only what the driver
+    needs of the checkpoint: threshold, image size, device."""
     if engine == "ray":
-        import ray
+        ck = load_checkpoint(resolve_checkpoint(checkpoint))
+        return SimpleNamespace(threshold=float(ck["threshold"]), image_size=int(ck["image_size"]), device=device)
+    return Screener.from_checkpoint(checkpoint, get_device(device), amp=amp, channels_last=channels_last,
+                                    compile=compile, keep_denoised=write_denoised)
 
-        v["ray"] = ray.__version__
-    return v
+
+def _open_out(out_dir: Path, input: str, settings: dict, *, id_col: str, path_col: str,
+              root: Optional[str]) -> tuple[Path, dict]:
+    """Check ``out_dir`` against ``settings`` (a folder of another run is refused), clear a killed
+    run's temp files, and read (or build) the plan: returns (plan path, plan meta)."""
+    run_file = out_dir / "_run.json"
+    if run_file.is_file():
+        old = json.loads(run_file.read_text())
+        diff = [k for k in settings if old.get(k) != settings[k]]
+        if diff:
+            raise ValueError(f"--out {out_dir} holds a screening run with other settings ({', '.join(diff)}: "
+                             f"{[old.get(k) for k in diff]} vs {[settings[k] for k in diff]}); use a new --out")
+    for stale in [*out_dir.glob(".part-*.tmp"), *out_dir.glob("_done/.part-*.tmp")]:
+        stale.unlink(missing_ok=True)  # a killed run's half-written temp files (one job per --out)
+    pf = plan_path(out_dir)
+    if pf.is_file() and run_file.is_file():
+        return pf, read_meta(pf)
+    pf, meta = build_plan(out_dir, input, id_col=id_col, path_col=path_col, root=root)
+    atomic_write_json(run_file, settings)
+    return pf, meta
+
+
+def _run_engine(engine: str, screener: Any, checkpoint: Optional[str], pf: Path, meta: dict, out_dir: Path,
+                shard_size: int, batch_size: int, done: set[int], on_batch, *, workers: int, device: str,
+                amp: bool, channels_last: Optional[bool], compile: bool, write_denoised: bool, max_bytes: int,
+                ray_actors: int, batch_threads: int) -> tuple[dict, int]:
+    """Screen the shards not in ``done`` with ``engine``; returns (its stats, the batch threads used)."""
+    if engine == "local":
+        if batch_threads <= 0:
+            cpu = screener.device.type == "cpu"
+            batch_threads = torch.get_num_threads() if cpu and not compile else 1
+        return run_local(screener, pf, meta, out_dir, shard_size, batch_size, done, workers=workers,
+                         write_images=write_denoised, max_bytes=max_bytes, on_batch=on_batch,
+                         batch_threads=batch_threads), batch_threads
+    if engine == "ray":
+        return run_ray(checkpoint, pf, meta, out_dir, shard_size, batch_size, done, device=device, amp=amp,
+                       channels_last=channels_last, compile=compile, write_images=write_denoised,
+                       max_bytes=max_bytes, on_batch=on_batch, actors=ray_actors, screener=screener), batch_threads
+    raise ValueError(f"--engine {engine!r}: choose local or ray")
 
 
 def screen(input: str, checkpoint: Optional[str], out: str, *, limit: Optional[int] = None, batch_size: int = 64,
@@ -97,48 +133,19 @@ def screen(input: str, checkpoint: Optional[str], out: str, *, limit: Optional[i
     parallel, each on one intra-op thread; 0: as many as torch threads on CPU without
     ``compile``, else 1 (``screening.local``).
     """
-    from vars_fast.utils import get_device, progress as bar
-
     if shard_size < 1 or batch_size < 1:
         raise ValueError("--shard-size and --batch-size must be >= 1")
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if screener is None and engine == "ray":  # the actors load the models; the driver needs only these
-        from types import SimpleNamespace
-
-        from vars_fast.io import load_checkpoint
-        from vars_fast.screening.model import resolve_checkpoint
-
-        ck = load_checkpoint(resolve_checkpoint(checkpoint))
-        screener = SimpleNamespace(threshold=float(ck["threshold"]), image_size=int(ck["image_size"]), device=device)
-        del ck
-    elif screener is None:
-        from vars_fast.screening.model import Screener
-
-        screener = Screener.from_checkpoint(checkpoint, get_device(device), amp=amp, channels_last=channels_last,
-                                            compile=compile, keep_denoised=write_denoised)
+    if screener is None:
+        screener = _load_screener(checkpoint, engine, device, amp=amp, channels_last=channels_last,
+                                  compile=compile, write_denoised=write_denoised)
     if write_denoised and hasattr(screener, "keep_denoised"):
         screener.keep_denoised = True
-    fp = _fingerprint(input, checkpoint, shard_size, id_col, path_col, root, screener.image_size)
-    run_file = out_dir / "_run.json"
-    if run_file.is_file():
-        old = json.loads(run_file.read_text())
-        diff = [k for k in fp if old.get(k) != fp[k]]
-        if diff:
-            raise ValueError(f"--out {out_dir} holds a screening run with other settings ({', '.join(diff)}: "
-                             f"{[old.get(k) for k in diff]} vs {[fp[k] for k in diff]}); use a new --out")
-    for stale in [*out_dir.glob(".part-*.tmp"), *out_dir.glob("_done/.part-*.tmp")]:
-        stale.unlink(missing_ok=True)  # a killed run's half-written temp files (one job per --out)
-    pf = plan_path(out_dir)
-    if pf.is_file() and run_file.is_file():
-        meta = read_meta(pf)
-    else:
-        pf, meta = build_plan(out_dir, input, id_col=id_col, path_col=path_col, root=root)
-        atomic_write_json(run_file, fp)
+    settings = _run_settings(input, checkpoint, shard_size, id_col, path_col, root, screener.image_size)
+    pf, meta = _open_out(out_dir, input, settings, id_col=id_col, path_col=path_col, root=root)
     n = meta["n"] if limit is None else min(meta["n"], int(limit))
     meta = dict(meta, n=n)
     n_shards = (n + shard_size - 1) // shard_size
@@ -146,49 +153,35 @@ def screen(input: str, checkpoint: Optional[str], out: str, *, limit: Optional[i
     todo = n - sum(min(n, (k + 1) * shard_size) - k * shard_size for k in done)
     pbar = bar(total=todo, desc="screen", unit="img", enabled=progress)
     try:
-        if engine == "local":
-            import torch
-
-            from vars_fast.screening.local import run_local
-
-            if batch_threads <= 0:
-                cpu = screener.device.type == "cpu"
-                batch_threads = torch.get_num_threads() if cpu and not compile else 1
-            stats = run_local(screener, pf, meta, out_dir, shard_size, batch_size, done, workers=workers,
-                              write_images=write_denoised, max_bytes=max_bytes, on_batch=pbar.update,
-                              batch_threads=batch_threads)
-        elif engine == "ray":
-            from vars_fast.screening.ray_engine import run_ray
-
-            stats = run_ray(checkpoint, pf, meta, out_dir, shard_size, batch_size, done, device=device,
-                            amp=amp, channels_last=channels_last, compile=compile, write_images=write_denoised,
-                            max_bytes=max_bytes, on_batch=pbar.update, actors=ray_actors, screener=screener)
-        else:
-            raise ValueError(f"--engine {engine!r}: choose local or ray")
+        stats, batch_threads = _run_engine(
+            engine, screener, checkpoint, pf, meta, out_dir, shard_size, batch_size, done, pbar.update,
+            workers=workers, device=device, amp=amp, channels_last=channels_last, compile=compile,
+            write_denoised=write_denoised, max_bytes=max_bytes, ray_actors=ray_actors, batch_threads=batch_threads)
     finally:
         pbar.close()
     ips = stats["items"] / stats["seconds"] if stats["items"] and stats["seconds"] > 0 else None
     prev = out_dir / "summary.json"
     if ips is None and prev.is_file():  # nothing left to do: keep the throughput of the run that did it
         ips = json.loads(prev.read_text()).get("images_per_s")
-    config = {"input": os.path.abspath(input), "checkpoint": fp["checkpoint"], "out": str(out_dir), "limit": limit,
-              "batch_size": batch_size, "workers": workers, "device": str(screener.device),
+    config = {"input": os.path.abspath(input), "checkpoint": settings["checkpoint"], "out": str(out_dir),
+              "limit": limit, "batch_size": batch_size, "workers": workers, "device": str(screener.device),
               "shard_size": shard_size, "compile": compile, "amp": amp,
               "channels_last": getattr(screener, "channels_last", channels_last),
               "folded_batchnorms": getattr(screener, "folded", None),
               "engine": engine, "image_size": screener.image_size, "input_kind": meta["kind"],
               "root": meta["root"], "max_bytes": max_bytes, "resumed_shards": len(done),
               "items_this_run": stats["items"], "cpu_count": os.cpu_count(),
-              "torch_threads": __import__("torch").get_num_threads(),
+              "torch_threads": torch.get_num_threads(),
               "batch_threads": batch_threads if engine == "local" else None}
-    return summarise(out_dir, n_shards, screener.threshold, config, versions(engine), ips, stats["seconds"])
+    run_versions = versions("pyarrow", "pillow", *(["ray"] if engine == "ray" else []))
+    return summarise(out_dir, n_shards, screener.threshold, config, run_versions, ips, stats["seconds"])
 
 
 @user_errors_exit(USER_ERRORS + (InputError, KeyError, ValueError))
 def main(argv: Optional[list[str]] = None) -> int:
     """Bad input (no such path, a manifest without its columns, a checkpoint that is not a
     defence, settings that clash with ``--out``) ends in ``error: <message>`` and exit code 2."""
-    ap = argparse.ArgumentParser(prog="python -m vars_fast.screen", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m vars_fast screen", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="image folder, manifest .csv/.parquet, .tar shard(s) or a glob")
     ap.add_argument("--checkpoint", required=True, help="run folder (checkpoints/defense.pt) or defense.pt")

@@ -11,47 +11,49 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 from vars_fast.cli import add_debug_flag, user_errors_exit
+from vars_fast.config import apply_overrides, from_dict, load_yaml, make_config, parse_set, save_yaml, validate
 from vars_fast.registry import STAGES
 
-# The pipeline: STAGES in registration order. Each member imports its stage when it runs, so
-# that --help and config checks stay free of torch. main_only: rank 0 runs it alone under DDP
-# (the inference stages), the other ranks wait at a barrier.
+# The pipeline: STAGES in registration order. Each member imports its stage when it runs
+# (deferred on purpose): this module is the registry's home of STAGES, which the config imports
+# to check run.stages, and --help answers from it; neither should load every stage.
+# main_only: rank 0 runs it alone under DDP (the inference stages), the other ranks wait at a
+# barrier.
 
 
 @STAGES.register("recommender", main_only=False)
 def _recommender(ctx) -> None:
-    from vars_fast.recommenders.stage import run_stage
+    from vars_fast.recommenders.stage import run_stage  # deferred (above)
     run_stage(ctx)
 
 
 @STAGES.register("attack", main_only=True)
 def _attack(ctx) -> None:
-    from vars_fast.attacks.stage import run_stage
+    from vars_fast.attacks.stage import run_stage  # deferred (above)
     run_stage(ctx)
 
 
 @STAGES.register("defense", main_only=False)
 def _defense(ctx) -> None:
-    from vars_fast.defense.stage import run_stage
+    from vars_fast.defense.stage import run_stage  # deferred (above)
     run_stage(ctx)
 
 
 @STAGES.register("evaluate", main_only=True)
 def _evaluate(ctx) -> None:
-    from vars_fast.evaluate import run_stage
+    from vars_fast.evaluate import run_stage  # deferred (above)
     run_stage(ctx)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m vars_fast.train",
+        prog="python -m vars_fast train",
         description="Train and evaluate attacks and the denoise+detect defence on a visually-aware recommender.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n")[1] if __doc__ else None,
@@ -70,8 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace):
-    from vars_fast.config import from_dict, load_yaml, make_config, parse_set
-
     overrides = parse_set(args.set)
     if args.device:
         overrides["run.device"] = args.device
@@ -87,27 +87,10 @@ def resolve_config(args: argparse.Namespace):
     # Re-running stages in an existing run folder: start from its saved config.
     if args.out and (Path(args.out) / "config.yaml").is_file() and not args.preset and not args.config:
         cfg = from_dict(load_yaml(Path(args.out) / "config.yaml"))
-        from vars_fast.config import apply_overrides, validate
-
         apply_overrides(cfg, overrides)
         validate(cfg)
         return cfg
     return make_config(args.preset, args.config, overrides)
-
-
-def versions() -> dict:
-    import numpy
-    import torch
-
-    from vars_fast import __version__
-    from vars_fast._ext import has_ops
-    from vars_fast.utils import cpu_model
-
-    return {"vars_fast": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "extension": has_ops(), "cuda": torch.cuda.is_available(),
-            "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_model(),
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
 @user_errors_exit()
@@ -118,14 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     return run(resolve_config(args), args.out)
 
 
-def run(cfg, out: str | None = None) -> int:
-    import torch
-
-    from vars_fast.config import save_yaml
-    from vars_fast.distributed import ddp
-    from vars_fast.pipeline import Context
-    from vars_fast.run import RunFolder
-    from vars_fast.utils import get_device, seed_everything, setup_logging
+def configure_process(cfg) -> None:
+    """What a run sets for the whole process: the ops backend, progress bars, torch threads."""
+    import torch  # deferred: --help answers without torch
 
     if cfg.run.backend != "auto":
         os.environ["VARS_FAST_BACKEND"] = cfg.run.backend
@@ -133,6 +111,16 @@ def run(cfg, out: str | None = None) -> int:
         os.environ["VARS_FAST_PROGRESS"] = "0"
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+
+
+def run(cfg, out: str | None = None) -> int:
+    # deferred: torch and the pipeline load when a run starts, not at import, so that --help
+    # answers without them
+    from vars_fast.distributed import ddp
+    from vars_fast.pipeline import Context
+    from vars_fast.utils import get_device, seed_everything, versions
+
+    configure_process(cfg)
     try:
         device = get_device(cfg.run.device)
     except RuntimeError as e:
@@ -143,13 +131,12 @@ def run(cfg, out: str | None = None) -> int:
 
     name = cfg.run.name or f"{cfg.preset}-{datetime.now():%Y%m%d-%H%M%S}"
     path = Path(out) if out else Path(cfg.run.out) / name
-    run_folder = RunFolder(path)
-    log = setup_logging(str(path / "log.txt") if ddp.is_main() else None)
+    ctx = Context.open(path, cfg=cfg, device=device)
+    run_folder, log = ctx.run, ctx.log
     if ddp.is_main():
         save_yaml(cfg, path / "config.yaml")
         run_folder.update_meta(config=cfg.to_dict(), versions=versions())
     seed_everything(cfg.run.seed)
-    ctx = Context(cfg=cfg, run=run_folder, device=device, log=log)
     # every stage reads the data: read it before the first log line, so that bad input (a missing
     # file, absent columns, too few interactions) ends the run in one line, before any work
     _ = ctx.catalogue
@@ -179,7 +166,7 @@ def run(cfg, out: str | None = None) -> int:
             ddp.barrier()
 
     if ddp.is_main():
-        from vars_fast.report import write_report
+        from vars_fast.report import write_report  # deferred: matplotlib, only at the end of a run
 
         write_report(path)
         log.info("report: %s", path / "report.md")

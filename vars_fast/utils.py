@@ -1,15 +1,19 @@
-"""Small shared helpers: seeding, devices, the machine's name, progress bars, logging."""
+"""Small shared helpers: seeding, devices, the machine's name and versions, index batches,
+progress bars, logging."""
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import platform
 import random
 import sys
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+
+from vars_fast import __version__, _ext
 
 LOG = logging.getLogger("vars_fast")
 
@@ -42,6 +46,37 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def versions(*distributions: str) -> dict:
+    """What a result was made with, for run metadata and screening summaries: Python, torch,
+    numpy, this package and whether its compiled extension loaded, and the machine (seconds and
+    floating-point results depend on it: ``device_name`` is the GPU, else the CPU model).
+    ``distributions``: further installed packages to name (e.g. "pyarrow", "ray")."""
+    cuda = torch.cuda.is_available()
+    return {"vars_fast": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "extension": _ext.has_ops(), "cuda": cuda,
+            "device_name": torch.cuda.get_device_name(0) if cuda else cpu_model(), "cpu": cpu_model(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            **{name: importlib.metadata.version(name) for name in distributions}}
+
+
+def index_batches(items: Sequence[int], batch_size: int,
+                  generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+    """LongTensor batches of ``items`` (indices), in their order, or with ``generator`` in the
+    order of one ``randperm`` drawn from it (a fresh shuffle per call)."""
+    items = torch.as_tensor(list(items), dtype=torch.long)
+    if generator is not None:
+        items = items[torch.randperm(items.numel(), generator=generator)]
+    for s in range(0, items.numel(), batch_size):
+        yield items[s:s + batch_size]
+
+
+def to_float(x: torch.Tensor, device) -> torch.Tensor:
+    """Images on ``device`` as floats in [0, 1] (uint8 ones divided by 255)."""
+    x = x.to(device)
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
 def progress(iterable: Optional[Iterable] = None, desc: str = "", total: Optional[int] = None,

@@ -72,7 +72,7 @@ class DefendedLoss:
         margin: m, target distance as a fraction of the threshold.
         max_images: bound on the transformed images held for the gradient at once (items x
             EOT draws per chunk, ``loss_and_grad``); None: all K draws in one graph.
-            ``vars_fast.memory.attack_images`` sizes it for the device.
+            ``vars_fast.memory_budget.attack_images`` sizes it for the device.
     """
 
     def __init__(self, rec_loss: LossFn, defense, rand: bool = True, eot: int = 4, detect_weight: float = 1.0,
@@ -173,7 +173,7 @@ class AdaptivePGD(PGD):
     eps, alpha in pixel units; the result satisfies ||x_adv - x||_inf <= eps and lies in [0,1]
     (the projection is ``vars_fast.ops.pgd_step``, as for plain PGD). ``max_images`` bounds the
     EOT images in the graph at once (``DefendedLoss.loss_and_grad``); the caller bounds the
-    items per call (``vars_fast.memory.attack_images``).
+    items per call (``vars_fast.memory_budget.attack_images``).
     """
 
     def __init__(self, rec_loss: LossFn, defense, eps: float, alpha: float | None = None, steps: int = 10,

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from vars_fast.registry import ATTACKS
+
 LossFn = Callable[[Tensor], Tensor]
 
 
@@ -38,9 +40,20 @@ class TargetedAttack:
     @property
     def iterative(self) -> bool:
         """Whether the optimiser takes steps from a start (so a warm start means something)."""
-        from vars_fast.registry import ATTACKS
-
         return bool(ATTACKS.meta(self.optimiser)["iterative"])
+
+
+@dataclass(frozen=True)
+class CatalogueLoss:
+    """A member of ``ATTACK_LOSSES`` (``attack.loss``): the per-item objective of the catalogue
+    attack. ``targets(rec, cat, per_item, generator, roles) -> ItemTriples`` draws what each
+    item's loss is computed over (once per model, before the attack); ``item_loss(rec, x, users,
+    items, s_other, sign) -> [B]`` is the loss of a batch of items as a function of their images
+    (``untargeted.item_loss`` is the BPR one), given their rows of the targets and the other
+    side's clean scores ``s_other`` (``untargeted.item_loss_fn`` computes them once per batch)."""
+
+    targets: Callable[..., Any]
+    item_loss: Callable[..., Tensor]
 
 
 @contextlib.contextmanager
@@ -89,19 +102,51 @@ class Attack:
 
     Args:
         loss_fn: ``x -> loss [B]`` to maximise (one value per sample; samples must not
-            interact, so that a sample's gradient does not depend on its batch mates).
+            interact, so that a sample's gradient does not depend on its batch mates). A loss
+            object with its own ``loss_and_grad(x) -> (loss [B], grad)`` (``adaptive.DefendedLoss``,
+            which bounds the EOT images held in one graph) is differentiated through that.
         eps: L-inf radius in pixel units ([0,1] scale); a float or a [B] tensor.
         generator: a ``torch.Generator`` for the random parts (random start, EOT draws).
+        eot: expectation over transformation (Athalye et al., 2018): for a stochastic
+            ``loss_fn`` (each call draws fresh randomness, e.g. a random resize-pad from the
+            loss's own generator), every evaluation averages the loss and its input gradient
+            over ``eot`` calls, i.e. follows the gradient of the expected loss. 1: one call.
     Subclasses implement ``perturb(x) -> x_adv``.
     """
 
-    def __init__(self, loss_fn: LossFn, eps: float | Tensor, generator: torch.Generator | None = None):
+    def __init__(self, loss_fn: LossFn, eps: float | Tensor, generator: torch.Generator | None = None,
+                 eot: int = 1):
         self.loss_fn = loss_fn
         self.eps = eps
         self.generator = generator
+        if int(eot) < 1:
+            raise ValueError(f"eot must be >= 1 (got {eot})")
+        self.eot = int(eot)
 
     def loss_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The one place that calls the loss: (loss [B] detached, d loss.sum() / dx)."""
+        """The one place that calls the loss: (loss [B] detached, d loss.sum() / dx), both
+        averaged over ``eot`` calls (one graph at a time)."""
+        if self.eot == 1:
+            return self._loss_and_grad_once(x)
+        loss, grad = self._loss_and_grad_once(x)
+        loss, grad = loss.float(), grad.clone()
+        for _ in range(self.eot - 1):
+            l_k, g_k = self._loss_and_grad_once(x)
+            loss += l_k.float()
+            grad += g_k
+        return loss / self.eot, grad / self.eot
+
+    @torch.no_grad()
+    def eval_loss(self, x: Tensor) -> Tensor:
+        """The loss [B] (no gradient), averaged over ``eot`` calls."""
+        if self.eot == 1:
+            return self.loss_fn(x).detach()
+        return sum(self.loss_fn(x).detach().float() for _ in range(self.eot)) / self.eot
+
+    def _loss_and_grad_once(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        own = getattr(self.loss_fn, "loss_and_grad", None)
+        if own is not None:  # a loss that bounds its own graph (adaptive.DefendedLoss: EOT chunks)
+            return own(x)
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             loss = self.loss_fn(xr)

@@ -30,7 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vars_fast.attacks.base import frozen, quantize_within
+from vars_fast.attacks.untargeted import step_params
+from vars_fast.metrics import hr_ndcg
+from vars_fast.nn.fuse import fast_copy
+from vars_fast.recommenders.base import batched_encode
 from vars_fast.registry import ATTACKS, OBJECTIVES
+from vars_fast.utils import progress as progress_bar
 
 
 def oracle_users(cat, n: int, generator: torch.Generator) -> Tensor:
@@ -83,10 +88,6 @@ def attack_eval_lists(rec, cat, users: Tensor, method: str, eps255: float, cfg, 
     (default ``cfg.batch_size``; at least one whole list). Each user's random start comes from
     its own seed, so the batch size does not change the result.
     """
-    from vars_fast.attacks.catalogue import step_params
-    from vars_fast.nn.fuse import fast_copy
-    from vars_fast.utils import progress as progress_bar
-
     eps, steps, alpha = step_params(method, eps255, cfg)
     optimiser, iterative = ATTACKS[method], ATTACKS.meta(method)["iterative"]
     device = torch.device(device)
@@ -144,16 +145,12 @@ def list_scores(rec, users: Tensor, lists: Tensor, visual: Optional[Tensor] = No
 def list_ranking(rec, cat, users: Tensor, visual: Optional[Tensor] = None,
                  topk: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
     """HR/NDCG@N on the users' evaluation lists; ``visual`` as in ``list_scores``."""
-    from vars_fast.metrics import hr_ndcg
-
     s = list_scores(rec, users.long(), eval_lists(cat, users), visual)
     return hr_ndcg(s[:, 0], s[:, 1:], topk)
 
 
 def encode_lists(encode, images: Tensor, batch_size: int, device) -> Tensor:
     """uint8 [U, L, 3, S, S] -> features [U, L, F] with ``encode`` (images as [0,1] floats)."""
-    from vars_fast.recommenders.base import batched_encode
-
     U, L = images.shape[:2]
     with torch.no_grad():
         f = batched_encode(encode, images.reshape(U * L, *images.shape[2:]), batch_size, device,

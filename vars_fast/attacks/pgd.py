@@ -25,18 +25,20 @@ def default_alpha(eps: float | Tensor, steps: int) -> float | Tensor:
 
 @ATTACKS.register("pgd", iterative=True, ball="linf")
 class PGD(Attack):
-    """``PGD(loss_fn, eps, alpha=None, steps=10, random_start=True, generator=None)(x)``.
+    """``PGD(loss_fn, eps, alpha=None, steps=10, random_start=True, generator=None, keep_best=False,
+    eot=1)(x)``.
 
     eps, alpha: pixel units, floats or [B] tensors (alpha None: ``default_alpha``).
     ``__call__(x, init=None)``: ``init`` [B,3,S,S] overrides the random start with a given
     starting point (projected into the ball); the catalogue attack uses it to draw each
     item's start from its own seed so that the batch size cannot change the result.
+    ``eot``: draws of a stochastic ``loss_fn`` averaged per step (``Attack``).
     """
 
     def __init__(self, loss_fn: LossFn, eps: float | Tensor, alpha: float | Tensor | None = None,
                  steps: int = 10, random_start: bool = True, generator: torch.Generator | None = None,
-                 keep_best: bool = False):
-        super().__init__(loss_fn, eps, generator)
+                 keep_best: bool = False, eot: int = 1):
+        super().__init__(loss_fn, eps, generator, eot=eot)
         if steps < 1:
             raise ValueError(f"PGD steps must be >= 1 (got {steps})")
         self.steps = int(steps)
@@ -46,9 +48,9 @@ class PGD(Attack):
 
     @classmethod
     def craft(cls, loss_fn, x, eps, *, steps=10, alpha=None, init=None, random_start=False, generator=None,
-              keep_best=False):
+              keep_best=False, eot=1):
         return cls(loss_fn, eps, alpha=alpha, steps=steps, random_start=random_start, generator=generator,
-                   keep_best=keep_best)(x, init=init)
+                   keep_best=keep_best, eot=eot)(x, init=init)
 
     def start(self, x: Tensor) -> Tensor:
         """Uniform start in the eps-ball (intersected with [0,1]), drawn from ``generator``."""
@@ -82,7 +84,7 @@ class PGD(Attack):
             best_loss = self._keep(best, best_loss, x_adv, loss)
             pgd_step(x_adv, x0, grad, self.alpha, self.eps, inplace=True)
         with torch.no_grad():
-            self._keep(best, best_loss, x_adv, self.loss_fn(x_adv).detach())
+            self._keep(best, best_loss, x_adv, self.eval_loss(x_adv))
         return best
 
     @staticmethod

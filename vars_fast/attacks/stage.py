@@ -22,11 +22,14 @@ import time
 import numpy as np
 import torch
 
-from vars_fast.attacks.catalogue import amp_available, attack_catalogue, sample_item_triples
-from vars_fast.attacks.targeted import (choose_hook, choose_targets, target_scores, targeted_attack,
-                                        targeted_metrics)
+from vars_fast.attacks.oracle import attack_eval_lists, encode_lists, list_ranking, oracle_users
+from vars_fast.attacks.taamr import popular_class
+from vars_fast.attacks.targeted import choose_hook, choose_targets, target_scores, targeted_attack, targeted_metrics
+from vars_fast.attacks.untargeted import amp_available, attack_catalogue
 from vars_fast.io import atomic_write_bytes, atomic_write_json
-from vars_fast.registry import TARGETED
+from vars_fast.metrics import ranking_metrics
+from vars_fast.recommenders import encode_catalogue
+from vars_fast.registry import ATTACK_LOSSES, TARGETED
 
 
 def _eps_key(eps):
@@ -70,15 +73,11 @@ def eps_for(cfg, model: str) -> list:
 
 
 def _encode(ctx, rec, images_u8):
-    from vars_fast.recommenders import encode_catalogue
-
     return encode_catalogue(ctx.encoder(rec.name), images_u8, ctx.cfg.attack.batch_size * 2, ctx.device,
                             progress=ctx.cfg.run.progress)
 
 
 def run_stage(ctx) -> None:
-    from vars_fast.metrics import ranking_metrics
-
     cfg, acfg, run = ctx.cfg, ctx.cfg.attack, ctx.run
     cat = ctx.catalogue
     amp = bool(cfg.run.amp) and amp_available(ctx.device)
@@ -95,8 +94,8 @@ def run_stage(ctx) -> None:
             run_oracle(ctx, name, rec, topk, timing)
         if "train" not in acfg.objective:
             continue
-        triples = sample_item_triples(cat, acfg.triples_per_item, ctx.generator(f"attack:{name}:triples"),
-                                      acfg.triple_roles)
+        triples = ATTACK_LOSSES[acfg.loss].targets(rec, cat, acfg.triples_per_item,
+                                                   ctx.generator(f"attack:{name}:triples"), acfg.triple_roles)
         clean = ranking_metrics(rec, cat, topk=topk)
         rows = []
         for method in acfg.untargeted:
@@ -119,7 +118,7 @@ def run_stage(ctx) -> None:
                 made.append((name, method, eps))
                 ctx.log.info(f"attack {name} {method} eps={eps}: HR@10 {clean.get('HR@10', float('nan')):.4f} -> "
                              f"{m.get('HR@10', float('nan')):.4f}")
-        run.add_rows("ranking", rows)
+        run.add_rows("ranking", rows, table="ranking")
         run.update_meta(attack_seconds=timing)
     if acfg.targets and acfg.target_eps and "VBPR" in cfg.recommender.models and _available(ctx, "VBPR"):
         run_targeted(ctx, amp, topk, timing)
@@ -148,8 +147,6 @@ def load_oracle_users(run) -> torch.Tensor | None:
 def oracle_users_for(ctx) -> torch.Tensor:
     """The seeded user subset of the "eval" objective, saved once so that every stage and a
     resumed run use the same users."""
-    from vars_fast.attacks.oracle import oracle_users
-
     users = load_oracle_users(ctx.run)
     if users is None:
         users = oracle_users(ctx.catalogue, ctx.cfg.eval.oracle_users, ctx.generator("attack:oracle-users"))
@@ -159,8 +156,6 @@ def oracle_users_for(ctx) -> torch.Tensor:
 
 def run_oracle(ctx, name: str, rec, topk, timing: dict) -> None:
     """The "eval" objective on one model: per-user images and their ranking rows."""
-    from vars_fast.attacks.oracle import attack_eval_lists, encode_lists, list_ranking
-
     cfg, acfg, run, cat = ctx.cfg, ctx.cfg.attack, ctx.run, ctx.catalogue
     users = oracle_users_for(ctx)
     shape = (users.numel(), 1 + cat.negatives.shape[1]) + tuple(cat.images.shape[1:])
@@ -185,14 +180,12 @@ def run_oracle(ctx, name: str, rec, topk, timing: dict) -> None:
             rows.append({**base, "attack": method, "eps": _eps_key(eps), **m})
             ctx.log.info(f"attack {name} {method}-eval eps={eps} ({users.numel()} users): HR@10 "
                          f"{rows[0].get('HR@10', float('nan')):.4f} -> {m.get('HR@10', float('nan')):.4f}")
-    run.add_rows("ranking", rows)
+    run.add_rows("ranking", rows, table="oracle")
     run.update_meta(attack_seconds=timing)
 
 
 def run_targeted(ctx, amp: bool, topk, timing: dict) -> None:
     """AIP-INSA / AIP-EXPA / TAaMR on VBPR's cold targets; targeted rows + targets.json."""
-    from vars_fast.attacks.taamr import popular_class
-
     acfg, run, cat, dev = ctx.cfg.attack, ctx.run, ctx.catalogue, ctx.device
     rec = ctx.recommender("VBPR")
     targets = choose_targets(cat, acfg.n_targets, ctx.generator("attack:targets"))
@@ -235,7 +228,7 @@ def run_targeted(ctx, amp: bool, topk, timing: dict) -> None:
             rows.append({"attack": name, "eps": _eps_key(eps), "defense": "none", "model": "VBPR", **m})
             ctx.log.info(f"targeted {name} eps={eps}: prediction shift {m['prediction_shift']:.4f}, "
                          f"HR@10 {clean.get('HR@10', float('nan')):.4f} -> {m.get('HR@10', float('nan')):.4f}")
-    run.add_rows("targeted", rows)
+    run.add_rows("targeted", rows, table="targeted")
     run.update_meta(attack_seconds=timing)
 
 

@@ -20,8 +20,9 @@ from torch import Tensor
 from types import SimpleNamespace
 
 from vars_fast.attacks.base import frozen, quantize_within
-from vars_fast.attacks.catalogue import wrap_loss
 from vars_fast.attacks.pgd import default_alpha
+from vars_fast.attacks.untargeted import wrap_loss
+from vars_fast.metrics import hr_ndcg, prediction_shift
 from vars_fast.nn.fuse import fast_copy
 from vars_fast.registry import ATTACKS, TARGETED
 
@@ -112,8 +113,6 @@ def target_scores(rec, targets: Tensor, visual: Tensor, n_users: int, chunk: int
 def targeted_metrics(rec, cat, targets: Tensor, before: Tensor, after: Tensor, topk=(5, 10, 20),
                      chunk: int = 128) -> dict:
     """{"prediction_shift", "HR@N"...} from target scores before / after the attack ([U, T] each)."""
-    from vars_fast.metrics import hr_ndcg, prediction_shift
-
     dev = after.device
     U, T = after.shape
     negs = cat.negatives.to(dev)

@@ -17,8 +17,13 @@ class AttackConfig:
     random_start: bool = True
     triples_per_item: int = 16  # training triples per item for its perturbation (cheap: no extra CNN work)
     # how many of an item's triples have it as the positive: "bpr" (as often as in the BPR
-    # triple distribution: pop / (pop + |D|/N)) or "balanced" (half); see attacks/catalogue.py
+    # triple distribution: pop / (pop + |D|/N)) or "balanced" (half); see attacks/untargeted.py
     triple_roles: Literal["bpr", "balanced"] = "bpr"
+    # the per-item objective of the "train" catalogue attack: "bpr" (the paper's: the BPR loss over
+    # the item's training triples) or "margin" (each of the item's training users' score gap to
+    # their 10th-best competitor, pushed negative: attacks/margin.py); the "eval" objective keeps
+    # its BPR list loss
+    loss: str = "bpr"
     batch_size: int = 64
     targets: list = field(default_factory=lambda: ["aip-insa", "aip-expa", "taamr-fgsm", "taamr-pgd"])
     target_eps: list = field(default_factory=lambda: [4, 8, 16, 32])
@@ -34,7 +39,7 @@ class AttackConfig:
     insa_users: int = 256  # AIP-INSA averages the score over at most this many users (seeded sample; 0: all)
     models: list = field(default_factory=lambda: ["VBPR", "AMR", "DVBPR"])
     # threat models (README "Threat models"): "train" crafts one image per item from training
-    # triples (what an uploader can do, attacks/catalogue.py); "eval" crafts per-user images
+    # triples (what an uploader can do, attacks/untargeted.py); "eval" crafts per-user images
     # on each evaluated user's candidate list (the paper's protocol, an oracle upper bound,
     # attacks/oracle.py) for eval.oracle_models on eval.oracle_users
     objective: list = field(default_factory=lambda: ["train", "eval"])

@@ -116,6 +116,6 @@ class DefenseConfig:
     adaptive_train: AdaptiveTrainConfig = _after_phase1(default_factory=AdaptiveTrainConfig)
     # random resize-pad at inference (OURS-rand)
     rand_min_frac: float = _after_phase1(0.85)  # r' drawn uniformly in [rand_min_frac * r, r)
-    # the ADDITION baseline (defense/addition.py), trained and compared by the evaluation; no
+    # the ADDITION baseline (defense/addition/), trained and compared by the evaluation; no
     # part of our defence's training
     addition: AdditionConfig = _after_phase1(default_factory=AdditionConfig)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import NamedTuple
 
+from vars_fast.config.schema import Config
+
 
 class Moved(NamedTuple):
     to: str
@@ -44,8 +46,6 @@ EXPIRED: dict[str, str] = {
 
 
 def _build() -> dict[str, Moved]:
-    from vars_fast.config.schema import Config
-
     moved: dict[str, Moved] = {}
     for path, (prefix, special) in FLATTENED.items():
         section: object = Config()

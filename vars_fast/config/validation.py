@@ -27,6 +27,7 @@ NAMED_KEYS: dict[str, tuple[R.Registry, dict[str, Any]]] = {
     "eval.oracle_models": (R.RECOMMENDERS, {}),
     "attack.untargeted": (R.ATTACKS, {"ball": "linf"}),  # eps in /255 per pixel
     "attack.objective": (R.OBJECTIVES, {}),
+    "attack.loss": (R.ATTACK_LOSSES, {}),
     "attack.targets": (R.TARGETED, {}),
     "defense.ablations": (R.DEFENSE_VARIANTS, {}),
     "defense.threshold_rule": (R.THRESHOLD_RULES, {}),
@@ -66,7 +67,8 @@ def validate(cfg: Config) -> None:
     for key, (reg, meta) in NAMED_KEYS.items():
         reg.check(eval_key(cfg, key), key, **meta)
     check(len(cfg.attack.objective) > 0, "attack.objective", "must name at least one objective")
-    from vars_fast.data.synthetic import STYLES  # numpy only
+    # cycle: vars_fast.data (its catalogue) imports the config; importing it loads torch too
+    from vars_fast.data.synthetic import STYLES
 
     check(cfg.eval.transfer.style in STYLES, "eval.transfer.style", f"must be one of {', '.join(STYLES)}")
     check(cfg.data.image_size >= 16, "data.image_size", "must be >= 16")

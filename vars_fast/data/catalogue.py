@@ -26,8 +26,12 @@ import numpy as np
 import torch
 
 from vars_fast.config import ConfigError, DataConfig
+from vars_fast.data.images import decode_catalogue, render_template, resolve_image_path, status_counts
+from vars_fast.data.interactions import format_stats, leave_one_out, preprocess, split_stats
+from vars_fast.data.synthetic import GENERATOR_VERSION, SyntheticCatalogue
 from vars_fast.io import atomic_write_bytes
 from vars_fast.registry import SOURCES
+from vars_fast.utils import progress as pbar
 
 __all__ = ["Catalogue", "load_catalogue"]
 
@@ -115,8 +119,6 @@ def _file_id(path: Optional[str]) -> str:
 
 
 def _split_key(cfg: DataConfig) -> str:
-    from vars_fast.data.synthetic import GENERATOR_VERSION
-
     d = dataclasses.asdict(cfg)
     for k in ("cache_dir", "image_size", "images_root", "path_template"):  # do not change the split
         d.pop(k, None)
@@ -125,29 +127,8 @@ def _split_key(cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-@SOURCES.register("synthetic", images="generated")
-def _synthetic_raw(cfg: DataConfig):
-    """The embedded generator's log; with ``keep_unbought`` its catalogue is every generated
-    item, else the items of the log (sorted by id: i<index> keeps index order)."""
-    from vars_fast.data import synthetic as syn
-    from vars_fast.data.interactions import RawData
-
-    attrs = syn.item_attributes(cfg.seed, np.arange(cfg.n_items), cfg.n_categories)
-    pairs = syn.sample_interactions(cfg.seed, cfg.n_users, attrs, cfg.n_categories, cfg.interactions_per_user,
-                                    cfg.min_interactions, cfg.popularity_weight,
-                                    taste_strength=cfg.taste_strength, popularity_sigma=cfg.popularity_sigma,
-                                    n_styles=cfg.n_styles)
-    item_ids = [f"i{i:07d}" for i in range(cfg.n_items)]
-    names = [syn.CATEGORY_NAMES[k % 8] + (f"-{k // 8}" if k >= 8 else "") for k in range(cfg.n_categories)]
-    return RawData(np.array([f"u{u:06d}" for u in pairs[:, 0]]), np.array(item_ids)[pairs[:, 1]],
-                   item_category={iid: names[c] for iid, c in zip(item_ids, attrs["category"])},
-                   all_items=item_ids if cfg.keep_unbought else None, category_names=names)
-
-
 def _build_split(cfg: DataConfig) -> dict:
     """Load the source, preprocess and split; returns the arrays stored in the split cache."""
-    from vars_fast.data.interactions import leave_one_out, preprocess
-
     raw = SOURCES[cfg.source](cfg)
     all_items, names = raw.all_items, raw.category_names
     user_ids, item_ids, pairs, stats = preprocess(raw, cfg.min_rating, cfg.min_interactions, all_items)
@@ -185,8 +166,6 @@ def _load_split(cfg: DataConfig, cache_dir: Path, log) -> tuple[dict, bool]:
 
 def _image_sources(cfg: DataConfig, item_ids: list[str], raw) -> tuple[list, list[str]]:
     """Per item: bytes or a path inside images_root, or None with the reason."""
-    from vars_fast.data.images import resolve_image_path
-
     if SOURCES.meta(cfg.source)["images"] == "embedded":
         return [raw.item_bytes.get(i) for i in item_ids], ["" if i in raw.item_bytes else "no imgs in the .npy"
                                                             for i in item_ids]
@@ -196,7 +175,6 @@ def _image_sources(cfg: DataConfig, item_ids: list[str], raw) -> tuple[list, lis
     if not root.is_dir():
         raise ConfigError(f"data.images_root: folder not found: {root}")
     try:
-        from vars_fast.data.images import render_template
         render_template(cfg.path_template, "x")
     except ValueError as e:
         raise ConfigError(f"data.path_template: {e}") from None
@@ -210,10 +188,6 @@ def _image_sources(cfg: DataConfig, item_ids: list[str], raw) -> tuple[list, lis
 
 def load_catalogue(cfg: DataConfig, cache_dir, progress: bool = True, workers: int = 0, log=None) -> Catalogue:
     """Load (or reuse from ``cache_dir``) the split and the decoded images of ``cfg.source``."""
-    from vars_fast.data.images import decode_catalogue, status_counts
-    from vars_fast.data.interactions import format_stats, split_stats
-    from vars_fast.utils import progress as pbar
-
     log = log or (lambda msg: None)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -258,8 +232,6 @@ def load_catalogue(cfg: DataConfig, cache_dir, progress: bool = True, workers: i
 
 def _synthetic_images(cfg: DataConfig, cache_dir: Path, bar, item_ids: list[str]) -> tuple[np.ndarray, list[str]]:
     """Rendered images of ``item_ids`` (``i<index>``: every generated item, or the bought ones)."""
-    from vars_fast.data.synthetic import GENERATOR_VERSION, SyntheticCatalogue
-
     idx = np.array([int(i[1:]) for i in item_ids], dtype=np.int64)
     subset = "" if len(idx) == cfg.n_items else "|" + hashlib.sha256(idx.tobytes()).hexdigest()[:16]
     key = hashlib.sha256(f"{GENERATOR_VERSION}|{cfg.seed}|{cfg.n_items}|{cfg.image_size}|{cfg.n_categories}{subset}"

@@ -1,4 +1,5 @@
-"""Interaction loaders (generic table, Amazon reviews, DVBPR ``.npy``) and the paper's split.
+"""Interaction loaders (the embedded generator, generic table, Amazon reviews, DVBPR ``.npy``) and
+the paper's split.
 
 Preprocessing (as in the paper): ratings are binarised (``rating > min_rating`` is a positive),
 duplicates are merged, users with fewer than ``min_interactions`` positives are dropped, users
@@ -18,6 +19,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from vars_fast.config import ConfigError
+from vars_fast.data import synthetic as syn
 from vars_fast.registry import SOURCES
 
 
@@ -185,6 +187,21 @@ def _require_file(path: Optional[str], key: str) -> Path:
     return p
 
 
+def load_synthetic(cfg) -> RawData:
+    """The embedded generator's log (``vars_fast.data.synthetic``); with ``keep_unbought`` its catalogue is every generated
+    item, else the items of the log (sorted by id: i<index> keeps index order)."""
+    attrs = syn.item_attributes(cfg.seed, np.arange(cfg.n_items), cfg.n_categories)
+    pairs = syn.sample_interactions(cfg.seed, cfg.n_users, attrs, cfg.n_categories, cfg.interactions_per_user,
+                                    cfg.min_interactions, cfg.popularity_weight,
+                                    taste_strength=cfg.taste_strength, popularity_sigma=cfg.popularity_sigma,
+                                    n_styles=cfg.n_styles)
+    item_ids = [f"i{i:07d}" for i in range(cfg.n_items)]
+    names = [syn.CATEGORY_NAMES[k % 8] + (f"-{k // 8}" if k >= 8 else "") for k in range(cfg.n_categories)]
+    return RawData(np.array([f"u{u:06d}" for u in pairs[:, 0]]), np.array(item_ids)[pairs[:, 1]],
+                   item_category={iid: names[c] for iid, c in zip(item_ids, attrs["category"])},
+                   all_items=item_ids if cfg.keep_unbought else None, category_names=names)
+
+
 def load_generic(cfg) -> RawData:
     """Interactions table (CSV / TSV / Parquet) with columns cfg.user_col, cfg.item_col and
     optionally cfg.rating_col. Ids are read as strings (``007`` stays ``007``)."""
@@ -316,6 +333,7 @@ def load_dvbpr_npy(cfg) -> RawData:
                    meta={"dvbpr_usernum": int(usernum), "dvbpr_itemnum": n})
 
 
+SOURCES.register("synthetic", load_synthetic, images="generated")
 SOURCES.register("generic", load_generic, images="files")
 SOURCES.register("amazon", load_amazon, images="files")
 SOURCES.register("dvbpr_npy", load_dvbpr_npy, images="embedded")

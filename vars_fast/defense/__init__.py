@@ -1,6 +1,6 @@
 """The defence: a denoiser D (``denoiser.py``) and a contrastive detector (``detector.py``),
 trained jointly (``training.py``, run by ``stage.py``), packed into a ``Defense``
-(``model.py``) that purifies, scores and flags images; ``addition.py`` is the ADDITION
+(``model.py``) that purifies, scores and flags images; ``addition/`` is the ADDITION
 baseline."""
 from vars_fast.defense.denoiser import Denoiser
 from vars_fast.defense.detector import Detector

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vars_fast.backbones import build_backbone
+from vars_fast.config import BackboneConfig
+
 
 class Detector(nn.Module):
     """``embed(x [B,3,S,S] in [0,1]) -> z [B, proj_dim]`` (unit norm).
@@ -40,9 +43,6 @@ class Detector(nn.Module):
         super().__init__()
         self._kwargs = dict(backbone=dict(backbone), proj_hidden=int(proj_hidden), proj_dim=int(proj_dim))
         if encoder is None:
-            from vars_fast.backbones import build_backbone
-            from vars_fast.config import BackboneConfig
-
             encoder = build_backbone(BackboneConfig(**backbone))
             encoder = encoder.trainable_copy() if hasattr(encoder, "trainable_copy") else encoder
         encoder.requires_grad_(True)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vars_fast.attacks import bpr_image_loss
 from vars_fast.ops import info_nce
 
 # Row blocks of the stacked embedding matrix handed to the contrastive loss:
@@ -45,8 +46,6 @@ def denoised_bpr_loss(rec, triples: Tensor, d_i: Tensor, d_j: Tensor) -> Tensor:
 
     triples [T,3] (u, i, j); d_i, d_j [T,3,S,S] the denoised images of items i and j.
     """
-    from vars_fast.attacks import bpr_image_loss
-
     return bpr_image_loss(rec, triples, d_i, d_j).float().mean()
 
 

@@ -21,6 +21,8 @@ from torch import Tensor
 
 from vars_fast.defense.denoiser import Denoiser
 from vars_fast.defense.detector import Detector
+from vars_fast.io import load_checkpoint, pack_module, save_checkpoint
+from vars_fast.ops import random_resize_pad
 from vars_fast.registry import DEFENSES
 
 FORMAT = "vars_fast.defense/1"
@@ -70,8 +72,6 @@ class Defense:
         [rand_min_size, S) and zero-padded at a random offset back to S x S (OURS-rand)."""
         out = self.denoiser(x)
         if rand:
-            from vars_fast.ops import random_resize_pad
-
             S = x.shape[-1]
             out = random_resize_pad(out, out_size=S, min_size=self.rand_min_size(S), generator=generator)[0]
         return out
@@ -92,21 +92,15 @@ class Defense:
         return d, d > self.threshold
 
 
-def _pack(module) -> dict:
-    return {"kwargs": module.kwargs(), "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}
-
-
 def save_defense(defense: Defense, path: str | Path, extra: Optional[dict] = None) -> None:
     """Atomic save (``vars_fast.io.save_checkpoint``) of everything ``load_defense`` needs.
 
     ``extra`` (merged over ``defense.extra``) must hold only tensors, numbers, strings, lists
     and dicts; it carries the item split (``extra["split"]``) and training history."""
-    from vars_fast.io import save_checkpoint
-
     obj = {
         "format": FORMAT,
-        "denoiser": _pack(defense.denoiser),
-        "detector": _pack(defense.detector) if defense.detector is not None else None,
+        "denoiser": pack_module(defense.denoiser),
+        "detector": pack_module(defense.detector) if defense.detector is not None else None,
         "threshold": float(defense.threshold),
         "rand_min_frac": float(defense.rand_min_frac),
         "image_size": int(defense.image_size),
@@ -127,8 +121,6 @@ def build_detector(kwargs: dict) -> Detector:
 
 def load_defense(path: str | Path, device: torch.device | str = "cpu") -> Defense:
     """Rebuild a ``Defense`` saved by ``save_defense`` (weights_only load), on ``device``."""
-    from vars_fast.io import load_checkpoint
-
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise ValueError(f"{path}: not a vars_fast defence checkpoint (format {FORMAT!r} expected)")

@@ -10,7 +10,7 @@ detector is idle there), so it is taken from ``checkpoints/defense_phase1.pt``.
 
 With ``defense.parallel_variants`` on a CPU with >= 2 threads (no DDP), the variants train in
 two spawned processes ("lanes") at half the threads each, when both lanes' estimated peak
-memory fits what is available (``vars_fast.memory``): lane 1 trains ``full`` then
+memory fits what is available (``vars_fast.memory_budget``): lane 1 trains ``full`` then
 ``no-detector`` (from full's phase 1), lane 2 the other ablations. A CPU training step that
 does not fit even alone stops the stage before training, with an error that names
 ``defense.batch_size``. Small-batch training on 2
@@ -29,11 +29,15 @@ import time
 
 import torch
 
-from vars_fast import memory
+from vars_fast import memory_budget as memory
+from vars_fast.config import ConfigError, from_dict
 from vars_fast.defense import save_defense
-from vars_fast.defense.training import (LOSS_KEYS, calibrate_threshold, restoration_check, split_items,
-                                        train_defense, variant_config)
+from vars_fast.defense.training import (LOSS_KEYS, calibrate_threshold, restoration_check, split_items, train_defense,
+                                        variant_config)
+from vars_fast.distributed import ddp
+from vars_fast.pipeline import Context
 from vars_fast.registry import DEFENSE_VARIANTS
+from vars_fast.utils import setup_logging
 
 
 def checkpoint_name(variant: str) -> str:
@@ -59,8 +63,6 @@ def _lanes(variants: list[str]) -> list[list[str]]:
 def _train_variant(ctx, variant: str, split: dict, log, progress: bool):
     cfg = ctx.cfg
     bcfg = {k: getattr(cfg.backbone, k) for k in cfg.backbone.__dataclass_fields__}
-    from vars_fast.distributed import ddp
-
     return train_defense(
         ctx.catalogue, ctx.recommender("VBPR"), ctx.backbone, variant_config(cfg.defense, variant), split,
         backbone_cfg=bcfg, device=ctx.device, seed=_seed(ctx, "defense-full"),
@@ -69,20 +71,15 @@ def _train_variant(ctx, variant: str, split: dict, log, progress: bool):
         # only full writes it and only no-detector reads it (the lanes run concurrently: another
         # variant writing its own phase 1 there would race with full)
         phase1_path=(ctx.run.checkpoint("defense_phase1")
-                     if variant in ("full", "no-detector") and not ddp.is_distributed() else None))
+                     if DEFENSE_VARIANTS.meta(variant)["full_phase1"] and not ddp.is_distributed() else None))
 
 
 def _lane_main(cfg_dict: dict, run_path: str, variants: list[str], threads: int, split: dict, log_file: str) -> None:
     """One lane process: rebuild the context from the run folder, train ``variants`` in order."""
-    from vars_fast.config import from_dict
-    from vars_fast.pipeline import Context
-    from vars_fast.run import RunFolder
-    from vars_fast.utils import setup_logging
-
     torch.set_num_threads(threads)
     log = setup_logging(log_file)
-    cfg = from_dict(cfg_dict)
-    ctx = Context(cfg=cfg, run=RunFolder(run_path), device=torch.device("cpu"), log=log)
+    cfg = from_dict(cfg_dict, check=False)  # validated by the parent, with its registries
+    ctx = Context.open(run_path, cfg=cfg, device="cpu", log=log)
     for v in variants:
         _train_variant(ctx, v, split, log, progress=False)
 
@@ -91,8 +88,6 @@ def _use_lanes(ctx, variants: list[str], n_train: int) -> bool:
     """Two lanes when asked for, useful (CPU, >= 2 threads, no DDP) and when both fit in memory
     together: each lane holds what this process holds plus its training step
     (``memory.defense_lane_bytes``)."""
-    from vars_fast.distributed import ddp
-
     if not (bool(getattr(ctx.cfg.defense, "parallel_variants", False)) and len(_lanes(variants)) > 1
             and ctx.device.type == "cpu" and torch.get_num_threads() >= 2 and not ddp.is_distributed()):
         return False
@@ -109,8 +104,6 @@ def check_memory(ctx, n_train: int) -> None:
     """Before any training: one CPU training step must fit the available memory, else a
     ConfigError names the settings that size it. (GPU memory is not checked: the CPU
     measurements behind the estimate do not carry over to CUDA kernels and bf16.)"""
-    from vars_fast.config import ConfigError
-
     if ctx.device.type != "cpu":
         return
     cfg = ctx.cfg

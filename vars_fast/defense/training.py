@@ -16,7 +16,7 @@ Schedule (METHOD.md "Denoiser"/"Detector"; the epoch counts are config fields):
   EOT and the detector hinge), so the detector also learns the images built to evade it.
 
 Attacks are generated on the fly against the frozen recommender with the same per-item BPR
-objective as the catalogue attack (``vars_fast.attacks.catalogue.item_loss``: each item's
+objective as the catalogue attack (``vars_fast.attacks.untargeted.item_loss``: each item's
 own training triples, the other item of a triple clean), eps drawn per batch from
 ``train_eps``, and rounded to the uint8 grid the evaluated catalogue lives on. L_VBPR is that
 same per-item BPR loss evaluated on the denoised image, *minimised*. The random resize-pad is
@@ -46,19 +46,27 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vars_fast.attacks.adaptive import AdaptivePGD
+from vars_fast.attacks.base import frozen
+from vars_fast.attacks.untargeted import item_loss, sample_item_triples
 from vars_fast.config import DefenseConfig
 from vars_fast.defense import Defense
 from vars_fast.defense.denoiser import Denoiser
 from vars_fast.defense.detector import Detector
 from vars_fast.defense.losses import content_loss, contrastive_loss, perceptual_loss
 from vars_fast.distributed import ddp
+from vars_fast.io import load_checkpoint, save_checkpoint
+from vars_fast.metrics import choose_threshold, detection_metrics
+from vars_fast.nn.fuse import fast_copy
 from vars_fast.registry import ATTACKS, DEFENSE_VARIANTS
+from vars_fast.utils import index_batches, progress as progress_bar
 
 LOSS_KEYS = ("total", "rec", "content", "perceptual", "contrastive")
 
@@ -72,18 +80,18 @@ def variant_config(dcfg: DefenseConfig, variant: str) -> DefenseConfig:
 
 # full_phase1: the variant's phase 1 is the full model's (it differs in fields read after phase 1
 # only), so the defence stage trains it in the full model's lane, from its phase 1
-@DEFENSE_VARIANTS.register("full", full_phase1=True)
+@DEFENSE_VARIANTS.register("full", full_phase1=True, label="unmodified architecture")
 def _full(dcfg: DefenseConfig) -> DefenseConfig:
     return dcfg
 
 
-@DEFENSE_VARIANTS.register("no-detector", full_phase1=True)
+@DEFENSE_VARIANTS.register("no-detector", full_phase1=True, label="remove detection & contrastive loss")
 def _no_detector(dcfg: DefenseConfig) -> DefenseConfig:
     """lambda_3 = 0 and no detector."""
     return dataclasses.replace(dcfg, use_detector=False, lambda_contrastive=0.0)
 
 
-@DEFENSE_VARIANTS.register("no-perceptual", full_phase1=False)
+@DEFENSE_VARIANTS.register("no-perceptual", full_phase1=False, label="remove perceptual loss")
 def _no_perceptual(dcfg: DefenseConfig) -> DefenseConfig:
     """lambda_2 = 0."""
     return dataclasses.replace(dcfg, use_perceptual=False, lambda_perceptual=0.0)
@@ -126,7 +134,9 @@ def split_items(cat, generator: torch.Generator, train_frac: float = 0.5, val_fr
             "test": sorted(perm[n_tr + n_va:].tolist())}
 
 
-def _fingerprint(*parts) -> str:
+def _config_hash(*parts) -> str:
+    """16 hex digits of the SHA-1 of ``parts`` as sorted JSON: what a checkpoint's "fingerprint"
+    holds, to tell whether it was made by the same configuration."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -135,14 +145,14 @@ def phase1_fingerprint(dcfg: DefenseConfig, *parts) -> str:
     ``parts``): every ``DefenseConfig`` field except those tagged as read after phase 1 only
     (``config.defense._after_phase1``)."""
     values = dataclasses.asdict(dcfg)
-    return _fingerprint({f.name: values[f.name] for f in dataclasses.fields(dcfg) if f.metadata.get("phase1", True)},
+    return _config_hash({f.name: values[f.name] for f in dataclasses.fields(dcfg) if f.metadata.get("phase1", True)},
                         *parts)
 
 
 # ---------------------------------------------------------------------------- attacks / checks
 
 class _ItemObjective:
-    """The catalogue attack's per-item BPR objective (``vars_fast.attacks.catalogue.item_loss``)
+    """The catalogue attack's per-item BPR objective (``vars_fast.attacks.untargeted.item_loss``)
     for a batch of items ``idx`` [B] with their sampled triples; ``__call__(x [B,3,S,S]) -> [B]``.
 
     ``from_visual(f [B,F])`` evaluates it from precomputed visual features, so that the
@@ -158,8 +168,6 @@ class _ItemObjective:
             self.s_other = rec.score(self.users.reshape(-1), others.reshape(-1)).float().view(B, m)
 
     def __call__(self, x: Tensor) -> Tensor:
-        from vars_fast.attacks.catalogue import item_loss
-
         return item_loss(self.rec, x, self.users, self.items, self.s_other, self.sign)
 
     def from_visual(self, f: Tensor) -> Tensor:
@@ -187,10 +195,6 @@ def make_adaptive(loss_fn, x: Tensor, den, det, dcfg: DefenseConfig, eps255: flo
     The threshold does not exist yet (it is calibrated after training), so the hinge's target
     is the mean detector distance of the clean batch: the attacker aims to look like a typical
     clean image to the detector as it is now."""
-    from types import SimpleNamespace
-
-    from vars_fast.attacks.adaptive import AdaptivePGD
-
     eps = float(eps255) / 255.0
     with torch.no_grad():
         tau = float(det.distance(x, den(x)).float().mean())
@@ -201,11 +205,6 @@ def make_adaptive(loss_fn, x: Tensor, den, det, dcfg: DefenseConfig, eps255: flo
     return torch.minimum(torch.maximum(torch.round(x_adv * 255) / 255, x - eps), x + eps).clamp_(0, 1)
 
 
-def _batches(items: list[int], batch_size: int):
-    for s in range(0, len(items), batch_size):
-        yield torch.tensor(items[s:s + batch_size], dtype=torch.long)
-
-
 @torch.no_grad()
 def calibrate_threshold(defense: Defense, rec, cat, items: list[int], dcfg: DefenseConfig,
                         generator: torch.Generator, device, batch_size: int = 64) -> tuple[float, dict]:
@@ -214,13 +213,10 @@ def calibrate_threshold(defense: Defense, rec, cat, items: list[int], dcfg: Defe
     uses the k-th, cycling, so every eps is equally represented), rule ``threshold_rule``
     (``vars_fast.metrics.choose_threshold``; default Youden's J = max TPR - FPR, the ROC point
     farthest above the chance diagonal). Returns (threshold, detection metrics on those items)."""
-    from vars_fast.attacks.catalogue import sample_item_triples
-    from vars_fast.metrics import choose_threshold, detection_metrics
-
     triples = sample_item_triples(cat, dcfg.triples_per_item, generator)
     d_clean, d_adv = [], []
     eps = detector_eps(dcfg)
-    for k, idx in enumerate(_batches(items, max(1, min(batch_size, len(items) // len(eps))))):
+    for k, idx in enumerate(index_batches(items, max(1, min(batch_size, len(items) // len(eps))))):
         x = cat.item_batch(idx, device)
         x_adv = make_adversarial("fgsm", _ItemObjective(rec, triples, idx, device), x, eps[k % len(eps)], 1, None)
         d_clean.append(defense.distance(x).float().cpu())
@@ -236,12 +232,10 @@ def restoration_check(defense: Defense, rec, cat, items: list[int], dcfg: Defens
                       generator: torch.Generator, device, eps255: float = 8.0, batch_size: int = 64) -> dict:
     """Does D undo the attack for the recommender? Mean per-item BPR loss (the attack's
     objective) on held-out items for clean, D(clean), FGSM, D(FGSM), PGD, D(PGD) at ``eps255``."""
-    from vars_fast.attacks.catalogue import sample_item_triples
-
     triples = sample_item_triples(cat, dcfg.triples_per_item, generator)
     sums = dict.fromkeys(["clean", "denoised_clean", "fgsm", "denoised_fgsm", "pgd", "denoised_pgd"], 0.0)
     n = 0
-    for idx in _batches(items, batch_size):
+    for idx in index_batches(items, batch_size):
         x = cat.item_batch(idx, device)
         fn = _ItemObjective(rec, triples, idx, device)
         views = {"clean": x, "fgsm": make_adversarial("fgsm", fn, x, eps255, 1, None),
@@ -289,6 +283,230 @@ def build_models(dcfg: DefenseConfig, image_size: int, backbone, backbone_cfg: d
     return den.to(device), (det.to(device) if det is not None else None)
 
 
+def _initial_models(dcfg: DefenseConfig, image_size: int, backbone, backbone_cfg: dict, device,
+                    seed: int, init_denoiser: Optional[Denoiser]):
+    """The models training starts from: fresh ones seeded with ``seed`` (the global RNG stream
+    left as it was), the denoiser replaced by a trainable copy of ``init_denoiser`` when given."""
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global stream
+        torch.manual_seed(seed)
+        den, det = build_models(dcfg, image_size, backbone, backbone_cfg, device)
+    if init_denoiser is not None:
+        den = copy.deepcopy(init_denoiser).to(device=device, memory_format=torch.contiguous_format)
+        den.requires_grad_(True)
+    return den, det
+
+
+def _fast_frozen(rec, backbone, cat, train_items, device):
+    """(rec, backbone) for the frozen paths: the recommender and its backbone are frozen here, so
+    attack generation, L_VBPR and L_p run on a BN-folded NHWC copy (nn/fuse.py; same function to
+    ~1e-5, checked on real images, the original kept otherwise). The detector encoder was copied
+    from the original backbone before, so its BatchNorms still train."""
+    shared = getattr(rec, "backbone", None) is backbone
+    probe = torch.tensor(list(train_items)[:4] or [0], dtype=torch.long)
+    fast = fast_copy(rec, cat.item_batch(probe, device))
+    if fast is not rec:
+        rec = fast
+        if shared:
+            backbone = fast.backbone
+    return rec, backbone
+
+
+class _Trainer:
+    """The state of one ``train_defense`` call: the models and their Adam, the generator that
+    drives every random choice (one stream, so that a resumed run reproduces the uninterrupted
+    one), the history so far, and the frozen recommender and backbone they train against.
+    ``start`` is the first epoch of ``plan`` still to train."""
+
+    def __init__(self, cat, rec, backbone, dcfg: DefenseConfig, den: Denoiser, det: Optional[Detector], *,
+                 device: torch.device, seed: int, log, desc: str):
+        self.cat, self.rec, self.backbone, self.dcfg, self.den, self.det = cat, rec, backbone, dcfg, den, det
+        self.device, self.log, self.desc = device, log, desc
+        self.image_size = int(cat.images.shape[-1])
+        self.plan = epoch_plan(dcfg)
+        groups = [{"params": list(den.parameters()), "lr": dcfg.lr}]
+        if det is not None:
+            groups += [{"params": list(det.head.parameters()), "lr": dcfg.lr},
+                       {"params": list(det.encoder.parameters()), "lr": dcfg.lr * dcfg.encoder_lr_mult}]
+        self.n_den = len(groups[0]["params"])  # the denoiser group is group 0, its parameters are 0..n_den-1
+        self.opt = torch.optim.Adam(groups)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.history: list[dict] = []
+        self.start = 0
+        self.lam_p = dcfg.lambda_perceptual if dcfg.use_perceptual else 0.0
+        self.use_amp, self.den_fwd, self.det_fwd = False, den, (det.project if det is not None else None)
+
+    # ------------------------------------------------------------ where training starts
+    def resume(self, path, fingerprint: str) -> None:
+        """Continue after the last finished epoch of the checkpoint ``path`` when the same
+        configuration (``fingerprint``) made it."""
+        st = load_checkpoint(path)
+        if st.get("fingerprint") != fingerprint:
+            if self.log:
+                self.log.info(f"{self.desc}: {path} was made by another configuration; training from scratch")
+            return
+        self.den.load_state_dict(st["denoiser"])
+        if self.det is not None:
+            self.det.load_state_dict(st["detector"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.gen.set_state(st["rng"])
+        self.history, self.start = list(st["history"]), int(st["epoch"])
+        if self.log and self.start < len(self.plan):
+            self.log.info(f"{self.desc}: resuming from {path} after epoch {self.start}/{len(self.plan)}")
+
+    def reuse_phase1(self, path, fingerprint: str) -> None:
+        """Start after phase 1 from the state in ``path`` when an identical phase 1
+        (``phase1_fingerprint``) wrote it: the denoiser, its Adam state, the RNG, the history."""
+        st = load_checkpoint(path)
+        if st.get("fingerprint") != fingerprint:
+            if self.log:
+                self.log.info(f"{self.desc}: {path} holds another phase-1 configuration; training phase 1")
+            return
+        n_p1 = int(self.dcfg.epochs_phase1)
+        self.den.load_state_dict(st["denoiser"])
+        o = self.opt.state_dict()
+        o["state"].update({int(k): v for k, v in st["optimizer_state"].items()})
+        o["param_groups"][0].update({k: v for k, v in st["optimizer_group"].items() if k != "params"})
+        self.opt.load_state_dict(o)
+        self.gen.set_state(st["rng"])
+        self.history, self.start = list(st["history"]), n_p1
+        if self.log:
+            self.log.info(f"{self.desc}: phase 1 ({n_p1} epochs) taken from {path} (identical phase-1 config)")
+
+    def prepare(self, amp: bool, compile: bool) -> None:
+        """bf16 autocast on GPUs only (fp32 on CPU), compiled forwards when asked, the recommender
+        in eval mode."""
+        self.use_amp = amp and self.device.type == "cuda"
+        if compile:
+            self.den_fwd = torch.compile(self.den, dynamic=False)
+            self.det_fwd = torch.compile(self.det.project, dynamic=False) if self.det is not None else None
+        self.rec.eval()
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self, path, fingerprint: str, epochs_done: int) -> None:
+        """The resumable checkpoint after ``epochs_done`` epochs."""
+        save_checkpoint({"fingerprint": fingerprint, "epoch": epochs_done, "denoiser": self.den.state_dict(),
+                         "detector": self.det.state_dict() if self.det is not None else None,
+                         "optimizer": self.opt.state_dict(), "rng": self.gen.get_state(), "history": self.history},
+                        path)
+
+    def save_phase1(self, path, fingerprint: str) -> None:
+        """The state after phase 1 that ``reuse_phase1`` reads (the denoiser's part of Adam only)."""
+        o = self.opt.state_dict()
+        save_checkpoint({"fingerprint": fingerprint, "denoiser": self.den.state_dict(),
+                         "optimizer_state": {k: v for k, v in o["state"].items() if int(k) < self.n_den},
+                         "optimizer_group": {k: v for k, v in o["param_groups"][0].items() if k != "params"},
+                         "rng": self.gen.get_state(), "history": self.history}, path)
+
+    # ------------------------------------------------------------ training
+    def epoch(self, epoch: int, train_items: list[int], progress: bool) -> dict:
+        """Train epoch ``epoch`` of the plan; appends its record (mean losses, seconds) to the
+        history and returns it."""
+        ep, dcfg, gen = self.plan[epoch], self.dcfg, self.gen
+        # the detector phase trains the detector only unless told otherwise: its FGSM reaches
+        # eps 64, which D cannot undo, and its content loss there taught D to blur and tint
+        # clean images (docs/results/denoiser_fidelity.md)
+        train_den = ep["phase"] != "detector" or bool(getattr(dcfg, "denoiser_in_detector_phase", False))
+        self.den.train(train_den)
+        self.den.requires_grad_(train_den)
+        if self.det is not None:
+            self.det.train()
+        triples = sample_item_triples(self.cat, dcfg.triples_per_item, gen)
+        order = torch.tensor(train_items)[torch.randperm(len(train_items), generator=gen)]
+        B = min(int(dcfg.batch_size), len(train_items))
+        n_iter = len(train_items) // B  # drop the last partial batch: fixed shapes, no recompiles
+        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        bar = progress_bar(range(n_iter), desc=f"{self.desc} {epoch + 1}/{len(self.plan)} {ep['phase']}",
+                           enabled=progress)
+        for it in bar:
+            vals = self.step(ep, triples, ddp.shard(order[it * B:(it + 1) * B]), train_den)
+            for k in LOSS_KEYS:
+                sums[k] += vals[k]
+            bar.set_postfix({k[:4]: f"{v:.4f}" for k, v in vals.items()})
+        bar.close()
+        secs = time.perf_counter() - t0
+        # cpu_s (process CPU time) is what the epoch costs on an idle machine; wall time on a shared one is noise
+        record = {"epoch": epoch + 1, "phase": ep["phase"], "seconds": secs, "cpu_s": time.process_time() - c0,
+                  "it_per_s": n_iter / max(secs, 1e-9), **{k: sums[k] / max(n_iter, 1) for k in LOSS_KEYS}}
+        self.history.append(record)
+        if self.log:
+            self.log.info(f"{self.desc} epoch {epoch + 1}/{len(self.plan)} [{ep['phase']}] "
+                          + " ".join(f"{k}={record[k]:.4f}" for k in LOSS_KEYS)
+                          + f" ({secs:.1f}s wall, {record['cpu_s']:.1f}s cpu, {record['it_per_s']:.2f} it/s)")
+        return record
+
+    def step(self, ep: dict, triples, idx: Tensor, train_den: bool) -> dict:
+        """One iteration on items ``idx``: draw the input kind and eps, make the views, one Adam
+        step on Eq. 12. Returns the loss values (``LOSS_KEYS``)."""
+        dcfg, gen = self.dcfg, self.gen
+        kind = ep["kinds"][int(torch.randint(len(ep["kinds"]), (1,), generator=gen))]
+        eps255 = ep["eps"][int(torch.randint(len(ep["eps"]), (1,), generator=gen))]
+        x = self.cat.item_batch(idx, self.device)
+        fn = _ItemObjective(self.rec, triples, idx, self.device)
+        x_adv = self._adversarial(kind, fn, x, eps255)
+        x_c = self._clean_view(x)
+        contrast = ep["detector"] and x_adv is not None and self.det is not None and dcfg.lambda_contrastive > 0
+        views = [x_c] if x_adv is None else ([x_c, x_adv] if contrast else [x_adv])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            out = self.den_fwd(torch.cat(views))
+            parts = self._losses(fn, x, out, len(views), (x_c, x_adv) if contrast else None)
+        total = (dcfg.lambda_rec * parts["rec"] + dcfg.lambda_content * parts["content"]
+                 + self.lam_p * parts["perceptual"] + dcfg.lambda_contrastive * parts["contrastive"])
+        lam_id = float(getattr(dcfg, "lambda_identity", 0.0))
+        if lam_id > 0 and views[0] is x_c and train_den:  # the clean view is the first one when present
+            # D(clean) = clean, weighted apart from the adversarial views: with L_p and L_VBPR
+            # dominating, D learned one image-independent pattern that moves every item's
+            # features, attacked or not (docs/results/denoiser_fidelity.md)
+            total = total + lam_id * content_loss(x, out[:x.shape[0]])
+        self.opt.zero_grad(set_to_none=True)
+        if total.requires_grad:  # not when the only trained module (D) is frozen and L_con is off
+            total.backward()
+        ddp.sync_grads(self.den)
+        if self.det is not None:
+            ddp.sync_grads(self.det)
+        self.opt.step()
+        parts["total"] = total
+        return {k: float(parts[k].detach()) for k in LOSS_KEYS}
+
+    def _adversarial(self, kind: str, fn: _ItemObjective, x: Tensor, eps255: float) -> Optional[Tensor]:
+        """The adversarial view of x for input kind ``kind`` (None for "clean"), made against the
+        frozen recommender."""
+        with frozen(self.rec):
+            if kind == "adaptive":  # the denoiser and detector frozen (eval mode) for the attack only
+                with frozen(self.den, self.det):
+                    return make_adaptive(fn, x, self.den, self.det, self.dcfg, eps255, self.image_size, self.gen)
+            if kind == "clean":
+                return None
+            return make_adversarial(kind, fn, x, eps255, self.dcfg.train_pgd_steps, self.gen)
+
+    def _clean_view(self, x: Tensor) -> Tensor:
+        """x with Gaussian noise on half the items (sigma uniform in [0, clean_noise_sigma]; the
+        module docstring says why)."""
+        gen, device = self.gen, self.device
+        sig = torch.rand(x.shape[0], generator=gen) * self.dcfg.clean_noise_sigma
+        sig = torch.where(torch.rand(x.shape[0], generator=gen) < 0.5, sig, torch.zeros_like(sig))
+        return (x + sig.view(-1, 1, 1, 1).to(device) * torch.randn(x.shape, generator=gen).to(device)).clamp(0, 1)
+
+    def _losses(self, fn: _ItemObjective, x: Tensor, out: Tensor, n_views: int,
+                contrast_views: Optional[tuple[Tensor, Tensor]]) -> dict:
+        """Eq. 12's terms for the denoised views ``out`` of the clean x; L_con on
+        ``contrast_views`` = (clean view, adversarial view) when the detector trains, else 0."""
+        dcfg = self.dcfg
+        parts = {"content": content_loss(x.repeat(n_views, 1, 1, 1), out)}
+        parts["rec"], parts["perceptual"] = _rec_and_perceptual(self.rec, self.backbone, fn, x, out, n_views,
+                                                                self.lam_p > 0)
+        if contrast_views is None:
+            parts["contrastive"] = out.new_zeros(())
+            return parts
+        x_c, x_adv = contrast_views
+        # on the first n_con items only: the trainable encoder is the costliest part
+        n_con = min(int(dcfg.contrastive_items) or x.shape[0], x.shape[0])
+        o_c, o_a = out.chunk(2)
+        z = self.det_fwd(torch.cat([x_c[:n_con], x_adv[:n_con], o_c[:n_con], o_a[:n_con]])).float().chunk(4)
+        parts["contrastive"] = contrastive_loss(*z, dcfg.temperature, share_negatives=dcfg.share_negatives)
+        return parts
+
+
 def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backbone_cfg: dict, device,
                   seed: int = 0, state_path: Optional[str | Path] = None, amp: bool = False, compile: bool = False,
                   progress: bool = True, log=None, desc: str = "defense",
@@ -309,177 +527,30 @@ def train_defense(cat, rec, backbone, dcfg: DefenseConfig, split: dict, *, backb
     it. The detector is idle in phase 1 (no forward, no gradient, Adam skips it), so with and
     without a detector phase 1 is the same computation.
     """
-    from vars_fast.attacks.base import frozen
-    from vars_fast.attacks.catalogue import sample_item_triples
-    from vars_fast.io import load_checkpoint, save_checkpoint
-    from vars_fast.utils import progress as progress_bar
-
     device = torch.device(device)
     image_size = int(cat.images.shape[-1])
-    plan = epoch_plan(dcfg)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global stream
-        torch.manual_seed(seed)
-        den, det = build_models(dcfg, image_size, backbone, backbone_cfg, device)
-    if init_denoiser is not None:
-        den = copy.deepcopy(init_denoiser).to(device=device, memory_format=torch.contiguous_format)
-        den.requires_grad_(True)
+    den, det = _initial_models(dcfg, image_size, backbone, backbone_cfg, device, seed, init_denoiser)
     if getattr(dcfg, "fast_frozen", True):
-        # the recommender and its backbone are frozen here: attack generation, L_VBPR and L_p run
-        # on a BN-folded NHWC copy (nn/fuse.py; same function to ~1e-5, checked on real
-        # images, the original kept otherwise). The detector encoder above was copied from the
-        # original backbone, so its BatchNorms still train.
-        from vars_fast.nn.fuse import fast_copy
-
-        shared = getattr(rec, "backbone", None) is backbone
-        probe = torch.tensor(list(split["train"])[:4] or [0], dtype=torch.long)
-        fast = fast_copy(rec, cat.item_batch(probe, device))
-        if fast is not rec:
-            rec = fast
-            if shared:
-                backbone = fast.backbone
-    groups = [{"params": list(den.parameters()), "lr": dcfg.lr}]
-    if det is not None:
-        groups += [{"params": list(det.head.parameters()), "lr": dcfg.lr},
-                   {"params": list(det.encoder.parameters()), "lr": dcfg.lr * dcfg.encoder_lr_mult}]
-    opt = torch.optim.Adam(groups)
-    gen = torch.Generator().manual_seed(seed)
-    history: list[dict] = []
-    start = 0
-    fp = _fingerprint(dataclasses.asdict(dcfg), image_size, backbone_cfg, seed, split["train"])
-    if state_path is not None and Path(state_path).is_file():
-        st = load_checkpoint(state_path)
-        if st.get("fingerprint") == fp:
-            den.load_state_dict(st["denoiser"])
-            if det is not None:
-                det.load_state_dict(st["detector"])
-            opt.load_state_dict(st["optimizer"])
-            gen.set_state(st["rng"])
-            history, start = list(st["history"]), int(st["epoch"])
-            if log and start < len(plan):
-                log.info(f"{desc}: resuming from {state_path} after epoch {start}/{len(plan)}")
-        elif log:
-            log.info(f"{desc}: {state_path} was made by another configuration; training from scratch")
-
-    n_p1 = int(dcfg.epochs_phase1)
+        rec, backbone = _fast_frozen(rec, backbone, cat, split["train"], device)
+    t = _Trainer(cat, rec, backbone, dcfg, den, det, device=device, seed=seed, log=log, desc=desc)
+    fp = _config_hash(dataclasses.asdict(dcfg), image_size, backbone_cfg, seed, split["train"])
     p1fp = phase1_fingerprint(dcfg, image_size, backbone_cfg, seed, split["train"], str(device.type))
-    n_den = len(groups[0]["params"])
-    if phase1_path is not None and start == 0 and 0 < n_p1 < len(plan) and Path(phase1_path).is_file():
-        st = load_checkpoint(phase1_path)
-        if st.get("fingerprint") == p1fp:
-            den.load_state_dict(st["denoiser"])
-            o = opt.state_dict()  # the denoiser group is group 0, its parameters are 0..n_den-1
-            o["state"].update({int(k): v for k, v in st["optimizer_state"].items()})
-            o["param_groups"][0].update({k: v for k, v in st["optimizer_group"].items() if k != "params"})
-            opt.load_state_dict(o)
-            gen.set_state(st["rng"])
-            history, start = list(st["history"]), n_p1
-            if log:
-                log.info(f"{desc}: phase 1 ({n_p1} epochs) taken from {phase1_path} (identical phase-1 config)")
-        elif log:
-            log.info(f"{desc}: {phase1_path} holds another phase-1 configuration; training phase 1")
-
-    use_amp = amp and device.type == "cuda"  # bf16 autocast on GPUs; fp32 on CPU
-    den_fwd = torch.compile(den, dynamic=False) if compile else den
-    det_fwd = (torch.compile(det.project, dynamic=False) if compile else det.project) if det is not None else None
+    n_p1, n_epochs = int(dcfg.epochs_phase1), len(t.plan)
+    if state_path is not None and Path(state_path).is_file():
+        t.resume(state_path, fp)
+    if phase1_path is not None and t.start == 0 and 0 < n_p1 < n_epochs and Path(phase1_path).is_file():
+        t.reuse_phase1(phase1_path, p1fp)
+    t.prepare(amp, compile)
     train_items = list(split["train"])
-    B = min(int(dcfg.batch_size), len(train_items))
-    lam_p = dcfg.lambda_perceptual if dcfg.use_perceptual else 0.0
-    rec.eval()
-
-    for epoch in range(start, len(plan)):
-        ep = plan[epoch]
-        # the detector phase trains the detector only unless told otherwise: its FGSM reaches
-        # eps 64, which D cannot undo, and its content loss there taught D to blur and tint
-        # clean images (docs/results/denoiser_fidelity.md)
-        train_den = ep["phase"] != "detector" or bool(getattr(dcfg, "denoiser_in_detector_phase", False))
-        den.train(train_den)
-        den.requires_grad_(train_den)
-        if det is not None:
-            det.train()
-        triples = sample_item_triples(cat, dcfg.triples_per_item, gen)
-        order = torch.tensor(train_items)[torch.randperm(len(train_items), generator=gen)]
-        n_iter = len(train_items) // B  # drop the last partial batch: fixed shapes, no recompiles
-        sums = dict.fromkeys(LOSS_KEYS, 0.0)
-        t0, c0 = time.perf_counter(), time.process_time()
-        bar = progress_bar(range(n_iter), desc=f"{desc} {epoch + 1}/{len(plan)} {ep['phase']}", enabled=progress)
-        for it in bar:
-            idx = ddp.shard(order[it * B:(it + 1) * B])
-            kind = ep["kinds"][int(torch.randint(len(ep["kinds"]), (1,), generator=gen))]
-            eps255 = ep["eps"][int(torch.randint(len(ep["eps"]), (1,), generator=gen))]
-            x = cat.item_batch(idx, device)
-            fn = _ItemObjective(rec, triples, idx, device)
-            with frozen(rec):
-                if kind == "adaptive":  # the denoiser and detector frozen (eval mode) for the attack only
-                    with frozen(den, det):
-                        x_adv = make_adaptive(fn, x, den, det, dcfg, eps255, image_size, gen)
-                else:
-                    x_adv = None if kind == "clean" else make_adversarial(kind, fn, x, eps255,
-                                                                          dcfg.train_pgd_steps, gen)
-            # clean view: half the items get Gaussian noise (see the module docstring)
-            sig = torch.rand(x.shape[0], generator=gen) * dcfg.clean_noise_sigma
-            sig = torch.where(torch.rand(x.shape[0], generator=gen) < 0.5, sig, torch.zeros_like(sig))
-            x_c = (x + sig.view(-1, 1, 1, 1).to(device) * torch.randn(x.shape, generator=gen).to(device)).clamp(0, 1)
-            contrast = ep["detector"] and x_adv is not None and det is not None and dcfg.lambda_contrastive > 0
-            views = [x_c] if x_adv is None else ([x_c, x_adv] if contrast else [x_adv])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = den_fwd(torch.cat(views))
-                target = x.repeat(len(views), 1, 1, 1)
-                parts = {"content": content_loss(target, out)}
-                parts["rec"], parts["perceptual"] = _rec_and_perceptual(rec, backbone, fn, x, out, len(views),
-                                                                        lam_p > 0)
-                if contrast:  # on the first n_con items only: the trainable encoder is the costliest part
-                    n_con = min(int(dcfg.contrastive_items) or x.shape[0], x.shape[0])
-                    o_c, o_a = out.chunk(2)
-                    z = det_fwd(torch.cat([x_c[:n_con], x_adv[:n_con], o_c[:n_con], o_a[:n_con]])).float().chunk(4)
-                    parts["contrastive"] = contrastive_loss(*z, dcfg.temperature, share_negatives=dcfg.share_negatives)
-                else:
-                    parts["contrastive"] = out.new_zeros(())
-            total = (dcfg.lambda_rec * parts["rec"] + dcfg.lambda_content * parts["content"]
-                     + lam_p * parts["perceptual"] + dcfg.lambda_contrastive * parts["contrastive"])
-            lam_id = float(getattr(dcfg, "lambda_identity", 0.0))
-            if lam_id > 0 and views[0] is x_c and train_den:  # the clean view is the first one when present
-                # D(clean) = clean, weighted apart from the adversarial views: with L_p and L_VBPR
-                # dominating, D learned one image-independent pattern that moves every item's
-                # features, attacked or not (docs/results/denoiser_fidelity.md)
-                total = total + lam_id * content_loss(x, out[:x.shape[0]])
-            opt.zero_grad(set_to_none=True)
-            if total.requires_grad:  # not when the only trained module (D) is frozen and L_con is off
-                total.backward()
-            ddp.sync_grads(den)
-            if det is not None:
-                ddp.sync_grads(det)
-            opt.step()
-            parts["total"] = total
-            vals = {k: float(parts[k].detach()) for k in LOSS_KEYS}
-            for k in LOSS_KEYS:
-                sums[k] += vals[k]
-            bar.set_postfix({k[:4]: f"{v:.4f}" for k, v in vals.items()})
-        bar.close()
-        secs = time.perf_counter() - t0
-        # cpu_s (process CPU time) is what the epoch costs on an idle machine; wall time on a shared one is noise
-        rec_ = {"epoch": epoch + 1, "phase": ep["phase"], "seconds": secs, "cpu_s": time.process_time() - c0,
-                "it_per_s": n_iter / max(secs, 1e-9),
-                **{k: sums[k] / max(n_iter, 1) for k in LOSS_KEYS}}
-        history.append(rec_)
-        if log:
-            log.info(f"{desc} epoch {epoch + 1}/{len(plan)} [{ep['phase']}] "
-                     + " ".join(f"{k}={rec_[k]:.4f}" for k in LOSS_KEYS)
-                     + f" ({secs:.1f}s wall, {rec_['cpu_s']:.1f}s cpu, {rec_['it_per_s']:.2f} it/s)")
+    for epoch in range(t.start, n_epochs):
+        record = t.epoch(epoch, train_items, progress)
         if state_path is not None and ddp.is_main():
-            save_checkpoint({"fingerprint": fp, "epoch": epoch + 1, "denoiser": den.state_dict(),
-                             "detector": det.state_dict() if det is not None else None,
-                             "optimizer": opt.state_dict(), "rng": gen.get_state(), "history": history},
-                            state_path)
-        if phase1_path is not None and epoch + 1 == n_p1 and n_p1 < len(plan) and ddp.is_main():
-            o = opt.state_dict()
-            save_checkpoint({"fingerprint": p1fp, "denoiser": den.state_dict(),
-                             "optimizer_state": {k: v for k, v in o["state"].items() if int(k) < n_den},
-                             "optimizer_group": {k: v for k, v in o["param_groups"][0].items() if k != "params"},
-                             "rng": gen.get_state(), "history": history}, phase1_path)
+            t.save(state_path, fp, epoch + 1)
+        if phase1_path is not None and epoch + 1 == n_p1 and n_p1 < n_epochs and ddp.is_main():
+            t.save_phase1(phase1_path, p1fp)
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, rec_)
-
+            on_epoch_end(epoch + 1, record)
     den.requires_grad_(True)
     defense = Defense(den, det, rand_min_frac=dcfg.rand_min_frac, image_size=image_size, backbone=backbone_cfg,
-                      extra={"split": split, "history": history})
-    return defense, history
+                      extra={"split": split, "history": t.history})
+    return defense, t.history

@@ -9,23 +9,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vars_fast.memory import loop_batch
-from vars_fast.utils import progress
+from vars_fast.evaluate.section import ARRAYS
+from vars_fast.memory_budget import loop_batch
+from vars_fast.metrics import ranking_metrics
+from vars_fast.nn.fuse import folded_copy
+from vars_fast.ops import random_resize_pad
+from vars_fast.utils import progress, to_float
 
+# the deployments (evaluate/deployments.py) of ``purify_all``'s two outputs, in that order
 RANK_DEFENSES = ("denoise", "denoise+rand")
 # detect+withhold: what a flagged item keeps (Evaluation.withhold)
 WITHHOLD_FALLBACKS = ("clean", "mean")
-ARRAYS = "eval_arrays.npz"
+__all__ = ["ARRAYS", "RANK_DEFENSES", "WITHHOLD_FALLBACKS", "Evaluation", "chunks", "det_json", "to_float"]
 
 
 def chunks(n: int, bs: int):
     for s in range(0, n, bs):
         yield s, min(s + bs, n)
-
-
-def to_float(x: Tensor, device) -> Tensor:
-    x = x.to(device)
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
 def det_json(m: dict) -> dict:
@@ -40,20 +40,18 @@ def det_json(m: dict) -> dict:
 
 class Evaluation:
     """Holds what the sections share (catalogue, defence, the clean purification, arrays)."""
-
     def __init__(self, ctx):
         self.ctx, self.cfg, self.run, self.dev, self.log = ctx, ctx.cfg, ctx.run, ctx.device, ctx.log
         self.cat = ctx.catalogue
         self.defense = self.fast_defense(ctx.defense())
         self.topk = tuple(int(k) for k in self.cfg.eval.topk)
         # purification / encoding / distance chunks: eval.batch_size, lowered to what the
-        # device's memory holds (large images through a wide denoiser; vars_fast/memory.py)
+        # device's memory holds (large images through a wide denoiser; vars_fast/memory_budget.py)
         self.bs = loop_batch(self.cfg, self.dev, int(self.cfg.eval.batch_size), grad=False)
         self.arrays: dict[str, np.ndarray] = {}
         self.timings: dict[str, float] = {}
         self._clean_purified = None
         self._d_clean = None
-        self._gated_clean = None
         self._features: dict[str, Tensor] = {}
         self.models = [m for m in self.cfg.attack.models if self.run.checkpoint(f"recommender_{m}").is_file()]
         self.test_items = self._test_items()
@@ -63,8 +61,6 @@ class Evaluation:
         BatchNorms folded into its convs (``nn.fuse.folded_copy``), the fold kept only if the
         embeddings match the original on real images (rtol 1e-3). It stays differentiable
         (the adaptive attack goes through it); the weights are frozen."""
-        from vars_fast.nn.fuse import folded_copy
-
         fast = copy.copy(defense)
         fast.denoiser = copy.deepcopy(defense.denoiser).eval().to(memory_format=torch.channels_last)
         if defense.detector is not None:
@@ -100,8 +96,6 @@ class Evaluation:
         The denoiser runs once; OURS-rand applies the same random resize-pad as
         ``Defense.purify(rand=True)`` to its output, from a generator seeded by ``tag``.
         """
-        from vars_fast.ops import random_resize_pad
-
         d = defense or self.defense
         S = images.shape[-1]
         g = self.ctx.generator(f"evaluate:rand:{tag or desc}")
@@ -160,18 +154,11 @@ class Evaluation:
     @torch.no_grad()
     def rank_withheld(self, rec, images: Tensor, den: Tensor) -> dict:
         """Ranking metrics of detect+withhold on ``images`` (purified ``den``) plus ``flagged``."""
-        from vars_fast.metrics import ranking_metrics
-
         flagged = self.flags(images, den)
         feats = self.withhold(self.ctx.encoder(rec.name), images, flagged)
         m = ranking_metrics(rec, self.cat, visual=feats, topk=self.topk)
         return {"flagged": float(flagged.float().mean()) if flagged.numel() else 0.0,
                 "fallback": self.cfg.eval.withhold_fallback, **{k: float(v) for k, v in m.items()}}
-
-    def gated_clean(self) -> tuple[Tensor, float]:
-        if self._gated_clean is None:
-            self._gated_clean = self.gate(self.cat.images, self.clean_purified()[0])
-        return self._gated_clean
 
     @torch.no_grad()
     def encode_all(self, rec, images: Tensor) -> Tensor:
@@ -181,8 +168,6 @@ class Evaluation:
 
     @torch.no_grad()
     def rank(self, rec, images: Tensor) -> dict:
-        from vars_fast.metrics import ranking_metrics
-
         m = ranking_metrics(rec, self.cat, visual=self.encode_all(self.ctx.encoder(rec.name), images), topk=self.topk)
         return {k: float(v) for k, v in m.items()}
 

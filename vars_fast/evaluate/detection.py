@@ -9,8 +9,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vars_fast.attacks.untargeted import attack_catalogue
 from vars_fast.defense.addition import fit_in_run
 from vars_fast.evaluate.common import Evaluation, det_json, to_float
+from vars_fast.evaluate.section import Doc, Section, find, missing, table
+from vars_fast.metrics import detection_metrics
+from vars_fast.registry import DEFENSES, SECTIONS
+
+NAME = "detection"  # the section: its registry name and the ``table`` of its rows
 
 
 def fgsm_items(ev: Evaluation, rec, items: Tensor, eps) -> Tensor:
@@ -19,7 +25,6 @@ def fgsm_items(ev: Evaluation, rec, items: Tensor, eps) -> Tensor:
     adv = ev.load_attack(rec.name, "fgsm", eps)
     if adv is not None:
         return adv[items]
-    from vars_fast.attacks.catalogue import attack_catalogue
 
     return attack_catalogue(rec, ev.cat, "fgsm", eps, ev.cfg.attack, ev.ctx.generator(f"evaluate:fgsm:{eps}"),
                             ev.dev, progress=False, batch_size=ev.bs, fast=False, items=items)
@@ -27,8 +32,6 @@ def fgsm_items(ev: Evaluation, rec, items: Tensor, eps) -> Tensor:
 
 def detection(ev: Evaluation) -> None:
     """Ours vs ADDITION per eps, and the Gaussian-noise check."""
-    from vars_fast.metrics import detection_metrics
-
     if ev.defense.detector is None or not math.isfinite(ev.defense.threshold):
         ev.log.warning("evaluate: the defence has no detector/threshold: detection rows skipped")
         return
@@ -70,4 +73,113 @@ def detection(ev: Evaluation) -> None:
             rows.append({"detector": det, "attack": "gaussian", "eps": sigma, "clean_rate": share,
                          "accuracy": share, "fpr": 1.0 - share, "threshold": t, "n_clean": int(score.numel()),
                          **({"variant": variant} if variant else {})})
-    ev.run.add_rows("detection", rows)
+    ev.run.add_rows("detection", rows, table=NAME)
+
+
+def detection_table(D: list[dict]) -> str:
+    """Table 4: accuracy per eps, ADDITION vs OURS (FGSM on held-out items)."""
+    D = [r for r in D if r.get("attack") == "fgsm" and r.get("variant") is None]
+    if not D:
+        return missing("no detection rows")
+    eps = sorted({float(r["eps"]) for r in D})
+    # the baselines first, then ours, each under its registered label
+    names = sorted(DEFENSES.names(), key=lambda n: not DEFENSES.meta(n).get("baseline", False))
+    rows = [[DEFENSES.meta(name).get("label", name)] +
+            [(find(D, detector=name, attack="fgsm", eps=e) or {}).get("accuracy") for e in eps]
+            for name in names if any(r["detector"] == name for r in D)]
+    detail = [[r["detector"], r["eps"], r.get("accuracy"), r.get("auc"), r.get("tpr"), r.get("fpr"), r.get("threshold"),
+               r.get("n_clean"), r.get("n_adv")] for r in sorted(D, key=lambda r: (r["detector"], float(r["eps"])))]
+    return (table(["detector"] + [f"eps={e:g}" for e in eps], rows) + "\n\nDetails:\n\n" +
+            table(["detector", "eps", "accuracy", "AUC", "TPR", "FPR", "threshold", "n clean", "n adv"], detail))
+
+
+def gaussian_table(D: list[dict]) -> str:
+    G = [r for r in D if r.get("attack") == "gaussian"]
+    if not G:
+        return missing("no Gaussian-noise rows")
+    sig = sorted({float(r["eps"]) for r in G})
+    rows = [[d] + [(find(G, detector=d, attack="gaussian", eps=s) or {}).get("clean_rate") for s in sig]
+            for d in sorted({r["detector"] for r in G})]
+    return table(["detector (share judged clean)"] + [f"sigma={s:g}" for s in sig], rows)
+
+
+def roc(d_clean: np.ndarray, d_adv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FPR, TPR over all thresholds (adversarial = score above the threshold)."""
+    t = np.unique(np.concatenate([d_clean, d_adv]))[::-1]
+    fpr = np.concatenate([[0.0], [(d_clean >= x).mean() for x in t]])
+    tpr = np.concatenate([[0.0], [(d_adv >= x).mean() for x in t]])
+    return fpr, tpr
+
+
+def _fgsm_distances(a: dict) -> list[tuple[float, np.ndarray]]:
+    return sorted((float(k[len("d_fgsm_"):]), a[k]) for k in a if k.startswith("d_fgsm_")) if "d_clean" in a else []
+
+
+def fig8(a: dict, plt):
+    """Histograms of the detector distances, clean vs FGSM, one panel per eps, with the threshold."""
+    adv, thr = _fgsm_distances(a), a.get("threshold")
+    if not adv:
+        return None
+    dc = a["d_clean"]
+    fig, axes = plt.subplots(1, len(adv), figsize=(3.2 * len(adv), 3), squeeze=False)
+    for ax, (e, d) in zip(axes[0], adv):
+        bins = np.linspace(min(dc.min(), d.min()), max(dc.max(), d.max()), 40)
+        ax.hist(dc, bins=bins, alpha=0.6, label="clean")
+        ax.hist(d, bins=bins, alpha=0.6, label="FGSM")
+        if thr is not None:
+            ax.axvline(float(thr), color="k", ls="--", label="threshold")
+        ax.set_title(f"eps={e:g}")
+        ax.set_xlabel("distance")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def fig9(a: dict, plt):
+    """ROC per eps with the stored threshold's point."""
+    adv, thr = _fgsm_distances(a), a.get("threshold")
+    if not adv:
+        return None
+    dc = a["d_clean"]
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    for e, d in adv:
+        fpr, tpr = roc(dc, d)
+        line, = ax.plot(fpr, tpr, label=f"eps={e:g}")
+        if thr is not None:
+            ax.plot([(dc > float(thr)).mean()], [(d > float(thr)).mean()], "o", color=line.get_color())
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("FPR")
+    ax.set_ylabel("TPR")
+    ax.set_title("ROC (dot: the stored threshold)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def fig10(a: dict, plt):
+    """Confusion matrix at the stored threshold, all FGSM eps pooled."""
+    adv, thr = _fgsm_distances(a), a.get("threshold")
+    if not adv or thr is None:
+        return None
+    dc, da, thr = a["d_clean"], np.concatenate([d for _, d in adv]), float(thr)
+    cm = np.array([[(dc <= thr).sum(), (dc > thr).sum()], [(da <= thr).sum(), (da > thr).sum()]])
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center")
+    ax.set_xticks([0, 1], ["pred clean", "pred adv"])
+    ax.set_yticks([0, 1], ["clean", "adversarial"])
+    ax.set_title("confusion (FGSM, all eps)")
+    return fig
+
+
+def report(doc: Doc) -> list[str]:
+    D, a = doc.rows("detection", "detection"), doc.arrays
+    return ["## Table 4: detection accuracy (FGSM, held-out test items)", "", detection_table(D), "",
+            *doc.figure("fig8_distance_hist", "Fig. 8: detector distances, clean vs adversarial",
+                        lambda plt: fig8(a, plt)),
+            *doc.figure("fig9_roc", "Fig. 9: ROC with the chosen threshold", lambda plt: fig9(a, plt)),
+            *doc.figure("fig10_confusion", "Fig. 10: confusion matrix", lambda plt: fig10(a, plt)),
+            "### Gaussian noise must be judged clean", "", gaussian_table(D), ""]
+
+
+SECTIONS.register(NAME, Section(order=30, run=detection, report=report))

@@ -9,7 +9,7 @@ at other eps. ``generalisation_rows`` measures that claim on the defence's held-
   FGSM at eps 4-64 and PGD (L-inf, the catalogue attack's per-item BPR objective); PGD-L2 on
   the same objective (``eps`` is the per-pixel RMS budget in /255, ``l2`` the radius in [0,1]
   units; ``attacks/pgd_l2.py``); a transfer attack, a feature-space PGD on a surrogate backbone
-  the defence never saw (``attacks/transfer.py``; ResNet18 by default);
+  the defence never saw (``attacks/surrogate.py``; ResNet18 by default);
 * benign rows (``side: "benign"``), what must *not* be flagged: Gaussian noise (``eps`` =
   sigma in [0,1] units) and JPEG re-compression (``quality``) of the clean images.
 
@@ -35,13 +35,18 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from vars_fast.attacks.catalogue import attack_items, sample_item_triples
 from vars_fast.attacks.fgsm import FGSM
 from vars_fast.attacks.pgd import PGD
 from vars_fast.attacks.pgd_l2 import PGDL2, l2_radius
-from vars_fast.attacks.transfer import build_surrogate, transfer_attack
+from vars_fast.attacks.surrogate import build_surrogate, transfer_attack
+from vars_fast.attacks.untargeted import attack_items, sample_item_triples
 from vars_fast.corruptions import gaussian_noise, jpeg
+from vars_fast.defense.training import epoch_plan
+from vars_fast.evaluate.section import Doc, Section, missing
 from vars_fast.metrics import auc_score, detection_metrics
+from vars_fast.registry import SECTIONS
+
+NAME = "generalisation"  # the section: its registry name and the ``table`` of its rows
 
 ROW_KEYS = ("detector", "attack", "eps", "seen", "side", "accuracy", "auc", "tpr", "fpr", "n_clean", "n_adv")
 
@@ -49,8 +54,6 @@ ROW_KEYS = ("detector", "attack", "eps", "seen", "side", "accuracy", "auc", "tpr
 def seen_inputs(dcfg) -> set[tuple[str, float]]:
     """(attack, eps) pairs the detector trains on under ``dcfg`` (a DefenseConfig): the
     adversarial kinds and eps of every epoch of ``epoch_plan`` with the detector on."""
-    from vars_fast.defense.training import epoch_plan
-
     return {(kind, float(e)) for ep in epoch_plan(dcfg) if ep["detector"]
             for kind in ep["kinds"] if kind != "clean" for e in ep["eps"]}
 
@@ -194,4 +197,16 @@ def generalisation(ev) -> None:
         pgd_steps=cfg.attack.pgd_steps, noise_sigmas=cfg.eval.noise_sigmas,
         triples_per_item=cfg.attack.triples_per_item, triple_roles=cfg.attack.triple_roles,
         batch_size=ev.bs, device=ev.dev, log=ev.log)
-    ev.run.add_rows("detection", [{**r, "model": "VBPR"} for r in rows])
+    ev.run.add_rows("detection", [{**r, "model": "VBPR"} for r in rows], table=NAME)
+
+
+def report(doc: Doc) -> list[str]:
+    rows = doc.rows("detection", "generalisation")
+    return ["## Does the detector generalise? Seen / unseen attacks (VBPR, held-out test items)", "",
+            "`seen`: that attack and eps are among the detector's training inputs (`defense.detector_eps`, "
+            "`defense.train_eps`); benign rows (Gaussian noise, JPEG) give the share flagged. Train the "
+            "detector on one eps with `--config configs/detector_single_eps.yaml`.", "",
+            markdown_table(rows) if rows else missing("eval.generalisation off or not run"), ""]
+
+
+SECTIONS.register(NAME, Section(order=40, run=generalisation, report=report))

@@ -20,7 +20,18 @@ import time
 
 import torch
 
-from vars_fast.evaluate.common import RANK_DEFENSES, Evaluation, det_json
+from vars_fast.attacks.untargeted import attack_catalogue
+from vars_fast.data import load_catalogue
+from vars_fast.data.synthetic import SyntheticCatalogue
+from vars_fast.defense.training import split_items, train_defense
+from vars_fast.evaluate.common import Evaluation, RANK_DEFENSES, det_json
+from vars_fast.evaluate.section import Doc, Section, find, table
+from vars_fast.metrics import detection_metrics, ranking_metrics
+from vars_fast.recommenders import build_recommender
+from vars_fast.recommenders.base import batched_encode
+from vars_fast.registry import SECTIONS
+
+NAME = "transfer"  # the section: its registry name and the ``table`` of its rows
 
 TAG = "A->B"
 DETECT_EPS = 16
@@ -28,9 +39,6 @@ DETECT_EPS = 16
 
 def catalogue_b(ev: Evaluation):
     """Catalogue B: A's data config with B's seed and size, synthetic, images in B's style."""
-    from vars_fast.data import load_catalogue
-    from vars_fast.data.synthetic import SyntheticCatalogue
-
     ecfg, dcfg = ev.cfg.eval, ev.cfg.data
     cfg_b = dataclasses.replace(dcfg, source="synthetic", seed=int(ecfg.transfer.seed),
                                 n_users=int(ecfg.transfer.users or dcfg.n_users),
@@ -46,9 +54,6 @@ def catalogue_b(ev: Evaluation):
 
 def train_vbpr(ev: Evaluation, cat):
     """VBPR on B: the run's recommender config, B's clean backbone features."""
-    from vars_fast.recommenders import build_recommender
-    from vars_fast.recommenders.base import batched_encode
-
     rc, bb = ev.cfg.recommender, ev.ctx.backbone
     feats = batched_encode(bb.features, cat.images, rc.feature_batch, ev.dev, False, desc="features B",
                            channels_last=ev.cfg.run.channels_last)
@@ -61,8 +66,6 @@ def train_vbpr(ev: Evaluation, cat):
 
 def finetune(ev: Evaluation, cat, rec, split: dict, epochs: int):
     """A's defence with its denoiser fine-tuned ``epochs`` epochs on B (detector, threshold: A's)."""
-    from vars_fast.defense.training import train_defense
-
     src = ev.ctx.defense()
     dcfg = dataclasses.replace(ev.cfg.defense, epochs_phase1=0, epochs_phase2=int(epochs), detector_epochs=0,
                                use_detector=False, lambda_contrastive=0.0)
@@ -78,8 +81,6 @@ def finetune(ev: Evaluation, cat, rec, split: dict, epochs: int):
 
 def rows_for(ev: Evaluation, defense, cat, rec, attacked: dict, test_items, k: int) -> tuple[list, list]:
     """Ranking and detection rows of ``defense`` on B (``attacked``: {(attack, eps): uint8})."""
-    from vars_fast.metrics import detection_metrics, ranking_metrics
-
     tag = {"transfer": TAG, "finetune_epochs": int(k)}
     rank = lambda imgs: {kk: float(v) for kk, v in ranking_metrics(  # noqa: E731
         rec, cat, visual=ev.encode_all(rec, imgs), topk=ev.topk).items()}
@@ -101,10 +102,6 @@ def rows_for(ev: Evaluation, defense, cat, rec, attacked: dict, test_items, k: i
 
 def transfer(ev: Evaluation) -> None:
     """The A->B rows at 0 and ``eval.transfer.finetune_epochs`` fine-tuning epochs."""
-    from vars_fast.attacks.catalogue import attack_catalogue
-    from vars_fast.defense.training import split_items
-    from vars_fast.metrics import ranking_metrics
-
     ecfg = ev.cfg.eval
     if not ecfg.transfer.enabled:
         return
@@ -147,9 +144,39 @@ def transfer(ev: Evaluation) -> None:
         ranking += r
         detection += d
     lap("rows")
-    ev.run.add_rows("ranking", ranking)
-    ev.run.add_rows("detection", detection)
+    ev.run.add_rows("ranking", ranking, table=NAME)
+    ev.run.add_rows("detection", detection, table=NAME)
     ev.run.update_meta(transfer={"seed": int(ecfg.transfer.seed), "style": ecfg.transfer.style,
                                  "n_users": cat.n_users, "n_items": cat.n_items, "finetune_epochs": k,
                                  "n_detect_items": int(test_items.numel())})
     ev.log.info("evaluate transfer: %d ranking, %d detection rows", len(ranking), len(detection))
+
+
+def transfer_table(ranking: list[dict], detection: list[dict]) -> str:
+    """A->B (``eval.transfer``): VBPR HR@10 on B per attack and defence, and our detector on B
+    at eps 16, per number of denoiser fine-tuning epochs on B (0: A's defence as is)."""
+    epochs = sorted({int(r["finetune_epochs"]) for r in ranking if r["defense"] != "none"})
+    attacks = [(r["attack"], r["eps"]) for r in ranking if r["defense"] == "none"]
+    defended = RANK_DEFENSES
+    head = ["attack", "eps", "none"] + [f"{d} (ft {k})" for k in epochs for d in defended]
+    body = [[a, e, (find(ranking, attack=a, eps=e, defense="none") or {}).get("HR@10")]
+            + [(find(ranking, attack=a, eps=e, defense=d, finetune_epochs=k) or {}).get("HR@10")
+               for k in epochs for d in defended] for a, e in attacks]
+    det = [[r["finetune_epochs"], r["eps"], r.get("accuracy"), r.get("tpr"), r.get("fpr"), r.get("auc")]
+           for r in sorted(detection, key=lambda r: r["finetune_epochs"])]
+    return (table(head, body) + "\n\nDetector (A's weights and threshold) on B, FGSM:\n\n"
+            + table(["finetune epochs", "eps", "accuracy", "TPR", "FPR", "AUC"], det))
+
+
+def report(doc: Doc) -> list[str]:
+    R = doc.rows("ranking", "transfer")
+    if not R:  # an optional section (eval.transfer): absent from runs without it
+        return []
+    return ["## Transfer to a new catalogue (A->B, VBPR HR@10)", "",
+            "The defence trained here applied to a second synthetic catalogue (another seed, shape "
+            "set and palette; `vars_fast/evaluate/transfer.py`), as is and after denoiser fine-tuning "
+            "on B; the detector is never retrained.", "",
+            transfer_table(R, doc.rows("detection", "transfer")), ""]
+
+
+SECTIONS.register(NAME, Section(order=90, run=transfer, report=report))

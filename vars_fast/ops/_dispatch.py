@@ -47,6 +47,7 @@ from typing import Iterable, Union
 import torch
 from torch import Tensor
 
+from vars_fast import _ext
 from vars_fast.registry import BACKENDS
 
 ORDER = ("triton", "ext", "reference")  # the backends, in the order ``choose`` tries them
@@ -134,7 +135,6 @@ _EXT_CACHE: dict[tuple[str, str], str | None] = {}
 
 
 def _ext_kernel_error_uncached(op: str, device_type: str) -> str | None:
-    from vars_fast import _ext
     if not _ext.has_ops():
         return f"the compiled extension is not loaded ({_ext.load_error()})"
     qual = f"vars_fast::{op}"

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from vars_fast.backbones import build_backbone
+from vars_fast.config import BackboneConfig
 from vars_fast.distributed import ddp
 from vars_fast.recommenders.base import Recommender, sq, train_bpr
 from vars_fast.registry import RECOMMENDERS
@@ -212,9 +214,6 @@ class DVBPR(Recommender):
             self.cnn = SmallCNN(width, k, input_size)
             return
         if backbone is None:
-            from vars_fast.backbones import build_backbone
-            from vars_fast.config import BackboneConfig
-
             trunk = build_backbone(BackboneConfig(name=backbone_name, weights="none"))
         else:
             if not hasattr(backbone, "trainable_copy"):

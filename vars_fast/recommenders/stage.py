@@ -19,7 +19,8 @@ from vars_fast.io import load_checkpoint, save_checkpoint
 from vars_fast.metrics import ranking_metrics
 from vars_fast.recommenders import RECOMMENDERS, Pop, build_recommender, save_recommender, selection
 from vars_fast.recommenders.base import batched_encode
-from vars_fast.registry import SOURCES
+from vars_fast.evaluate.section import Section, missing, table
+from vars_fast.registry import SECTIONS, SOURCES
 
 
 def images_digest(images: torch.Tensor) -> str:
@@ -107,7 +108,7 @@ def run_stage(ctx) -> None:
 
     timings["recommender_stage_s"] = time.perf_counter() - t0
     if ddp.is_main():
-        ctx.run.add_rows("ranking", rows)
+        ctx.run.add_rows("ranking", rows, table="ranking")
         old = ctx.run.load_metrics().get("meta", {}).get("timings", {})
         picked = {n: r.selection for n, r in trained.items() if getattr(r, "selection", None)}
         ctx.run.update_meta(data=getattr(cat, "meta", {}), timings={**old, **timings}, below_popularity=floor,
@@ -163,3 +164,38 @@ def below_popularity(name: str, rec, hr10, pop_hr10: float, log) -> list[dict]:
         log.warning("recommender: %s scores below popularity on the %s split (%s %.4f vs %.4f)", r["model"],
                     r["split"], r["metric"], r["value"], r["popularity"])
     return out
+
+
+def clean_table(rows: list[dict]) -> list[list]:
+    """Clean HR@10 / NDCG@10 per trained model, best first: the image-blind models (BPR, Pop)
+    are the floor a visual model and its defences must stay above."""
+    clean = [r for r in rows if r.get("defense") == "none" and r.get("attack") == "clean"
+             and r.get("objective", "train") == "train" and r.get("variant") is None]
+    out = []
+    for r in sorted(clean, key=lambda r: -r.get("HR@10", 0.0)):
+        cls = RECOMMENDERS[r["model"]] if r["model"] in RECOMMENDERS else None
+        out.append([r["model"], "yes" if getattr(cls, "uses_images", False) else "no", r.get("HR@10"), r.get("NDCG@10")])
+    return out
+
+
+def report(doc) -> list[str]:
+    """The clean table, then one line per model below popularity (a finding, never a silent
+    row) and one per model whose hyperparameters were selected on the training holdout
+    (recommenders/selection.py)."""
+    meta = doc.meta
+    lines = [f"- **{r['model']} scores below popularity** on the {r['split']} split ({r['metric']} "
+             f"{r['value']:.4f} vs {r['popularity']:.4f})." for r in meta.get("below_popularity", [])]
+    for name, s in meta.get("selection", {}).items():
+        c = s.get("chosen")
+        what = ("no setting beat chance on the holdout: the config's fixed schedule" if c is None else
+                f"lr {c['lr']:g}, weight_decay {c['weight_decay']:g}, k {c['k']}, {c['best_epoch']} epochs")
+        lines.append(f"- {name}: selected on the training holdout over {len(s['trials'])} settings by "
+                     f"{s['metric'].upper()} ({s['seconds']:.0f} s): {what}.")
+    rows = clean_table(doc.rows("ranking", "ranking"))
+    if not rows and not lines:
+        return []
+    return ["## Recommenders (clean)", "", table(["model", "uses images", "HR@10", "NDCG@10"], rows) if rows
+            else missing("no clean rows"), "", *lines, *([""] if lines else [])]
+
+
+SECTIONS.register("recommenders", Section(order=5, report=report))

@@ -17,6 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vars_fast.backbones import build_backbone
+from vars_fast.config import BackboneConfig
+from vars_fast.defense import load_defense
+from vars_fast.defense.denoiser import GlobalBlock
+from vars_fast.nn.fuse import folded_copy, polyphase_copy
+from vars_fast.utils import get_device
+
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder (``checkpoints/defense.pt``) or a checkpoint file."""
@@ -71,9 +78,6 @@ class Screener:
         (``nn.fuse.folded_copy``); on CPU, the denoiser's few-channel output conv run in
         space-to-depth form (``nn.fuse.polyphase_copy``) and its transformer block's
         tokens taken in NHWC order (``GlobalBlock.nhwc_tokens``). Returns the rewrites per model."""
-        from vars_fast.defense.denoiser import GlobalBlock
-        from vars_fast.nn.fuse import folded_copy, polyphase_copy
-
         g = torch.Generator().manual_seed(0)
         probe = torch.rand(4, 3, self.image_size, self.image_size, generator=g).to(self.device)
         folded = {}
@@ -98,11 +102,6 @@ class Screener:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str | torch.device = "cpu", **kw) -> "Screener":
-        from vars_fast.backbones import build_backbone
-        from vars_fast.config import BackboneConfig
-        from vars_fast.defense import load_defense
-        from vars_fast.utils import get_device
-
         device = get_device(device) if isinstance(device, str) else device
         ckpt = resolve_checkpoint(checkpoint)
         defense = load_defense(ckpt, device)

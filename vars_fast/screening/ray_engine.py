@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
+from vars_fast.io import load_checkpoint
 from vars_fast.screening.local import decode_batch, pending_batches
+from vars_fast.screening.model import Screener, resolve_checkpoint
 from vars_fast.screening.output import ShardBuffer, write_denoised
 from vars_fast.screening.plan import PlanReader
 from vars_fast.screening.reader import MAX_BYTES
@@ -45,10 +48,6 @@ class ScreenActor:
 
     def __init__(self, checkpoint: str, device: str, amp: bool, channels_last: bool | None, compile: bool,
                  keep_denoised: bool, threads: int = 0):
-        import torch
-
-        from vars_fast.screening.model import Screener
-
         if threads:
             torch.set_num_threads(threads)
         if device == "auto":
@@ -84,8 +83,6 @@ def run_ray(checkpoint: str, plan_file: Path, meta: dict, out: Path, shard_size:
         raise ImportError("--engine ray needs Ray Data: pip install 'vars_fast[ray]' (or 'ray[data]')") from e
     if checkpoint is None:
         raise ValueError("--engine ray needs --checkpoint (the actors load the models themselves)")
-    from vars_fast.screening.model import resolve_checkpoint
-
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
@@ -137,7 +134,4 @@ def run_ray(checkpoint: str, plan_file: Path, meta: dict, out: Path, shard_size:
 
 
 def _image_size(checkpoint: str) -> int:
-    from vars_fast.io import load_checkpoint
-    from vars_fast.screening.model import resolve_checkpoint
-
     return int(load_checkpoint(resolve_checkpoint(checkpoint))["image_size"])

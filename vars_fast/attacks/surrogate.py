@@ -17,6 +17,8 @@ from torch import Tensor
 
 from vars_fast.attacks.base import frozen
 from vars_fast.attacks.pgd import PGD
+from vars_fast.backbones import build_backbone
+from vars_fast.config import BackboneConfig
 
 
 def feature_shift_loss(surrogate, x_clean: Tensor):
@@ -33,9 +35,6 @@ def feature_shift_loss(surrogate, x_clean: Tensor):
 def build_surrogate(name: str = "resnet18", weights: str = "none", device: torch.device | str = "cpu"):
     """The surrogate backbone (frozen, eval). ``weights``: "none" (random init), "pretrained"
     (the torchvision cache; never downloads) or a local state-dict path, as ``backbone.weights``."""
-    from vars_fast.backbones import build_backbone
-    from vars_fast.config import BackboneConfig
-
     bb = build_backbone(BackboneConfig(name=name, weights=weights, input_size=0))
     return bb.to(device).eval().requires_grad_(False)
 

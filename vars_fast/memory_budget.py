@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from vars_fast.registry import BACKBONES
+
 GiB = 1 << 30
 
 # Peak resident growth per image per pixel (bytes), fp32 on CPU, forward + input gradient
@@ -112,8 +114,6 @@ def _denoiser_per_px(dcfg, kind: str) -> float:
 
 
 def _backbone_per_px(name: str, kind: str) -> float:
-    from vars_fast.registry import BACKBONES
-
     meta = BACKBONES.meta(name) if name in BACKBONES else {}
     return (meta.get("bytes_per_px") or BACKBONES.meta(_BACKBONE_FALLBACK)["bytes_per_px"])[kind]
 

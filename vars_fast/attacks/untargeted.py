@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vars_fast.attacks.base import frozen, quantize_within
+from vars_fast.attacks.base import CatalogueLoss, frozen, quantize_within
 from vars_fast.attacks.pgd import default_alpha
 from vars_fast.nn.fuse import fast_copy
-from vars_fast.registry import ATTACKS, OBJECTIVES
+from vars_fast.registry import ATTACK_LOSSES, ATTACKS, OBJECTIVES
+from vars_fast.utils import progress as progress_bar
 
 
 def bpr_image_loss(rec, triples: Tensor, x_i: Tensor | None, x_j: Tensor | None) -> Tensor:
@@ -145,11 +146,21 @@ def item_loss(rec, x: Tensor, users: Tensor, items: Tensor, s_other: Tensor, sig
     return F.softplus(-sign * (s_k - s_other)).mean(1)
 
 
+def bpr_targets(rec, cat, per_item: int, generator: torch.Generator, roles: str = "bpr") -> ItemTriples:
+    """The BPR loss's targets: ``sample_item_triples`` (the recommender is not needed)."""
+    return sample_item_triples(cat, per_item, generator, roles)
+
+
+# attack.loss "bpr" (the default): the paper's objective; attacks/margin.py holds "margin"
+ATTACK_LOSSES.register("bpr", CatalogueLoss(targets=bpr_targets, item_loss=item_loss))
+
+
 def item_loss_fn(rec, items: Tensor, users: Tensor, others: Tensor, sign: Tensor, loss=item_loss):
     """Return ``(x [B,3,S,S]) -> loss [B]`` for items [B] with triples users/others/sign [B, m].
 
     The other items' scores are computed once here (clean cached visual, no grad): only
-    the attacked item's score depends on x. ``loss``: ``item_loss`` or a compiled copy.
+    the attacked item's score depends on x. ``loss``: ``item_loss`` (or another
+    ``ATTACK_LOSSES`` member's ``item_loss``) or a compiled copy.
     """
     B, m = users.shape
     with torch.no_grad():
@@ -196,8 +207,6 @@ def attack_items(rec, cat, items: Tensor, attack: Callable[[Callable, Tensor, Te
     its backbone (held by reference, not as a submodule) and ``freeze`` are frozen throughout.
     Returns uint8 [len(items), 3, S, S] on the CPU, in the order of ``items``.
     """
-    from vars_fast.utils import progress as progress_bar
-
     device = torch.device(device)
     items = torch.as_tensor(items, dtype=torch.long).flatten()
     n, B = items.numel(), int(batch_size)
@@ -238,7 +247,9 @@ def attack_catalogue(rec, cat, method: str, eps255: float, cfg, generator: torch
     """Attack the catalogue images of ``cat`` against ``rec``; returns uint8 [N,3,S,S] (CPU).
 
     method: an L-inf member of ``ATTACKS`` (fgsm, pgd); eps255: radius in /255 units; cfg: AttackConfig (pgd_steps,
-    pgd_alpha, random_start, triples_per_item, triple_roles, batch_size). ``items``: attack
+    pgd_alpha, random_start, triples_per_item, triple_roles, loss, batch_size). ``attack.loss`` (an
+    ``ATTACK_LOSSES`` member) picks the per-item objective and draws ``triples`` when none are
+    given (given ones must come from the same member's ``targets``). ``items``: attack
     only these (default: every item; the result then has one row per given item). ``compile``:
     torch.compile the image->loss function (the last batch is padded so that shapes never
     change); ``amp``: bf16 autocast when ``amp_available``; ``fast`` (default
@@ -252,8 +263,9 @@ def attack_catalogue(rec, cat, method: str, eps255: float, cfg, generator: torch
     N = cat.n_items
     amp = amp and amp_available(device)
     fast = bool(getattr(cfg, "fast_encoder", False)) if fast is None else fast
+    objective = ATTACK_LOSSES[getattr(cfg, "loss", "bpr")]
     if triples is None:
-        triples = sample_item_triples(cat, cfg.triples_per_item, generator, getattr(cfg, "triple_roles", "bpr"))
+        triples = objective.targets(rec, cat, cfg.triples_per_item, generator, getattr(cfg, "triple_roles", "bpr"))
     seed_base = int(torch.randint(0, 2**62, (1,), generator=generator))
 
     def per_item_start(idx: Tensor, x: Tensor) -> Tensor:
@@ -267,7 +279,7 @@ def attack_catalogue(rec, cat, method: str, eps255: float, cfg, generator: torch
         return optimiser.craft(fn, x, eps, steps=steps, alpha=alpha, init=init)
 
     # fixed shapes (padded last batch): one compilation serves every batch and step
-    loss = torch.compile(item_loss, dynamic=False) if compile else item_loss
+    loss = torch.compile(objective.item_loss, dynamic=False) if compile else objective.item_loss
     if fast:  # BN folded + NHWC copy (numerically the same model; see nn/fuse.py)
         rec = fast_copy(rec, cat.item_batch(torch.arange(min(4, N)), device), channels_last=True)
         channels_last = True
