@@ -8,6 +8,8 @@ the detector-gated deployments (``detect+denoise``, ``detect+withhold``) are ran
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -16,7 +18,7 @@ from vars_fast.evaluate import deployments
 from vars_fast.evaluate.common import Evaluation
 from vars_fast.evaluate.section import METRICS, Doc, Section, find, missing, table
 from vars_fast.metrics import SSIM_WINDOW, fidelity_rows, psnr_per_image, ssim_per_image
-from vars_fast.registry import ATTACKS, DEPLOYMENTS, SECTIONS, RECOMMENDERS
+from vars_fast.registry import DEPLOYMENTS, RECOMMENDERS, SECTIONS
 
 NAME = "ranking"  # the section: its registry name and the ``table`` of its rows
 
@@ -81,9 +83,24 @@ def examples(ev: Evaluation, attack: str, adv: Tensor, den: Tensor, rnd: Tensor)
 
 # ------------------------------------------------------------------ report
 def attacks_in(R: list[dict]) -> list[str]:
-    """"clean", then the untargeted attacks that have rows, in ``ATTACKS`` order."""
-    present = {r["attack"] for r in R}
-    return ["clean"] + [a for a in ATTACKS.names() if a in present]
+    """"clean", then the attacks that have rows, in the order the rows were written (the
+    attack stage writes them in ``attack.untargeted`` order)."""
+    return ["clean"] + [a for a in dict.fromkeys(r["attack"] for r in R) if a != "clean"]
+
+
+def image_blind_floor(R: list[dict]) -> Optional[dict]:
+    """The clean row of the best model that ignores the images (BPR, popularity, ...): a visual
+    model, defended or not, is worth its images only above it."""
+    blind = [r for r in R if r.get("attack") == "clean" and r.get("defense") == "none" and r.get("variant") is None
+             and r.get("objective", "train") == "train" and r["model"] in RECOMMENDERS
+             and not RECOMMENDERS[r["model"]].uses_images]
+    return max(blind, key=lambda r: r.get("HR@10", 0.0), default=None)
+
+
+def floor_line(R: list[dict]) -> str:
+    f = image_blind_floor(R)
+    return "" if f is None else (f"Ignore the images: {f['model']} scores HR@10 {f['HR@10']:.4f} clean, whatever "
+                                 "the uploads; a visual defence is worth having only above that line.")
 
 
 def ranking_table(R: list[dict], model: str, eps: float) -> str:
@@ -103,6 +120,9 @@ def ranking_table(R: list[dict], model: str, eps: float) -> str:
                 out.append([attack.upper() if attack != "clean" else "Clean", label] + [r.get(k) for k in METRICS])
     if not out:
         return missing(f"no ranking rows for {model}")
+    floor = image_blind_floor(R)
+    if floor is not None:  # the same under every attack: no image reaches it
+        out.append(["any", f"{floor['model']} (ignores the images)"] + [floor.get(k) for k in METRICS])
     return table(["attack", "method"] + list(METRICS), out)
 
 
