@@ -40,6 +40,8 @@ def test_every_member_writes_its_row(ran):
     assert sq["n_items"] == 12 and sq["queries"] == 10 and 0 <= sq["white_box_same_items_HR@10"] <= 1
     (st,) = [r for r in R if r["attack"] == "suite" and r["eps"] == 8]
     assert sum(st["won"].values()) == ctx.catalogue.n_items
+    members = [r for r in R if r["eps"] == 8 and r["attack"] not in ("clean", "suite")]
+    assert st["HR@10"] == min([r["HR@10"] for r in members] + [st["combined_HR@10"]])  # its worst result
     assert all(0 <= r["HR@10"] <= 1 for r in R)
 
 
