@@ -111,6 +111,42 @@ def test_tpr_at_fpr_keeps_the_false_positive_rate():
     assert thr == 94.0 and tpr == 0.75
 
 
+class DistanceDefense(ToyDefense):
+    """ToyDefense whose detector has the Defense's distance(x, D(x))."""
+
+    def __init__(self, size=16):
+        super().__init__(size)
+        det = self.detector
+        det.distance = lambda x, den: (det.embed(x) - det.embed(den)).norm(dim=1)
+
+
+def test_unflagged_attacker_keeps_its_images_under_the_threshold():
+    """The gated platform's attacker: every image it returns is unflagged, it hurts the raw
+    image more than its start, and the score it keeps iterates by is -inf where flagged."""
+    from vars_fast.attacks.adaptive import UnflaggedLoss
+    from vars_fast.attacks.pgd import PGD
+
+    d = DistanceDefense()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 16, 16, generator=g) * 0.5 + 0.25
+    dist0 = d.detector.distance(x, d.denoiser(x)).detach()
+    d.threshold = float(dist0.max()) * 1.1  # the clean images pass, large moves get flagged
+    loss = UnflaggedLoss(rec_loss, d, detect_weight=1.0)
+    eps = 32 / 255
+    x_adv = PGD(loss, eps, steps=20, random_start=True, generator=g, keep_best=True)(x)
+    with torch.no_grad():
+        dist = d.detector.distance(x_adv, d.denoiser(x_adv))
+        assert (dist <= d.threshold).all()
+        assert (x_adv - x).abs().max() <= eps + 1e-6
+        assert (rec_loss(x_adv) > rec_loss(x)).all()
+        # without the hinge, PGD on the raw loss walks out of the threshold: the constraint binds
+        free = PGD(rec_loss, eps, steps=20, random_start=True, generator=torch.Generator().manual_seed(0))(x)
+        assert (d.detector.distance(free, d.denoiser(free)) > d.threshold).any()
+        far = (x + 0.3).clamp(0, 1)
+        flagged = d.detector.distance(far, d.denoiser(far)) > d.threshold
+        assert flagged.any() and torch.isinf(loss(far)[flagged]).all()
+
+
 def test_every_given_item_is_attacked_and_rows_record_the_attacker(tmp_path):
     """The evaluation's adaptive section with eval.adaptive.items = 0 on a tiny run: every
     item's image is an adaptive one (the base is the clean catalogue, nothing is mixed in),
@@ -142,15 +178,19 @@ def test_every_given_item_is_attacked_and_rows_record_the_attacker(tmp_path):
         moved = np.abs(adv - clean).reshape(N, -1).max(1)
         assert (moved > 0).all() and moved.max() <= 8
     A = ctx.run.rows("ranking", attack="adaptive-pgd", objective="train")
-    assert {r["defense"] for r in A} == {"denoise", "denoise+rand", "detect+withhold"}
+    assert {r["defense"] for r in A} == {"denoise", "denoise+rand", "detect+denoise", "detect+withhold"}
     for r in A:
         assert r["n_adaptive_items"] == N and r["steps"] == 1 and r["detect_weight"] == 1.0
         assert r["eot"] == (2 if r["defense"] == "denoise+rand" or r.get("against") == "denoise+rand" else 1)
-    (w,) = [r for r in A if r["defense"] == "detect+withhold"]
-    assert 0 <= w["flagged"] <= 1
+    for dep in ("detect+denoise", "detect+withhold"):  # the strongest of the three attackers against it
+        (w,) = [r for r in A if r["defense"] == dep]
+        assert 0 <= w["flagged"] <= 1 and w["against"] in ("denoise", "denoise+rand", "unflagged")
+    unflagged = np.load(ctx.run.attack_file("VBPR", "adaptive-pgd-unflagged", 8)).astype(int)
+    assert np.abs(unflagged - clean).max() <= 8
     D = ctx.run.rows("detection", attack="adaptive-pgd")
-    assert {r["variant"] for r in D} == {"denoise", "denoise+rand"}
+    assert {r["variant"] for r in D} == {"denoise", "denoise+rand", "unflagged"}
     assert all(0 <= r["tpr_at_fpr05"] <= 1 and r["eot"] >= 1 for r in D)
+    assert all(r["threshold_fpr05_from"] == "validation" and r["fpr05_on_test"] <= 1 for r in D)
     E = ctx.run.rows("ranking", attack="adaptive-pgd", objective="eval")
     assert {r["defense"] for r in E} == {"denoise", "denoise+rand"}
     assert all(r["n_users"] == 2 and r["steps"] == 1 for r in E)

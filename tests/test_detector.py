@@ -41,9 +41,8 @@ def test_defense_distance_detect_and_purify(parts):
         dist = d.distance(x)
         # the zero-initialised denoiser is the identity: D(x) = x, so the distance is 0
         torch.testing.assert_close(dist, torch.zeros(4), atol=1e-5, rtol=0)
-        d.threshold = -1.0
         _, flagged = d.detect(x)
-        assert flagged.all()  # flagged means distance > threshold
+        assert not flagged.any()  # D(x) = x: nothing to flag at a positive threshold
         torch.testing.assert_close(d.purify(x), x)
         g = torch.Generator().manual_seed(0)
         r = d.purify(x, rand=True, generator=g)
@@ -53,6 +52,44 @@ def test_defense_distance_detect_and_purify(parts):
     borders = torch.stack([r[:, :, 0].abs().sum((1, 2)), r[:, :, -1].abs().sum((1, 2)),
                            r[:, :, :, 0].abs().sum((1, 2)), r[:, :, :, -1].abs().sum((1, 2))], 1)
     assert (borders.min(1).values == 0).all()
+
+
+class PooledDetector(nn.Module):
+    """A detector whose embedding depends on the image (an untrained EfficientNet's does not):
+    unit-norm linear features of a 4x4 average pool; the distance is Detector's definition."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3 * 4 * 4, 8)
+
+    def embed(self, x):
+        return nn.functional.normalize(self.lin(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)), dim=1)
+
+    distance = Detector.distance
+
+
+def test_detect_flags_exactly_the_images_above_the_threshold(parts):
+    """A denoiser that moves each image by a different amount: with the threshold between the
+    distances, ``detect`` flags exactly the images farther than it (not those at or below it),
+    and its distances are the defence's own."""
+    import copy
+
+    den = copy.deepcopy(parts[0])
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in den.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    d = Defense(den.eval(), PooledDetector().eval(), threshold=0.0, rand_min_frac=0.75, image_size=32)
+    x = torch.rand(6, 3, 32, 32, generator=g) * torch.linspace(0.2, 1.0, 6).view(6, 1, 1, 1)
+    with torch.no_grad():
+        dist = d.distance(x)
+        assert dist.unique().numel() == 6 and (dist > 0).all()
+        d.threshold = float(dist.sort().values[2])  # three at or below, three above
+        got, flagged = d.detect(x)
+    torch.testing.assert_close(got, dist)
+    assert flagged.tolist() == (dist > d.threshold).tolist() and int(flagged.sum()) == 3
+    assert not flagged[dist.argsort()[2]]  # the image exactly at the threshold passes
 
 
 def test_threshold_on_synthetic_distances():

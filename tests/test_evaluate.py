@@ -130,7 +130,7 @@ def test_ablation_targeted_adaptive(ctx):
     assert {r["defense"] for r in T} == {"denoise", "denoise+rand"}
     assert all(np.isfinite(r["prediction_shift"]) for r in T)
     A = [r for r in R if r["attack"] == "adaptive-pgd"]
-    assert {r["defense"] for r in A} == {"denoise", "denoise+rand", "detect+withhold"}
+    assert {r["defense"] for r in A} == {"denoise", "denoise+rand", "detect+denoise", "detect+withhold"}
     assert all(r["n_adaptive_items"] == 10 for r in A)
     adv = np.load(ctx.run.attack_file("VBPR", "adaptive-pgd-rand", 8)).astype(int)
     assert np.abs(adv - ctx.catalogue.images.numpy().astype(int)).max() <= 8

@@ -4,7 +4,8 @@ runs/<name>/
   config.yaml  metrics.json  report.md  log.txt
   figures/*.png  checkpoints/*.pt  attacks/*.npy  cache/
 
-metrics.json = {"meta": {...}, "ranking": [...], "detection": [...], "targeted": [...], "fidelity": [...]}
+metrics.json = {"meta": {...}, "ranking": [...], "detection": [...], "targeted": [...], "fidelity": [...],
+                "robustness": [...]}
 Rows are replaced, not duplicated, when a stage is re-run: a row's identity is its
 non-metric fields (see ``_KEYS``). Every ranking row names its attack objective
 (``"objective": "train" | "eval"``, docs/CONTRACTS.md); a row that does not say is a
@@ -24,6 +25,9 @@ _KEYS = {
     "detection": ("detector", "attack", "eps", "variant", "model", "seen", "quality", "transfer", "finetune_epochs"),
     "targeted": ("attack", "eps", "defense", "model", "variant"),
     "fidelity": ("model", "attack", "eps", "images"),
+    # robustness against the informed attacker: the attack suite (evaluate/suite.py) and the
+    # certificates; "loss" tells the suite's APGD members apart
+    "robustness": ("model", "defense", "attack", "eps", "certified", "objective", "loss"),
 }
 
 
@@ -56,7 +60,7 @@ class RunFolder:
     def load_metrics(self) -> dict[str, Any]:
         if self.metrics_path.is_file():
             return json.loads(self.metrics_path.read_text())
-        return {"meta": {}, "ranking": [], "detection": [], "targeted": [], "fidelity": []}
+        return {"meta": {}, "ranking": [], "detection": [], "targeted": [], "fidelity": [], "robustness": []}
 
     def add_rows(self, kind: str, rows: list[dict[str, Any]], table: str) -> None:
         """Add (or replace, by identity) ``rows`` of ``kind``; each row carries ``table``: the

@@ -186,3 +186,42 @@ class AdaptivePGD(PGD):
 
     def loss_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.loss_fn.loss_and_grad(x)
+
+
+class UnflaggedLoss:
+    """The attacker of a detector-gated platform (``detect+denoise``, ``detect+withhold``): an
+    upload the detector does not flag reaches the recommender as it is, so the attacker hurts
+    the raw image and stays under the threshold.
+
+    The gradient is that of ``rec_loss(x) - w * relu(d(x) - m tau) / tau`` (the hinge of
+    ``DefendedLoss``, without the denoiser in the recommender's path); the score it reports,
+    which ``PGD(keep_best=True)`` keeps the best iterate by, is ``rec_loss(x)`` where the
+    detector does not flag x (``d(x) <= tau``) and ``-inf`` where it does: the attack returns
+    each image's most damaging unflagged iterate (its start when none is unflagged).
+    """
+
+    def __init__(self, rec_loss: LossFn, defense, detect_weight: float = 1.0, margin: float = 0.9):
+        self.rec_loss, self.defense = rec_loss, defense
+        self.detect_weight, self.margin = float(detect_weight), float(margin)
+        self.tau = float(defense.threshold)
+
+    def _parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(recommender loss of the raw x, detector distance d(x, D(x))), both [B]."""
+        d = self.defense.detector.distance(x, self.defense.denoiser(x)).float()
+        return _per_sample(self.rec_loss(x).float(), x.shape[0]), d
+
+    def _score(self, loss: Tensor, d: Tensor) -> Tensor:
+        return torch.where(d <= self.tau, loss, torch.full_like(loss, -math.inf))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        loss, d = self._parts(x)
+        return self._score(loss, d).detach()
+
+    def loss_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        tau = max(self.tau, 1e-8)
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            loss, d = self._parts(xr)
+            objective = loss - self.detect_weight * torch.relu(d - self.margin * tau) / tau
+            (grad,) = torch.autograd.grad(objective.sum(), xr)
+        return self._score(loss.detach(), d.detach()), grad

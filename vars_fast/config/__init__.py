@@ -14,7 +14,7 @@ module can import it.
 """
 from vars_fast.config.attack import AttackConfig
 from vars_fast.config.defense import AdaptiveTrainConfig, AdditionConfig, DefenseConfig
-from vars_fast.config.evaluation import AdaptiveConfig, EvalConfig, TransferConfig
+from vars_fast.config.evaluation import AdaptiveConfig, EvalConfig, SuiteConfig, TransferConfig
 from vars_fast.config.loading import (apply_overrides, eval_key, from_dict, load_yaml, make_config, parse_set,
                                       save_yaml, set_value)
 from vars_fast.config.moved import MOVED_KEYS, Moved
@@ -26,6 +26,6 @@ from vars_fast.errors import ConfigError, DeprecatedKeyWarning
 
 __all__ = ["Config", "DataConfig", "BackboneConfig", "RecommenderConfig", "SelectConfig", "AMRConfig",
            "DVBPRConfig", "AttackConfig", "DefenseConfig", "AdaptiveTrainConfig", "AdditionConfig", "EvalConfig",
-           "AdaptiveConfig", "TransferConfig", "RunConfig", "PRESETS", "MOVED_KEYS", "Moved", "ConfigError",
-           "DeprecatedKeyWarning", "make_config", "from_dict", "set_value", "apply_overrides", "parse_set",
+           "AdaptiveConfig", "SuiteConfig", "TransferConfig", "RunConfig", "PRESETS", "MOVED_KEYS", "Moved",
+           "ConfigError", "DeprecatedKeyWarning", "make_config", "from_dict", "set_value", "apply_overrides", "parse_set",
            "load_yaml", "save_yaml", "eval_key", "validate"]

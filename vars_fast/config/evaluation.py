@@ -1,5 +1,6 @@
 """``eval``: the evaluation stage's tables, with the sub-sections of the adaptive attacker
-(``eval.adaptive``) and the transfer to another catalogue (``eval.transfer``). ADDITION's
+(``eval.adaptive``), the attack suite (``eval.suite``) and the transfer to another catalogue
+(``eval.transfer``). ADDITION's
 settings are ``defense.addition``."""
 from __future__ import annotations
 
@@ -31,6 +32,23 @@ class TransferConfig:
     users: int = 0  # B's users; 0: data.n_users
     items: int = 0  # B's items; 0: data.n_items
     finetune_epochs: int = 2
+
+
+@dataclass
+class SuiteConfig:
+    """The attack suite against the undefended models (evaluate/suite.py): every member attacks
+    every item; each item then keeps the image that scores worst by ``yardstick``."""
+    enabled: bool = True
+    models: list = field(default_factory=lambda: ["VBPR"])
+    strength: str = "light"  # the rows' label: "light" (sized for the default budget) or "full"
+    # /255: the table eps, and 64 (the sanity check: the damage reaches the popularity floor)
+    eps: list = field(default_factory=lambda: [8, 64])
+    apgd_steps: int = 10  # APGD (Croce & Hein 2020) steps per restart
+    restarts: int = 1
+    losses: list = field(default_factory=lambda: ["bpr", "margin"])  # APGD on each attack.loss
+    square_queries: int = 100  # Square (gradient-free): queries per item
+    square_items: int = 200  # Square on a seeded subset of the items; 0: every item
+    yardstick: str = "bpr"  # the attack.loss that picks each item's worst image
 
 
 @dataclass
@@ -73,6 +91,7 @@ class EvalConfig:
     # synthetic catalogue B of another seed and style, with 0 and transfer.finetune_epochs
     # epochs of denoiser fine-tuning on B; the detector stays as trained on A
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
     # detect+withhold: a flagged item keeps its clean feature ("clean"), or the catalogue's mean
     # feature ("mean": an item with no clean history)
     withhold_fallback: Literal["clean", "mean"] = "clean"

@@ -47,6 +47,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # a smoke run: the adaptive attacker on a seeded subset, ADDITION and the seen / unseen
         # table at their smallest (the default preset runs them in full)
         "eval.adaptive.items": 48,
+        "eval.suite.apgd_steps": 3,
+        "eval.suite.square_queries": 20,
+        "eval.suite.square_items": 32,
         "defense.addition.denoiser_epochs": 1,
         "defense.addition.noise_epochs": 1,
         "eval.generalisation_fgsm_eps": [8, 32],
@@ -60,6 +63,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval.adaptive.steps": 10,
         "eval.adaptive.eot": 8,
         "eval.adaptive.oracle_users": 16,
+        # the full attack suite (#22): APGD 100 steps x 3 restarts, Square 1000 queries on every
+        # item, the sanity eps from 2 to 64
+        "eval.suite.strength": "full",
+        "eval.suite.eps": [2, 4, 8, 16, 64],
+        "eval.suite.apgd_steps": 100,
+        "eval.suite.restarts": 3,
+        "eval.suite.square_queries": 1000,
+        "eval.suite.square_items": 0,
     },
     # a real-sized, sparse catalogue shaped like a fashion shop's purchase log (~16k products,
     # ~900 customers, ~30 purchases each, density 0.19%, 30% of the items never bought in

@@ -28,6 +28,9 @@ NAMED_KEYS: dict[str, tuple[R.Registry, dict[str, Any]]] = {
     "attack.untargeted": (R.ATTACKS, {"ball": "linf"}),  # eps in /255 per pixel
     "attack.objective": (R.OBJECTIVES, {}),
     "attack.loss": (R.ATTACK_LOSSES, {}),
+    "eval.suite.losses": (R.ATTACK_LOSSES, {}),
+    "eval.suite.yardstick": (R.ATTACK_LOSSES, {}),
+    "eval.suite.models": (R.RECOMMENDERS, {}),
     "attack.targets": (R.TARGETED, {}),
     "defense.ablations": (R.DEFENSE_VARIANTS, {}),
     "defense.threshold_rule": (R.THRESHOLD_RULES, {}),

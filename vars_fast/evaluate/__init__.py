@@ -11,7 +11,9 @@ computes its rows and draws its part of report.md), in report order:
 * ``generalisation.py`` the seen / unseen detection table;
 * ``ablation.py``       Table 5: the no-detector / no-perceptual checkpoints under PGD;
 * ``targeted.py``       Table 6: prediction shift of the purified targeted images;
-* ``adaptive.py``       PGD through the defence (EOT, detector hinge);
+* ``adaptive.py``       PGD through the defence (EOT, detector hinge), and the gated platforms'
+                        own attacker;
+* ``suite.py``          the attack suite against the undefended models, with its sanity checks;
 * ``embeddings.py``     Fig. 11 material;
 * ``transfer.py``       the defence moved to a second catalogue (optional).
 
@@ -19,7 +21,7 @@ computes its rows and draws its part of report.md), in report order:
 attack run here goes through ``vars_fast.attacks.untargeted``.
 """
 from vars_fast.evaluate import (ablation, adaptive, detection, embeddings, generalisation, oracle, ranking,  # noqa: F401
-                                targeted, targets, transfer)
+                                suite, targeted, targets, transfer)
 from vars_fast.evaluate.common import ARRAYS, RANK_DEFENSES, Evaluation
 from vars_fast.evaluate.section import Doc, Section, load_doc
 from vars_fast.evaluate.stage import ordered, run_all, run_stage

@@ -52,6 +52,7 @@ class Evaluation:
         self.timings: dict[str, float] = {}
         self._clean_purified = None
         self._d_clean = None
+        self._d_val = None
         self._features: dict[str, Tensor] = {}
         self.models = [m for m in self.cfg.attack.models if self.run.checkpoint(f"recommender_{m}").is_file()]
         self.test_items = self._test_items()
@@ -190,6 +191,19 @@ class Evaluation:
                              path, model, attack, eps)
             return None
         return torch.from_numpy(np.load(path))
+
+    def d_val(self) -> Tensor:
+        """Detector distances of the clean validation items of the defence (never its training
+        items, never the test items the rates are measured on); cached. Thresholds chosen at
+        evaluation time come from these."""
+        if self._d_val is None:
+            val = (self.defense.split or {}).get("val")
+            if val is None or len(val) == 0:
+                self.log.warning("defense checkpoint has no extra['split']['val']: thresholds use the test items")
+                self._d_val = self.d_clean()
+            else:
+                self._d_val = self.distances(self.cat.images[torch.as_tensor(val, dtype=torch.long).flatten()])
+        return self._d_val
 
     def d_clean(self) -> Tensor:
         """Detector distances of the clean held-out test items under the main defence (cached)."""

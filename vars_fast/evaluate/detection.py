@@ -76,21 +76,37 @@ def detection(ev: Evaluation) -> None:
     ev.run.add_rows("detection", rows, table=NAME)
 
 
-def detection_table(D: list[dict]) -> str:
-    """Table 4: accuracy per eps, ADDITION vs OURS (FGSM on held-out items)."""
-    D = [r for r in D if r.get("attack") == "fgsm" and r.get("variant") is None]
+def _rule_label(name: str, variant, rule: str) -> str:
+    """A detector's row label: its registered label and how its threshold was chosen."""
+    label = DEFENSES.meta(name).get("label", name)
+    if variant is None:
+        return f"{label} ({rule} threshold on validation items)"
+    return f"{label} ({DEFENSES.meta(name).get('thresholds', {}).get(variant, variant)})"
+
+
+def detection_table(D: list[dict], rule: str = "validation") -> str:
+    """Table 4: accuracy per eps, the baselines then ours (FGSM on held-out items), one row per
+    detector and threshold rule: ``rule`` (defense.threshold_rule) on the validation items, and
+    each registered alternative (ADDITION's 20% criterion, rows with ``variant: criterion``)."""
+    D = [r for r in D if r.get("attack") == "fgsm"]
     if not D:
         return missing("no detection rows")
     eps = sorted({float(r["eps"]) for r in D})
-    # the baselines first, then ours, each under its registered label
     names = sorted(DEFENSES.names(), key=lambda n: not DEFENSES.meta(n).get("baseline", False))
-    rows = [[DEFENSES.meta(name).get("label", name)] +
-            [(find(D, detector=name, attack="fgsm", eps=e) or {}).get("accuracy") for e in eps]
-            for name in names if any(r["detector"] == name for r in D)]
-    detail = [[r["detector"], r["eps"], r.get("accuracy"), r.get("auc"), r.get("tpr"), r.get("fpr"), r.get("threshold"),
-               r.get("n_clean"), r.get("n_adv")] for r in sorted(D, key=lambda r: (r["detector"], float(r["eps"])))]
-    return (table(["detector"] + [f"eps={e:g}" for e in eps], rows) + "\n\nDetails:\n\n" +
-            table(["detector", "eps", "accuracy", "AUC", "TPR", "FPR", "threshold", "n clean", "n adv"], detail))
+    rows, detail = [], []
+    for name in names:
+        variants = [None] + sorted({r["variant"] for r in D if r["detector"] == name and r.get("variant")})
+        for v in variants:
+            mine = [r for r in D if r["detector"] == name and r.get("variant") == v]
+            if not mine:
+                continue
+            label = _rule_label(name, v, rule)
+            rows.append([label] + [(find(mine, eps=e, variant=v) or {}).get("accuracy") for e in eps])
+            detail += [[label, r["eps"], r.get("accuracy"), r.get("auc"), r.get("tpr"), r.get("fpr"), r.get("threshold"),
+                        r.get("n_clean"), r.get("n_adv")] for r in sorted(mine, key=lambda r: float(r["eps"]))]
+    return (table(["detector (threshold)"] + [f"eps={e:g}" for e in eps], rows) + "\n\nDetails:\n\n" +
+            table(["detector (threshold)", "eps", "accuracy", "AUC", "TPR", "FPR", "threshold", "n clean", "n adv"],
+                  detail))
 
 
 def gaussian_table(D: list[dict]) -> str:
@@ -174,7 +190,8 @@ def fig10(a: dict, plt):
 
 def report(doc: Doc) -> list[str]:
     D, a = doc.rows("detection", "detection"), doc.arrays
-    return ["## Table 4: detection accuracy (FGSM, held-out test items)", "", detection_table(D), "",
+    rule = doc.meta.get("config", {}).get("defense", {}).get("threshold_rule", "validation")
+    return ["## Table 4: detection accuracy (FGSM, held-out test items)", "", detection_table(D, rule), "",
             *doc.figure("fig8_distance_hist", "Fig. 8: detector distances, clean vs adversarial",
                         lambda plt: fig8(a, plt)),
             *doc.figure("fig9_roc", "Fig. 9: ROC with the chosen threshold", lambda plt: fig9(a, plt)),

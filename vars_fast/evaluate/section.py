@@ -27,7 +27,7 @@ import numpy as np
 ARRAYS = "eval_arrays.npz"
 METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 NOT_RUN = "–"  # a table cell whose point was not run (its row is absent from metrics.json)
-KINDS = ("ranking", "detection", "targeted", "fidelity")
+KINDS = ("ranking", "detection", "targeted", "fidelity", "robustness")
 
 
 @dataclass
@@ -76,6 +76,8 @@ def legacy_table(kind: str, row: dict) -> str:
     marker keys that told the tables apart then."""
     if kind == "fidelity":
         return "ranking"
+    if kind == "robustness":
+        return "suite"
     if kind == "targeted" or row.get("transfer"):
         return kind if kind == "targeted" else "transfer"
     if row.get("attack") in ("adaptive-pgd", "clean-adaptive-subset"):

@@ -28,7 +28,8 @@ from vars_fast.utils import to_float
 FORMAT = "vars_fast.addition/1"
 
 
-@DEFENSES.register("addition", label="ADDITION", baseline=True)
+@DEFENSES.register("addition", label="ADDITION", baseline=True,
+                   thresholds={"criterion": "the paper's 20% score-change criterion"})
 class Addition:
     """ADDITION detector for item images (module docstring).
 
