@@ -167,3 +167,38 @@ def test_config_validation_lists_no_member_names():
     members = {n for reg in R.FAMILIES for n in reg.names()} - {"auto", "full"}
     found = sorted(members & _string_constants(inspect.getsource(validation)))
     assert not found, f"vars_fast/config/validation.py spells member names {found}: ask the registry"
+
+
+# where a literal list of member names is not a list of choices: a config default is a value
+# the user sets; __all__ names exported classes; the defence's training schedule is the paper's
+# method (Eq. 12 trains on clean, FGSM and PGD views), not a menu
+NAME_LIST_EXCEPTIONS = ("vars_fast/config/", "vars_fast/defense/training.py")
+
+
+def test_no_list_of_member_names_outside_the_registries():
+    """``grep`` for sequences of two or more attack, model or defence names: none in the package
+    outside the registrations themselves and the exceptions above."""
+    import pathlib
+
+    fams = {"attack": set(R.ATTACKS.names()) | set(R.TARGETED.names()) | set(R.ATTACK_LOSSES.names()),
+            "model": set(R.RECOMMENDERS.names()),
+            "defence": set(R.DEPLOYMENTS.names()) | set(R.DEFENSES.names()) | set(R.DEFENSE_VARIANTS.names())}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    found = []
+    for p in sorted((root / "vars_fast").rglob("*.py")):
+        rel = str(p.relative_to(root))
+        if rel.startswith(NAME_LIST_EXCEPTIONS):
+            continue
+        tree = ast.parse(p.read_text())
+        exported = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)}
+        for n in ast.walk(tree):
+            if id(n) in exported or not isinstance(n, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+                continue
+            elts = n.keys if isinstance(n, ast.Dict) else n.elts
+            strs = [e.value for e in elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+            for fam, names in fams.items():
+                hit = [s for s in strs if s in names]
+                if len(hit) >= 2:
+                    found.append(f"{rel}:{n.lineno} {fam} names {hit}")
+    assert not found, "ask the registry instead of listing names: " + "; ".join(found)

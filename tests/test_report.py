@@ -53,10 +53,15 @@ def _metrics():
          for d in ("none", "denoise", "denoise+rand")]
     meta = {"data": {"n_users": 10, "n_items": 20}, "timings": {"stage_evaluate_s": 12.5},
             "versions": {"torch": "2.14.1", "device_name": "Test CPU", "cpus": 2, "threads": 2},
-            "evaluate": {"table_eps": 8, "timings": {"ranking_s": 3.0}}}
+            "evaluate": {"table_eps": 8, "timings": {"ranking_s": 3.0}},
+            "suite": {"traces": {"VBPR/apgd-bpr/8": [0.1, 0.5, 0.7, 0.75, 0.76]}}}
     F = [{"model": "VBPR", "attack": "clean", "eps": 0, "images": "denoised", "psnr": 41.25, "ssim": 0.991, "n": 8},
          {"model": "VBPR", "attack": "pgd", "eps": 8, "images": "attacked", "psnr": 33.5, "ssim": 0.9, "n": 8}]
-    return {"meta": meta, "ranking": R, "detection": D, "targeted": T, "fidelity": F}
+    S = [{"model": "VBPR", "defense": "none", "attack": a, "eps": e, "HR@10": h, "certified": False,
+          "strength": "light", **kw}
+         for a, e, h, kw in (("clean", 0, 0.40, {}), ("pgd5", 8, 0.05, {}), ("apgd", 8, 0.04, {"loss": "bpr"}),
+                             ("suite", 8, 0.03, {}), ("noise", 8, 0.395, {}))]
+    return {"meta": meta, "ranking": R, "detection": D, "targeted": T, "fidelity": F, "robustness": S}
 
 
 def _arrays(path):
@@ -93,9 +98,11 @@ def test_full_report(tmp_path):
     assert "TAAMR-PGD (OURS-rand)" in text
     assert "| VBPR | OURS-rand | 8 | 0.3950 | 0.2500 | 0.0500 |" in text
     assert "stage_evaluate_s" in text
+    assert "## The attack suite (undefended models)" in text and "| 8 | 0.4000 | 0.0500 | 0.0400 |" in text
+    assert "- ok: eps 8: the suite (0.0300) is at least as strong as PGD-5 (0.0500)" in text
     assert "| machine | Test CPU (2 CPUs, 2 threads) |" in text and "| torch | 2.14.1 |" in text
     for f in ("fig6_hr_vs_eps", "fig7_denoised_examples", "fig8_distance_hist", "fig9_roc", "fig10_confusion",
-              "fig11_tsne"):
+              "fig11_tsne", "fig_suite_traces"):
         assert (tmp_path / "figures" / f"{f}.png").stat().st_size > 1000
         assert f"figures/{f}.png" in text
 

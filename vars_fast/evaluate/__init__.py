@@ -22,8 +22,8 @@ attack run here goes through ``vars_fast.attacks.untargeted``.
 """
 from vars_fast.evaluate import (ablation, adaptive, detection, embeddings, generalisation, oracle, ranking,  # noqa: F401
                                 suite, targeted, targets, transfer)
-from vars_fast.evaluate.common import ARRAYS, RANK_DEFENSES, Evaluation
+from vars_fast.evaluate.common import ARRAYS, Evaluation
 from vars_fast.evaluate.section import Doc, Section, load_doc
 from vars_fast.evaluate.stage import ordered, run_all, run_stage
 
-__all__ = ["ARRAYS", "RANK_DEFENSES", "Doc", "Evaluation", "Section", "load_doc", "ordered", "run_all", "run_stage"]
+__all__ = ["ARRAYS", "Doc", "Evaluation", "Section", "load_doc", "ordered", "run_all", "run_stage"]

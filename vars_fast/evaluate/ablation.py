@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from vars_fast.defense import load_defense
-from vars_fast.evaluate.common import Evaluation, RANK_DEFENSES, det_json
+from vars_fast.evaluate import deployments
+from vars_fast.evaluate.common import Evaluation, det_json
 from vars_fast.evaluate.section import Doc, Section, find, missing, table
 from vars_fast.metrics import detection_metrics
 from vars_fast.registry import DEFENSE_VARIANTS, SECTIONS
@@ -33,7 +34,7 @@ def ablation(ev: Evaluation) -> None:
     for v, d in variants:
         if v != "full":  # the full model's ranking rows are the main ones (no variant key)
             den, rnd = ev.purify_all(adv, defense=d, desc=f"ablation {v}", tag=f"ablation:{v}")
-            for dname, imgs in zip(RANK_DEFENSES, (den, rnd)):
+            for dname, imgs in deployments.views(den, rnd):
                 rows.append({"model": "VBPR", "defense": dname, "attack": "pgd", "eps": eps, "variant": v,
                              **ev.rank(rec, imgs)})
         if d.detector is not None and math.isfinite(d.threshold):

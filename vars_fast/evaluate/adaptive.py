@@ -88,6 +88,12 @@ def adaptive(ev: Evaluation) -> None:
     eval_objective(ev, spec)
 
 
+def _purifier_attackers() -> list[tuple[str, bool]]:
+    """(deployment, EOT over the resize-pad) for each purifying deployment: its own attacker
+    goes through D, and through the random resize-pad when that is what it ranks."""
+    return [(n, DEPLOYMENTS[n].view == "rnd") for n in deployments.purifying()]
+
+
 def _unflagged_attack(ev: Evaluation, spec: dict, gen: torch.Generator):
     """``(loss_fn, x, idx) -> x_adv``: the gated platform's attacker (``UnflaggedLoss``): PGD on
     the raw image under the detector hinge, each image's most damaging unflagged iterate kept."""
@@ -146,7 +152,7 @@ def train_objective(ev: Evaluation, spec: dict) -> None:
     has_det = ev.has_detector
     freeze = (ev.defense.denoiser,) + ((ev.defense.detector,) if has_det else ())
     record = {"n_adaptive_items": int(chosen.numel()), "steps": spec["steps"], "detect_weight": spec["detect_weight"]}
-    attackers = [("denoise", False), ("denoise+rand", True)] + ([("unflagged", None)] if has_det else [])
+    attackers = _purifier_attackers() + ([("unflagged", None)] if has_det else [])
     rows, det_rows, gated = [], [], {}
     for name, rand in attackers:
         gen = ev.ctx.generator(f"evaluate:adaptive:{name}")
@@ -154,7 +160,7 @@ def train_objective(ev: Evaluation, spec: dict) -> None:
         out = base.clone()
         out[chosen] = attack_items(enc, ev.cat, chosen, attack, tr, eps255, ev.dev, ev.bs, freeze=freeze,
                                    channels_last=True, desc=f"adaptive-pgd vs {name}", progress=ev.cfg.run.progress)
-        tag = {"denoise": "det", "denoise+rand": "rand"}.get(name, name)
+        tag = name if rand is None else ("rand" if rand else "det")
         np.save(ev.run.attack_file("VBPR", f"adaptive-pgd-{tag}", eps255), out.numpy())
         den, rnd = ev.purify_all(out, desc=f"purify adaptive {name}", tag=f"adaptive:{name}")
         extra = {**record, "eot": spec["eot"] if rand else 1}
@@ -195,12 +201,12 @@ def eval_objective(ev: Evaluation, spec: dict) -> None:
             "detect_weight": spec["detect_weight"], "users": "adaptive_oracle_users"}
     rows = []
     den_c, rnd_c = ev.clean_purified()
-    for dname, imgs in zip(("denoise", "denoise+rand"), (den_c, rnd_c)):
+    for dname, imgs in deployments.views(den_c, rnd_c):
         feats = ev.encode_all(enc, imgs).cpu()[lists]
         rows.append({**base, "defense": dname, "attack": "clean-adaptive-subset", "eps": 0,
                      **list_ranking(rec, ev.cat, users, feats, ev.topk)})
     freeze = (enc, getattr(enc, "backbone", None), ev.defense.denoiser, ev.defense.detector)
-    for dname, rand in (("denoise", False), ("denoise+rand", True)):
+    for dname, rand in _purifier_attackers():
         attack = _make_attack(ev, spec, rand, ev.ctx.generator(f"evaluate:adaptive-eval:{dname}"), B * L)
         out = torch.empty((U, L) + tuple(ev.cat.images.shape[1:]), dtype=torch.uint8)
         with frozen(*[m for m in freeze if m is not None]):

@@ -16,11 +16,9 @@ from vars_fast.nn.fuse import folded_copy
 from vars_fast.ops import random_resize_pad
 from vars_fast.utils import progress, to_float
 
-# the deployments (evaluate/deployments.py) of ``purify_all``'s two outputs, in that order
-RANK_DEFENSES = ("denoise", "denoise+rand")
 # detect+withhold: what a flagged item keeps (Evaluation.withhold)
 WITHHOLD_FALLBACKS = ("clean", "mean")
-__all__ = ["ARRAYS", "RANK_DEFENSES", "WITHHOLD_FALLBACKS", "Evaluation", "chunks", "det_json", "to_float"]
+__all__ = ["ARRAYS", "WITHHOLD_FALLBACKS", "Evaluation", "chunks", "det_json", "to_float"]
 
 
 def chunks(n: int, bs: int):

@@ -31,7 +31,9 @@ class Deployment:
     recovery_need: Optional[float] = None  # the share of the damage it must recover (report targets)
     clean_need: Optional[float] = None     # the share of the undefended clean HR@10 it must keep
     judged: bool = False                   # shown in the recovery-of-the-damage table
-    purifier: bool = False                 # image in, image out (the sections that purify use it)
+    # which output of ``Evaluation.purify_all`` it ranks: "den" (D(x)) or "rnd" (resize-pad(D(x)));
+    # the sections that purify (oracle, ablation, targeted, transfer, adaptive) rank those
+    view: Optional[str] = None
 
 
 def label(name: str) -> str:
@@ -40,9 +42,20 @@ def label(name: str) -> str:
 
 
 def ordered(**match: Any) -> list[str]:
-    """Deployment names in table order whose attributes equal ``match`` (``purifier=True``)."""
+    """Deployment names in table order whose attributes equal ``match`` (``detector=True``)."""
     items = sorted(DEPLOYMENTS.items(), key=lambda kv: kv[1].order)
     return [n for n, d in items if all(getattr(d, k) == v for k, v in match.items())]
+
+
+def purifying() -> list[str]:
+    """The deployments that rank an output of ``purify_all`` (``view``), in table order."""
+    return [n for n in ordered() if DEPLOYMENTS[n].view]
+
+
+def views(den, rnd) -> list[tuple[str, Any]]:
+    """(deployment, images) for every purifying deployment: D(x) or its resize-pad."""
+    out = {"den": den, "rnd": rnd}
+    return [(n, out[DEPLOYMENTS[n].view]) for n in purifying()]
 
 
 def _gated(ev, rec, images, den, rnd) -> dict:
@@ -53,10 +66,10 @@ def _gated(ev, rec, images, den, rnd) -> dict:
 DEPLOYMENTS.register("none", Deployment(label=None, order=0))
 DEPLOYMENTS.register("denoise", Deployment(
     label="OURS", order=10, rank=lambda ev, rec, images, den, rnd: ev.rank(rec, den), recovery_need=0.70,
-    clean_need=0.98, judged=True, purifier=True))
+    clean_need=0.98, judged=True, view="den"))
 DEPLOYMENTS.register("denoise+rand", Deployment(
     label="OURS-rand", order=20, rank=lambda ev, rec, images, den, rnd: ev.rank(rec, rnd), recovery_need=0.50,
-    judged=True, purifier=True))
+    judged=True, view="rnd"))
 # what a screening platform deploys: D(x) only where the detector flags x, x itself elsewhere;
 # ``flagged`` is the share of the catalogue that was denoised
 DEPLOYMENTS.register("detect+denoise", Deployment(

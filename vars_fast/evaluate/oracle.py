@@ -11,7 +11,7 @@ import torch
 
 from vars_fast.attacks.oracle import eval_lists, list_ranking
 from vars_fast.attacks.stage import load_npy, load_oracle_users, oracle_eps
-from vars_fast.evaluate.common import RANK_DEFENSES, Evaluation
+from vars_fast.evaluate.common import Evaluation
 from vars_fast.evaluate import deployments
 from vars_fast.evaluate.section import Doc, Section, find, missing, table
 from vars_fast.registry import SECTIONS
@@ -51,7 +51,7 @@ def oracle(ev: Evaluation) -> None:
         enc = ev.ctx.encoder(rec.name)
         base = {"model": name, "objective": "eval", "n_users": int(users.numel())}
         rows = []
-        for dname, imgs in zip(RANK_DEFENSES, (den_c, rnd_c)):
+        for dname, imgs in deployments.views(den_c, rnd_c):
             feats = ev.encode_all(enc, imgs).cpu()[lists]  # a clean item purifies the same for every user
             rows.append({**base, "defense": dname, "attack": "clean", "eps": 0,
                          **list_ranking(rec, ev.cat, users, feats, ev.topk)})
@@ -62,7 +62,7 @@ def oracle(ev: Evaluation) -> None:
                     ev.log.warning("evaluate: no %s-eval images for %s at eps=%s: rows skipped", attack, name, eps)
                     continue
                 den, rnd = _list_features(ev, rec, adv, f"{name}:{attack}-eval:{eps}")
-                for dname, feats in zip(RANK_DEFENSES, (den, rnd)):
+                for dname, feats in deployments.views(den, rnd):
                     rows.append({**base, "defense": dname, "attack": attack, "eps": eps,
                                  **list_ranking(rec, ev.cat, users, feats, ev.topk)})
         ev.run.add_rows("ranking", rows, table=NAME)

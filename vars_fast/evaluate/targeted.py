@@ -12,7 +12,7 @@ import torch
 
 from vars_fast.attacks.targeted import target_scores
 from vars_fast.evaluate import deployments
-from vars_fast.evaluate.common import Evaluation, RANK_DEFENSES
+from vars_fast.evaluate.common import Evaluation
 from vars_fast.evaluate.section import Doc, Section, find, missing, table
 from vars_fast.metrics import prediction_shift
 from vars_fast.registry import SECTIONS, TARGETED
@@ -40,7 +40,7 @@ def targeted(ev: Evaluation) -> None:
                 continue
             adv = torch.from_numpy(np.load(path))
             den, rnd = ev.purify_all(adv, desc=f"purify {attack} eps={eps}", tag=f"targeted:{attack}:{eps}")
-            for dname, imgs in zip(RANK_DEFENSES, (den, rnd)):
+            for dname, imgs in deployments.views(den, rnd):
                 with torch.no_grad():
                     after = target_scores(rec, targets, ev.encode_all(ev.ctx.encoder(rec.name), imgs), ev.cat.n_users)
                 rows.append({"attack": attack, "eps": eps, "defense": dname, "model": model,

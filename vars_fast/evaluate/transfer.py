@@ -24,7 +24,8 @@ from vars_fast.attacks.untargeted import attack_catalogue
 from vars_fast.data import load_catalogue
 from vars_fast.data.synthetic import SyntheticCatalogue
 from vars_fast.defense.training import split_items, train_defense
-from vars_fast.evaluate.common import Evaluation, RANK_DEFENSES, det_json
+from vars_fast.evaluate import deployments
+from vars_fast.evaluate.common import Evaluation, det_json
 from vars_fast.evaluate.section import Doc, Section, find, table
 from vars_fast.metrics import detection_metrics, ranking_metrics
 from vars_fast.recommenders import build_recommender
@@ -88,7 +89,7 @@ def rows_for(ev: Evaluation, defense, cat, rec, attacked: dict, test_items, k: i
     for (attack, eps), imgs in [(("clean", 0), cat.images), *attacked.items()]:
         den, rnd = ev.purify_all(imgs, defense=defense, desc=f"transfer purify {attack}",
                                  tag=f"transfer:{attack}:{eps}")
-        for dname, x in zip(RANK_DEFENSES, (den, rnd)):
+        for dname, x in deployments.views(den, rnd):
             ranking.append({"model": "VBPR", "defense": dname, "attack": attack, "eps": eps, **tag, **rank(x)})
     detection = []
     if defense.detector is not None and math.isfinite(defense.threshold):
@@ -157,7 +158,7 @@ def transfer_table(ranking: list[dict], detection: list[dict]) -> str:
     at eps 16, per number of denoiser fine-tuning epochs on B (0: A's defence as is)."""
     epochs = sorted({int(r["finetune_epochs"]) for r in ranking if r["defense"] != "none"})
     attacks = [(r["attack"], r["eps"]) for r in ranking if r["defense"] == "none"]
-    defended = RANK_DEFENSES
+    defended = deployments.purifying()
     head = ["attack", "eps", "none"] + [f"{d} (ft {k})" for k in epochs for d in defended]
     body = [[a, e, (find(ranking, attack=a, eps=e, defense="none") or {}).get("HR@10")]
             + [(find(ranking, attack=a, eps=e, defense=d, finetune_epochs=k) or {}).get("HR@10")
