@@ -1,7 +1,7 @@
 """The bounded VBPR's frontier: clean, certified and attacked HR@10 against the cap.
 
     python tools/bounded_frontier.py RUN_DIR [--caps 0.25,0.5,1,2,4] [--eps 8] [--steps 10]
-                                     [--out docs/results/data/bounded_frontier_default.json]
+                                     [--out docs/results/data/bounded_frontier_default.json] [--save CAP]
 
 RUN_DIR is a finished run folder (its recommender stage at least: catalogue cache, VBPR and BPR
 checkpoints). For each cap, VBPR-bounded trains on the run's catalogue and clean features with
@@ -10,6 +10,9 @@ HR@10 (any change of any image; recommenders/bounded.py) and HR@10 under APGD at
 every item (BPR loss, ``--steps`` steps, one restart; the attack suite's light APGD). The
 unconstrained VBPR's effective visual weights ‖Eᵀp_u + β′‖ are reported first: the grid should
 span them. Writes one JSON (the rows and the run's BPR / VBPR clean HR@10) and prints a table.
+``--save CAP`` also stores that cap's model in the run folder (``recommender_VBPR-bounded``, its
+clean and certified robustness rows), so that ``python -m vars_fast evaluate RUN_DIR --section
+suite --set 'eval.suite.models=[VBPR,VBPR-bounded]'`` attacks it with the suite.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default="")
+    ap.add_argument("--save", type=float, default=None, help="store the model of this cap in the run folder")
     args = ap.parse_args()
 
     # deferred: --help answers without torch
@@ -39,8 +43,9 @@ def main() -> None:
     from vars_fast.attacks.untargeted import attack_items, sample_item_triples
     from vars_fast.metrics import ranking_metrics
     from vars_fast.pipeline import Context
-    from vars_fast.recommenders import build_recommender, encode_catalogue
+    from vars_fast.recommenders import build_recommender, encode_catalogue, save_recommender
     from vars_fast.recommenders.bounded import certified_metrics
+    from vars_fast.recommenders.stage import certificate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +81,11 @@ def main() -> None:
                "cpu_s": round(time.process_time() - t0, 1)}
         rows.append(row)
         ctx.log.info("cap %g: %s", cap, row)
+        if args.save is not None and cap == args.save:
+            save_recommender(m, ctx.run.checkpoint(f"recommender_{m.name}"), split_key=cat.meta.get("split_key"))
+            pair, stats = certificate(m, cat, ranking_metrics(m, cat, topk=tuple(cfg.eval.topk)), tuple(cfg.eval.topk))
+            ctx.run.add_rows("robustness", pair, table="suite")
+            ctx.run.update_meta(bounded={m.name: stats})
     out = {"run": str(args.run_dir), "preset": cfg.preset, "eps": args.eps, "apgd_steps": args.steps,
            "unconstrained_w_quantiles": spread, "clean": base, "rows": rows}
     if args.out:
