@@ -19,12 +19,12 @@ from vars_fast.config.loading import (apply_overrides, eval_key, from_dict, load
                                       save_yaml, set_value)
 from vars_fast.config.moved import MOVED_KEYS, Moved
 from vars_fast.config.presets import PRESETS
-from vars_fast.config.recommender import AMRConfig, DVBPRConfig, RecommenderConfig, SelectConfig
+from vars_fast.config.recommender import AMRConfig, BoundedConfig, DVBPRConfig, RecommenderConfig, SelectConfig
 from vars_fast.config.schema import BackboneConfig, Config, DataConfig, RunConfig
 from vars_fast.config.validation import validate
 from vars_fast.errors import ConfigError, DeprecatedKeyWarning
 
-__all__ = ["Config", "DataConfig", "BackboneConfig", "RecommenderConfig", "SelectConfig", "AMRConfig",
+__all__ = ["Config", "DataConfig", "BackboneConfig", "RecommenderConfig", "SelectConfig", "AMRConfig", "BoundedConfig",
            "DVBPRConfig", "AttackConfig", "DefenseConfig", "AdaptiveTrainConfig", "AdditionConfig", "EvalConfig",
            "AdaptiveConfig", "SuiteConfig", "TransferConfig", "RunConfig", "PRESETS", "MOVED_KEYS", "Moved",
            "ConfigError", "DeprecatedKeyWarning", "make_config", "from_dict", "set_value", "apply_overrides", "parse_set",

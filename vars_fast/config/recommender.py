@@ -1,6 +1,6 @@
 """``recommender``: the models (``RECOMMENDERS``) and how they train, with the sub-sections of
-model selection (``recommender.select``), AMR (``recommender.amr``) and DVBPR
-(``recommender.dvbpr``)."""
+model selection (``recommender.select``), AMR (``recommender.amr``), DVBPR
+(``recommender.dvbpr``) and the bounded VBPR (``recommender.bounded``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,6 +50,13 @@ class DVBPRConfig:
 
 
 @dataclass
+class BoundedConfig:
+    # VBPR-bounded (recommenders/bounded.py): each user's visual weight is capped at this norm,
+    # so no image moves a score by more than 2 * cap; the frontier: docs/results/bounded_vbpr.md
+    cap: float = 1.0
+
+
+@dataclass
 class RecommenderConfig:
     models: list = field(default_factory=lambda: ["VBPR", "AMR", "DVBPR", "BPR", "Pop"])
     k: int = 64  # latent factors (paper K = 64)
@@ -64,6 +71,7 @@ class RecommenderConfig:
     val_negatives: int = 100  # sampled non-positives each held-out item is ranked against
     val_metric: Literal["auc", "mrr"] = "auc"  # what early stopping reads on the holdout (recommenders/base.py Holdout)
     select: SelectConfig = field(default_factory=SelectConfig)
+    bounded: BoundedConfig = field(default_factory=BoundedConfig)
     epochs: int = 60  # a cap under early stopping
     lr: float = 1e-2
     lr_low: float = 1e-3  # paper: higher lr for 80% of epochs then lower

@@ -232,10 +232,13 @@ def report(doc: Doc) -> list[str]:
     R, F, eps = doc.rows("ranking", "ranking"), doc.rows("fidelity"), doc.eps
     # one table per image model that is not fine-tuned from another (AMR joins VBPR's table)
     tabled = [n for n in RECOMMENDERS.names() if RECOMMENDERS[n].uses_images and RECOMMENDERS[n].base is None]
+    # the paper's models first (Tables 2, 3), then the robust variants (bounded VBPR), unnumbered
+    tabled.sort(key=lambda n: hasattr(RECOMMENDERS[n], "robustness_label"))
     models = [m for m in tabled if any(r["model"] == m for r in R)] or tabled[:1]
     out = []
     for n, model in enumerate(models):
-        out += [f"## Table {2 + n}: recommendation under attack ({model}, eps = {eps:g})", "",
+        number = f"Table {2 + n}: r" if not hasattr(RECOMMENDERS[model], "robustness_label") else "R"
+        out += [f"## {number}ecommendation under attack ({model}, eps = {eps:g})", "",
                 ranking_table(R, model, eps), ""]
     out += ["## Image fidelity (held-out test items, against the clean image)", "", fidelity_table(F), "",
             *doc.figure("fig7_denoised_examples", "Fig. 7: denoised examples", lambda plt: fig7(F, doc.arrays, plt)),

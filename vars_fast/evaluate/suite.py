@@ -36,7 +36,7 @@ from vars_fast.attacks.base import quantize_within
 from vars_fast.attacks.square import Square
 from vars_fast.attacks.untargeted import attack_items, item_loss_fn
 from vars_fast.evaluate.common import Evaluation, chunks
-from vars_fast.evaluate.ranking import floor_line
+from vars_fast.evaluate.ranking import floor_line, image_blind_floor
 from vars_fast.evaluate.section import Doc, Section, find, missing, table
 from vars_fast.registry import ATTACK_LOSSES, RECOMMENDERS, SECTIONS
 from vars_fast.utils import to_float
@@ -167,7 +167,9 @@ def suite(ev: Evaluation) -> None:
     traces: dict[str, _Traces] = {}
     for model in [m for m in s.models if m in ev.models]:
         rec = ev.ctx.encoder(model)
-        base = {"model": model, "defense": "none", "certified": False, "objective": "train", "strength": s.strength}
+        # a model that is itself the defence (the bounded VBPR) labels its rows so
+        label = getattr(RECOMMENDERS[model], "robustness_label", "none")
+        base = {"model": model, "defense": label, "certified": False, "objective": "train", "strength": s.strength}
         rows = [{**base, "attack": "clean", "eps": 0, **_hr(ev, rec, ev.cat.images)}]
         for eps255 in s.eps:
             members = _members(ev, rec, float(eps255), traces)
@@ -209,7 +211,7 @@ def _label(r: dict) -> str:
 
 
 def suite_table(rows: list[dict], model: str) -> str:
-    R = [r for r in rows if r["model"] == model and r.get("defense") == "none" and not r.get("certified")]
+    R = [r for r in rows if r["model"] == model and not r.get("certified")]
     eps = sorted({float(r["eps"]) for r in R if r["attack"] != "clean"})
     cols = list(dict.fromkeys(_label(r) for r in R if r["attack"] not in ("clean", "suite")))
     clean = (find(R, attack="clean") or {}).get("HR@10")
@@ -220,7 +222,7 @@ def suite_table(rows: list[dict], model: str) -> str:
 
 def sanity(rows: list[dict], model: str, popularity: Optional[float]) -> list[str]:
     """The checks a reviewer runs before trusting a robustness number, each "ok" or "FAILED"."""
-    R = [r for r in rows if r["model"] == model and r.get("defense") == "none" and not r.get("certified")]
+    R = [r for r in rows if r["model"] == model and not r.get("certified")]
     at = lambda a, e: next((r for r in R if _label(r) == a and float(r["eps"]) == e), None)  # noqa: E731
     suite = sorted((float(r["eps"]), r["HR@10"]) for r in R if r["attack"] == "suite")
     clean = (find(R, attack="clean") or {}).get("HR@10")
@@ -271,6 +273,20 @@ def fig_traces(traces: dict, plt):
     return fig
 
 
+def certified_table(rows: list[dict], floor: Optional[dict]) -> str:
+    """The bounded models' certificates: HR@10 whatever every image becomes, beside clean."""
+    C = [r for r in rows if r.get("certified")]
+    body = []
+    for r in C:
+        clean = next((c["HR@10"] for c in rows if c["model"] == r["model"] and c["attack"] == "clean"
+                      and not c.get("certified")), None)
+        body.append([r["model"], r.get("cap"), clean, r["HR@10"],
+                     None if floor is None else ("above" if r["HR@10"] > floor["HR@10"] else "below")])
+    head = ["model", "cap", "HR@10 clean", "certified HR@10 (any image change)",
+            "vs " + ("the image-blind floor" if floor is None else f"{floor['model']} clean {floor['HR@10']:.4f}")]
+    return table(head, body)
+
+
 def report(doc: Doc) -> list[str]:
     rows = doc.rows("robustness", NAME)
     if not rows:
@@ -284,9 +300,14 @@ def report(doc: Doc) -> list[str]:
            "1000 queries on every item). HR@10, `train` objective; `suite` is the worst of the members and of "
            "their per-item combination (each item keeps the member image with the largest attacker loss; "
            "`vars_fast/evaluate/suite.py`).", ""]
-    for model in dict.fromkeys(r["model"] for r in rows):
+    for model in dict.fromkeys(r["model"] for r in rows if not r.get("certified") and r["attack"] != "clean"):
         out += [f"### {model}", "", suite_table(rows, model), "", floor_line(ranking), "",
                 *sanity(rows, model, pop), ""]
+    if any(r.get("certified") for r in rows):
+        out += ["### Certified: bounded visual influence", "",
+                "No image, however it is changed, moves a bounded model's score by more than 2 x its capped "
+                "visual weight (`recommenders/bounded.py`): the test item at its worst against every candidate "
+                "at its best, user by user.", "", certified_table(rows, image_blind_floor(ranking)), ""]
     out += doc.figure("fig_suite_traces", "APGD loss against the iteration",
                       lambda plt: fig_traces(doc.meta.get("suite", {}).get("traces", {}), plt))
     return out

@@ -19,6 +19,7 @@ from vars_fast.io import load_checkpoint, save_checkpoint
 from vars_fast.metrics import ranking_metrics
 from vars_fast.recommenders import RECOMMENDERS, Pop, build_recommender, save_recommender, selection
 from vars_fast.recommenders.base import batched_encode
+from vars_fast.recommenders.bounded import certified_metrics
 from vars_fast.evaluate.section import Section, missing, table
 from vars_fast.registry import SECTIONS, SOURCES
 
@@ -88,7 +89,7 @@ def run_stage(ctx) -> None:
         timings["features_s"] = time.perf_counter() - t
         ctx.log.info("recommender: features %s in %.1fs", tuple(feats.shape), timings["features_s"])
 
-    rows, trained, floor = [], {}, []
+    rows, trained, floor, certified = [], {}, [], []
     pop = ranking_metrics(_popularity(cat), cat, topk=(10,))["HR@10"]
     for name in order:
         t = time.perf_counter()
@@ -105,14 +106,35 @@ def run_stage(ctx) -> None:
         ctx.put(f"rec:{name}", rec)
         if name in wanted:
             rows.append({"model": name, "defense": "none", "attack": "clean", "eps": 0, **m})
+            if hasattr(rec, "visual_bound"):
+                certified.append(certificate(rec, cat, m, tuple(cfg.eval.topk)))
 
     timings["recommender_stage_s"] = time.perf_counter() - t0
     if ddp.is_main():
         ctx.run.add_rows("ranking", rows, table="ranking")
+        if certified:  # drawn by the suite section, beside the attacks on the same models
+            ctx.run.add_rows("robustness", [r for pair, _ in certified for r in pair], table="suite")
+            ctx.run.update_meta(bounded={m["model"]: m for _, m in certified})
         old = ctx.run.load_metrics().get("meta", {}).get("timings", {})
         picked = {n: r.selection for n, r in trained.items() if getattr(r, "selection", None)}
         ctx.run.update_meta(data=getattr(cat, "meta", {}), timings={**old, **timings}, below_popularity=floor,
                             **({"selection": picked} if picked else {}))
+
+
+def certificate(rec, cat, clean: dict, topk: tuple) -> tuple[list[dict], dict]:
+    """A bounded model's robustness rows (clean, and certified against any image change) and its
+    bound statistics (recommenders/bounded.py)."""
+    cert = certified_metrics(rec, cat, topk)
+    b = rec.visual_bound(torch.arange(cat.n_users, device=rec.device)).float().cpu()
+    base = {"model": rec.name, "defense": rec.robustness_label, "objective": "train", "cap": rec.cap}
+    rows = [{**base, "attack": "clean", "eps": 0, "certified": False, "HR@10": clean["HR@10"],
+             "NDCG@10": clean["NDCG@10"]},
+            {**base, "attack": "any", "eps": None, "certified": True, "HR@10": cert["HR@10"],
+             "NDCG@10": cert["NDCG@10"]}]
+    stats = {"model": rec.name, "cap": rec.cap, "bound_mean": float(b.mean()), "bound_p90": float(b.quantile(0.9)),
+             "bound_max": float(b.max()), "shift_bound_any_target": float(2 * b.mean()),
+             "certified_HR@10": cert["HR@10"]}
+    return rows, stats
 
 
 def _popularity(cat) -> Pop:
