@@ -165,7 +165,9 @@ def suite(ev: Evaluation) -> None:
     if not s.enabled:
         return
     traces: dict[str, _Traces] = {}
-    for model in [m for m in s.models if m in ev.models]:
+    # every model of eval.suite.models the run has trained (a bounded model need not be in
+    # attack.models: the suite is its attacker)
+    for model in [m for m in s.models if ev.run.checkpoint(f"recommender_{m}").is_file()]:
         rec = ev.ctx.encoder(model)
         # a model that is itself the defence (the bounded VBPR) labels its rows so
         label = getattr(RECOMMENDERS[model], "robustness_label", "none")
@@ -197,7 +199,8 @@ def suite(ev: Evaluation) -> None:
                         {r["attack"] + (f"-{r['loss']}" if r.get("loss") else ""): round(r["HR@10"], 4)
                          for r in rows if r["eps"] == eps255})
         ev.run.add_rows("robustness", rows, table=NAME)
-    ev.run.update_meta(suite={"traces": {k: t.curve() for k, t in traces.items()}})
+    old = ev.run.load_metrics().get("meta", {}).get("suite", {}).get("traces", {})  # other models' runs stay
+    ev.run.update_meta(suite={"traces": {**old, **{k: t.curve() for k, t in traces.items()}}})
 
 
 def _hr(ev: Evaluation, rec, images: torch.Tensor) -> dict:
