@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,29 +25,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch  # after parsing: --help answers without torch
 
-    from vars_fast.config import ConfigError, apply_overrides, from_dict, load_yaml, parse_set, validate
+    from vars_fast.config import ConfigError, parse_set
     from vars_fast.defense.addition import check_config, fit_in_run
     from vars_fast.io import atomic_write_json
     from vars_fast.pipeline import Context
-    from vars_fast.run import RunFolder
-    from vars_fast.utils import get_device, setup_logging
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        print(f"error: {run_dir}/config.yaml not found (not a run folder)", file=sys.stderr)
-        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        cfg = from_dict(load_yaml(run_dir / "config.yaml"))
-        apply_overrides(cfg, parse_set(args.set))
-        validate(cfg)
-        check_config(cfg.defense.addition)
-    except ConfigError as e:
+        ctx = Context.open(args.run_dir, parse_set(args.set))
+        check_config(ctx.cfg.defense.addition)
+    except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    log = setup_logging(str(run_dir / "log.txt"))
-    ctx = Context(cfg=cfg, run=RunFolder(run_dir), device=get_device(cfg.run.device), log=log)
+    run_dir, log = ctx.run.path, ctx.log
     try:
         add, info = fit_in_run(ctx, args.model, refit=args.refit)
     except FileNotFoundError as e:
