@@ -12,7 +12,10 @@ unconstrained VBPR's effective visual weights ‖Eᵀp_u + β′‖ are reported
 span them. Writes one JSON (the rows and the run's BPR / VBPR clean HR@10) and prints a table.
 ``--save CAP`` also stores that cap's model in the run folder (``recommender_VBPR-bounded``, its
 clean and certified robustness rows), so that ``python -m vars_fast evaluate RUN_DIR --section
-suite --set 'eval.suite.models=[VBPR,VBPR-bounded]'`` attacks it with the suite.
+suite --set 'eval.suite.models=[VBPR,VBPR-bounded]'`` attacks it with the suite. ``--record`` writes
+every cap's clean, certified and attacked HR@10 to the run's ``robustness`` rows (table
+``frontier``, ``variant: "cap=<c>"``), from which ``python -m vars_fast report RUN_DIR`` draws the
+frontier table and figure (``vars_fast/evaluate/robustness.py``).
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default="")
     ap.add_argument("--save", type=float, default=None, help="store the model of this cap in the run folder")
+    ap.add_argument("--record", action="store_true",
+                    help="write each cap's rows to the run's metrics.json (the report's frontier section)")
     args = ap.parse_args()
 
     # deferred: --help answers without torch
@@ -81,6 +86,8 @@ def main() -> None:
                "cpu_s": round(time.process_time() - t0, 1)}
         rows.append(row)
         ctx.log.info("cap %g: %s", cap, row)
+        if args.record:
+            ctx.run.add_rows("robustness", frontier_rows(m.name, row, args.eps, args.steps), table="frontier")
         if args.save is not None and cap == args.save:
             save_recommender(m, ctx.run.checkpoint(f"recommender_{m.name}"), split_key=cat.meta.get("split_key"))
             pair, stats = certificate(m, cat, ranking_metrics(m, cat, topk=tuple(cfg.eval.topk)), tuple(cfg.eval.topk))
@@ -96,6 +103,16 @@ def main() -> None:
     for r in rows:
         print(f"| {r['cap']:g} | {r['bound_mean']:.3f} | {r['clean']:.4f} | {r['certified']:.4f} | "
               f"{r[f'apgd{args.steps}']:.4f} |")
+
+
+def frontier_rows(model: str, row: dict, eps: float, steps: int) -> list[dict]:
+    """One cap's point as robustness rows (evaluate/robustness.py reads them)."""
+    base = {"model": model, "defense": "bounded", "objective": "train", "cap": row["cap"],
+            "variant": f"cap={row['cap']:g}", "bound_mean": row["bound_mean"]}
+    return [{**base, "attack": "clean", "eps": 0, "certified": False, "HR@10": row["clean"]},
+            {**base, "attack": "any", "eps": None, "certified": True, "HR@10": row["certified"]},
+            {**base, "attack": "apgd", "eps": eps, "certified": False, "loss": "bpr", "steps": steps, "restarts": 1,
+             "HR@10": row[f"apgd{steps}"]}]
 
 
 if __name__ == "__main__":
