@@ -58,6 +58,8 @@ def test_the_report_draws_the_frontier_beside_the_floor(run):
     pytest.importorskip("matplotlib")
     text = render(load_doc(run.path, figures=True))
     sec = text[text.index("## Bounded visual influence: the frontier"):]
+    grid = [ln for ln in sec.splitlines() if ln.startswith("|")]
+    assert len({ln.count("|") for ln in grid}) == 1  # no "|" inside a cell (a norm written ||w||)
     assert "| VBPR-bounded | 0.125 | 0.1250 | 0.3550 | 0.2050 | 0.3500 |" in sec
     assert "| VBPR-bounded | 2 | 2.0000 | 0.4030 | 0.0000 | 0.2370 |" in sec
     assert "VBPR clean (unbounded): HR@10 0.3550" in sec and "BPR scores HR@10 0.3267" in sec

@@ -2,12 +2,14 @@
 
     python tools/bounded_frontier.py RUN_DIR [--caps 0.25,0.5,1,2,4] [--eps 8] [--steps 10]
                                      [--out docs/results/data/bounded_frontier_default.json] [--save CAP]
+                                     [--model VBPR-bounded|AMR-bounded] [--record]
 
 RUN_DIR is a finished run folder (its recommender stage at least: catalogue cache, VBPR and BPR
 checkpoints). For each cap, VBPR-bounded trains on the run's catalogue and clean features with
 the run's recommender settings (seed from the run), then is measured: clean HR@10, certified
 HR@10 (any change of any image; recommenders/bounded.py) and HR@10 under APGD at ``--eps`` on
-every item (BPR loss, ``--steps`` steps, one restart; the attack suite's light APGD). The
+every item (BPR loss, ``--steps`` steps, one restart; the attack suite's light APGD).
+``--model AMR-bounded`` fine-tunes each cap's VBPR-bounded with AMR and measures that. The
 unconstrained VBPR's effective visual weights ‖Eᵀp_u + β′‖ are reported first: the grid should
 span them. Writes one JSON (the rows and the run's BPR / VBPR clean HR@10) and prints a table.
 ``--save CAP`` also stores that cap's model in the run folder (``recommender_VBPR-bounded``, its
@@ -35,6 +37,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default="")
     ap.add_argument("--save", type=float, default=None, help="store the model of this cap in the run folder")
+    ap.add_argument("--model", default="VBPR-bounded",
+                    help="the bounded model swept; one with a base (AMR-bounded) fine-tunes the base trained at each cap")
     ap.add_argument("--record", action="store_true",
                     help="write each cap's rows to the run's metrics.json (the report's frontier section)")
     args = ap.parse_args()
@@ -48,7 +52,7 @@ def main() -> None:
     from vars_fast.attacks.untargeted import attack_items, sample_item_triples
     from vars_fast.metrics import ranking_metrics
     from vars_fast.pipeline import Context
-    from vars_fast.recommenders import build_recommender, encode_catalogue, save_recommender
+    from vars_fast.recommenders import RECOMMENDERS, build_recommender, encode_catalogue, save_recommender
     from vars_fast.recommenders.bounded import certified_metrics
     from vars_fast.recommenders.stage import certificate
 
@@ -73,6 +77,13 @@ def main() -> None:
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator("init:VBPR")))
         m = build_recommender("VBPR-bounded", cat.n_users, cat.n_items, rc, backbone=ctx.backbone, seed=seed)
         m.fit(cat, rc, ctx.generator("recommender:VBPR"), show_progress=False, features=feats)
+        if args.model != m.name:  # a fine-tune of the bounded VBPR (its base), as the recommender stage trains it
+            cls = RECOMMENDERS[args.model]
+            if cls.base != m.name:
+                raise SystemExit(f"--model {args.model}: not VBPR-bounded nor fine-tuned from it")
+            m.eval()
+            m = cls.from_trained(m, rc)
+            m.fit(cat, rc, ctx.generator(f"recommender:{args.model}"), show_progress=False)
         m.eval().requires_grad_(False)
         gen = ctx.generator(f"frontier:apgd:{cap}")
         adv = attack_items(m, cat, torch.arange(cat.n_items),
@@ -93,12 +104,12 @@ def main() -> None:
             pair, stats = certificate(m, cat, ranking_metrics(m, cat, topk=tuple(cfg.eval.topk)), tuple(cfg.eval.topk))
             ctx.run.add_rows("robustness", pair, table="suite")
             ctx.run.update_meta(bounded={m.name: stats})
-    out = {"run": str(args.run_dir), "preset": cfg.preset, "eps": args.eps, "apgd_steps": args.steps,
+    out = {"run": str(args.run_dir), "preset": cfg.preset, "model": args.model, "eps": args.eps, "apgd_steps": args.steps,
            "unconstrained_w_quantiles": spread, "clean": base, "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
-    print("| cap | mean ||w_u|| | clean HR@10 | certified HR@10 | APGD HR@10 |")
+    print("| cap | mean ‖w_u‖ | clean HR@10 | certified HR@10 | APGD HR@10 |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['cap']:g} | {r['bound_mean']:.3f} | {r['clean']:.4f} | {r['certified']:.4f} | "

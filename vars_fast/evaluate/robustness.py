@@ -61,20 +61,23 @@ def fig_frontier(points: list[dict], attacks: list[str], floor: Optional[dict], 
     if len(points) < 2:
         return None
     fig, ax = plt.subplots(figsize=(5.8, 3.9))
-    for model in dict.fromkeys(p["model"] for p in points):
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # one colour per model; the metric is the marker and line style
+    for n, model in enumerate(dict.fromkeys(p["model"] for p in points)):
+        c = colours[n % len(colours)]
         P = [p for p in points if p["model"] == model]
         x = [p["cap"] for p in P]
-        for key, style in [("clean", "o-"), ("certified", "s-")] + [(a, "^-") for a in attacks]:
+        for key, style in [("clean", "o-"), ("certified", "s--")] + [(a, "^-.") for a in attacks]:
             y = [p.get(key) for p in P]
             if any(v is not None for v in y):
                 ax.plot([a for a, b in zip(x, y) if b is not None], [b for b in y if b is not None], style,
-                        label=f"{model} {key}")
+                        color=c, label=f"{model} {key}")
         if refs.get(model) is not None:
-            ax.axhline(refs[model]["HR@10"], ls=":", color="gray", label=f"{refs[model]['model']} clean (unbounded)")
+            ax.axhline(refs[model]["HR@10"], ls=":", lw=1, color=c, label=f"{refs[model]['model']} clean (unbounded)")
     if floor is not None:
         ax.axhline(floor["HR@10"], ls="--", color="black", label=f"{floor['model']} clean (ignores the images)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("cap c on ||w_u||")
+    ax.set_xlabel("cap c on ‖w_u‖")
     ax.set_ylabel("HR@10")
     ax.set_title("Bounded visual influence: the frontier")
     ax.legend(fontsize=6)
@@ -99,7 +102,7 @@ def report(doc: Doc) -> list[str]:
             "Each cap c trains its own model (`tools/bounded_frontier.py --record`). Certified: HR@10 whatever "
             "every image becomes (the test item at its worst against every candidate at its best, user by user; "
             "it also bounds the `eval` oracle). HR@10, `train` objective.", "",
-            table(["model", "cap", "mean ||w_u||", "clean", "certified (any image)"] + attacks, body), "",
+            table(["model", "cap", "mean ‖w_u‖", "clean", "certified (any image)"] + attacks, body), "",
             *lines, "",
             *doc.figure("fig_bounded_frontier", "Clean, certified and attacked HR@10 against the cap",
                         lambda plt: fig_frontier(points, attacks, floor, refs, plt))]
