@@ -30,13 +30,13 @@ def test_every_family_holds_what_the_code_defines():
     from vars_fast.defense import Defense
     from vars_fast.defense.addition import Addition
     from vars_fast.ops import _dispatch
-    from vars_fast.recommenders import AMR, BPR, DVBPR, VBPR, BoundedVBPR, Pop
+    from vars_fast.recommenders import AMR, BPR, DVBPR, VBPR, BoundedAMR, BoundedVBPR, Pop
 
     assert set(R.SOURCES) == {"synthetic", "generic", "amazon", "dvbpr_npy"}
     assert {n: R.SOURCES.meta(n)["images"] for n in R.SOURCES} == {
         "synthetic": "generated", "generic": "files", "amazon": "files", "dvbpr_npy": "embedded"}
     assert set(R.BACKBONES) == {"resnet50", "resnet18", "efficientnet_lite0"}
-    assert dict(R.RECOMMENDERS.items()) == {c.name: c for c in (VBPR, AMR, BoundedVBPR, DVBPR, BPR, Pop)}
+    assert dict(R.RECOMMENDERS.items()) == {c.name: c for c in (VBPR, AMR, BoundedVBPR, BoundedAMR, DVBPR, BPR, Pop)}
     assert dict(R.ATTACKS.items()) == {"fgsm": FGSM, "pgd": PGD, "pgd-l2": PGDL2, "apgd": APGD, "square": Square}
     assert set(R.ATTACKS.where(ball="linf")) == {"fgsm", "pgd", "apgd", "square"}
     assert R.ATTACKS.where(gradient_free=True) == ["square"]

@@ -26,8 +26,9 @@ _KEYS = {
     "targeted": ("attack", "eps", "defense", "model", "variant"),
     "fidelity": ("model", "attack", "eps", "images"),
     # robustness against the informed attacker: the attack suite (evaluate/suite.py) and the
-    # certificates; "loss" tells the suite's APGD members apart
-    "robustness": ("model", "defense", "attack", "eps", "certified", "objective", "loss"),
+    # certificates; "loss" tells the suite's APGD members apart, "variant" the points of a sweep
+    # (the bounded model's caps, evaluate/robustness.py)
+    "robustness": ("model", "defense", "attack", "eps", "certified", "objective", "loss", "variant"),
 }
 
 

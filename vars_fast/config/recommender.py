@@ -51,8 +51,9 @@ class DVBPRConfig:
 
 @dataclass
 class BoundedConfig:
-    # VBPR-bounded (recommenders/bounded.py): each user's visual weight is capped at this norm,
-    # so no image moves a score by more than 2 * cap; the frontier: docs/results/bounded_vbpr.md
+    # VBPR-bounded and AMR-bounded (recommenders/bounded.py): each user's visual weight is capped
+    # at this norm, so no image moves a score by more than 2 * cap; the frontier:
+    # docs/results/bounded_vbpr.md
     cap: float = 1.0
 
 

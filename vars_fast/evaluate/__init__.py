@@ -21,7 +21,7 @@ computes its rows and draws its part of report.md), in report order:
 attack run here goes through ``vars_fast.attacks.untargeted``.
 """
 from vars_fast.evaluate import (ablation, adaptive, detection, embeddings, generalisation, oracle, ranking,  # noqa: F401
-                                suite, targeted, targets, transfer)
+                                robustness, suite, targeted, targets, transfer)
 from vars_fast.evaluate.common import ARRAYS, Evaluation
 from vars_fast.evaluate.section import Doc, Section, load_doc
 from vars_fast.evaluate.stage import ordered, run_all, run_stage

@@ -17,14 +17,14 @@ from torch import nn
 from vars_fast.io import load_checkpoint, save_checkpoint
 from vars_fast.recommenders.amr import AMR
 from vars_fast.recommenders.base import Recommender, bpr_loss, encode_catalogue
-from vars_fast.recommenders.bounded import BoundedVBPR
+from vars_fast.recommenders.bounded import BoundedAMR, BoundedVBPR
 from vars_fast.recommenders.bpr import BPR
 from vars_fast.recommenders.dvbpr import DVBPR
 from vars_fast.recommenders.popularity import Pop
 from vars_fast.recommenders.vbpr import VBPR
 from vars_fast.registry import RECOMMENDERS
 
-__all__ = ["Recommender", "VBPR", "BoundedVBPR", "AMR", "DVBPR", "BPR", "Pop", "RECOMMENDERS", "bpr_loss", "encode_catalogue",
+__all__ = ["Recommender", "VBPR", "BoundedVBPR", "AMR", "BoundedAMR", "DVBPR", "BPR", "Pop", "RECOMMENDERS", "bpr_loss", "encode_catalogue",
            "build_recommender", "save_recommender", "load_recommender"]
 
 

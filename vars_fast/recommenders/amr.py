@@ -49,6 +49,10 @@ class AMR(VBPR):
         amr.attach_backbone(vbpr.backbone)
         return amr
 
+    def perturbed_space(self, f: Tensor) -> Tensor:
+        """Raw features -> the representation Δ is added to (VBPR's f̃; ``score_normed`` reads it)."""
+        return self.transform(f)
+
     def _pair_loss(self, triples: Tensor, fi: Tensor, fj: Tensor) -> Tensor:
         u, i, j = triples.unbind(1)
         return F.softplus(self.score_normed(u, j, fj) - self.score_normed(u, i, fi)).mean()
@@ -56,7 +60,7 @@ class AMR(VBPR):
     def perturbation(self, triples: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(f̃_i, f̃_j, Δ_i, Δ_j) for triples [B,3]; each Δ row has L2 norm ε (0 where the gradient is 0)."""
         _, i, j = triples.unbind(1)
-        fi, fj = self.transform(self.item_visual[i]), self.transform(self.item_visual[j])
+        fi, fj = self.perturbed_space(self.item_visual[i]), self.perturbed_space(self.item_visual[j])
         di = torch.zeros_like(fi, requires_grad=True)
         dj = torch.zeros_like(fj, requires_grad=True)
         gi, gj = torch.autograd.grad(self._pair_loss(triples, fi + di, fj + dj), (di, dj))

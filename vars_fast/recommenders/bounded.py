@@ -16,6 +16,15 @@ into certified HR@N, user by user and exactly: the test item at its worst (non-v
 test item as ``metrics.hr_ndcg`` does. It holds for any attacker, the paper's per-user `eval`
 oracle included. ``certified_shift`` bounds the prediction shift (Eq. 13) of any targeted
 attack the same way.
+
+``AMR-bounded`` fine-tunes a trained VBPR-bounded with AMR's feature-space adversarial training:
+the cap and the sphere stay, so the same certificate holds for its weights.
+
+There is no bounded DVBPR, on purpose: its score θ_uᵀΦ(x_i) is visual only, so with Φ̂ on the
+sphere and ‖θ_u‖ ≤ c the test item's worst (−c) is below every candidate's best (+c) for every
+user, and its certified HR@N is exactly 0 for any cap (at c = 0 every score ties, which counts
+against the test item). A certificate needs a part of the score that no image moves (p_uᵀq_i +
+β_i here); DVBPR with one would be this model with a trained CNN in place of the fixed backbone.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vars_fast.metrics import hr_ndcg
+from vars_fast.recommenders.amr import AMR
 from vars_fast.recommenders.vbpr import VBPR
 from vars_fast.registry import RECOMMENDERS
 
@@ -94,6 +104,20 @@ class BoundedVBPR(VBPR):
         s = self._bounded(p[:, None], ij, fhat)
         b = self.beta_item[ij] if self.biases else None
         return F.softplus(s[:, 1] - s[:, 0]).mean() + self._reg(p, q, b)
+
+
+@RECOMMENDERS.register()
+class BoundedAMR(AMR, BoundedVBPR):
+    """AMR's adversarial fine-tuning (amr.py) of a trained VBPR-bounded: the cap and the unit
+    sphere stay, so the certificate is the same function of the fine-tuned weights; AMR's Δ
+    (norm ``recommender.amr.eps``) is added to the unit feature f̂ and the sum goes back onto the
+    sphere, which is all the scorer can see of any image."""
+
+    name = "AMR-bounded"
+    base = BoundedVBPR.name
+
+    def perturbed_space(self, f: Tensor) -> Tensor:
+        return self.unit(f)
 
 
 @torch.no_grad()
