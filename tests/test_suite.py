@@ -92,3 +92,14 @@ def test_sanity_checks_flag_a_broken_yardstick():
                  "popularity floor"):
         assert what in text, what
     assert "| 8 | 0.4000 |" in suite_table(good, "VBPR")
+
+
+def test_a_bounded_model_is_checked_against_its_certificate_not_the_floor():
+    rows = [_row("clean", 0, 0.39, defense="bounded"), _row("apgd", 8, 0.31, loss="bpr", defense="bounded"),
+            _row("suite", 8, 0.31, defense="bounded"), _row("suite", 64, 0.32, defense="bounded"),
+            {**_row("any", None, 0.20, defense="bounded"), "certified": True}]
+    lines = sanity(rows, "VBPR", popularity=0.21)
+    assert all(line.startswith("- ok") for line in lines), lines
+    assert any("stays above the certificate (0.2000)" in line for line in lines)
+    broken = sanity(rows[:-1] + [{**rows[-1], "HR@10": 0.315}], "VBPR", popularity=0.21)
+    assert any("FAILED" in line and "certificate" in line for line in broken)
