@@ -51,6 +51,7 @@ class Evaluation:
         self._clean_purified = None
         self._d_clean = None
         self._d_val = None
+        self._last_flags = None  # (images, den, flags) of the last flags() call
         self._features: dict[str, Tensor] = {}
         self.models = [m for m in self.cfg.attack.models if self.run.checkpoint(f"recommender_{m}").is_file()]
         self.test_items = self._test_items()
@@ -112,22 +113,23 @@ class Evaluation:
     @torch.no_grad()
     def gate(self, images: Tensor, den: Tensor) -> tuple[Tensor, float]:
         """detect+denoise: D(x) where the detector flags x, x elsewhere -> (float [N,3,S,S], flagged share)."""
-        det, thr = self.defense.detector, float(self.defense.threshold)
-        out = torch.empty(images.shape, dtype=torch.float32)
-        n_flag = 0
-        for s, e in chunks(images.shape[0], self.bs):
-            x, d = to_float(images[s:e], self.dev), den[s:e].to(self.dev)
-            flag = det.distance(x, d).float() > thr
-            out[s:e] = torch.where(flag.view(-1, 1, 1, 1), d, x).cpu()
-            n_flag += int(flag.sum())
-        return out, n_flag / max(images.shape[0], 1)
+        flagged = self.flags(images, den)
+        out = torch.where(flagged.view(-1, 1, 1, 1), den, to_float(images, "cpu"))
+        return out, int(flagged.sum()) / max(images.shape[0], 1)
 
     @torch.no_grad()
     def flags(self, images: Tensor, den: Tensor) -> Tensor:
-        """The detector's decision per image, bool [N] (CPU): d(x, D(x)) > threshold, with D(x) given."""
+        """The detector's decision per image, bool [N] (CPU): d(x, D(x)) > threshold, with D(x) given.
+        The last call's answer is kept (by reference to its inputs): the two gated deployments
+        ask it of the same catalogue one after the other."""
+        last = self._last_flags
+        if last is not None and last[0] is images and last[1] is den:
+            return last[2]
         det, thr = self.defense.detector, float(self.defense.threshold)
-        return torch.cat([(det.distance(to_float(images[s:e], self.dev), den[s:e].to(self.dev)).float() > thr).cpu()
-                          for s, e in chunks(images.shape[0], self.bs)])
+        out = torch.cat([(det.distance(to_float(images[s:e], self.dev), den[s:e].to(self.dev)).float() > thr).cpu()
+                         for s, e in chunks(images.shape[0], self.bs)])
+        self._last_flags = (images, den, out)
+        return out
 
     def clean_features(self, enc) -> Tensor:
         """Features [N, F] of the clean catalogue under ``enc`` (cached per encoder)."""
